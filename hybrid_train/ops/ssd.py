@@ -1,0 +1,183 @@
+"""Chunked SSD scan (Mamba-2 "state space duality") in plain PyTorch.
+
+This is the reference implementation and the CPU path; GPU kernels sit behind the same signature.
+
+Per head, with state S_t (p x n) and scalar decay a_t = exp(dt_t * A):
+
+    S_t = a_t * S_{t-1} + dt_t * x_t (outer) B_t
+    y_t = S_t C_t + D x_t                    (then y_t *= silu(z_t) when z is given)
+
+The sequence is cut into chunks of Q tokens. Inside a chunk the recurrence is unrolled into an
+attention-like quadratic form (C_i . B_j) * exp(sum of dA over (j, i]) — matmuls instead of a scan.
+Across chunks only the (p x n) states travel, in a short loop over chunks.
+
+Notation in the shape comments: b batch, l length, c chunks, q/i/j positions in a chunk (Q of them),
+h heads = g groups x r heads per group, p head dim, n state dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+__all__ = ["ssd_chunk_scan"]
+
+
+def _segsum(dA: torch.Tensor) -> torch.Tensor:
+    """Stable segment sums over the last dim: out[..., i, j] = sum(dA[..., j+1 : i+1]) for i >= j.
+
+    Built as a cumsum of masked increments rather than cumsum[i] - cumsum[j]: the difference of two
+    large negative prefix sums loses precision, and for i < j it is large and positive, so exp()
+    overflows and the masked-out infs turn into NaN gradients. Here every entry is a sum of the
+    increments it actually spans; entries with i < j come out as 0 and are masked by the caller.
+    """
+    q = dA.shape[-1]
+    strict_lower = torch.ones(q, q, dtype=torch.bool, device=dA.device).tril(-1)
+    # inc[..., i, j] = dA[..., i] where i > j, else 0
+    inc = dA.unsqueeze(-1) * strict_lower  # (..., q, q)
+    return torch.cumsum(inc, dim=-2)  # (..., q, q)
+
+
+def _process_dt(dt, dt_bias, dt_softplus, dt_limit):
+    if dt_bias is not None:
+        dt = dt + dt_bias
+    if dt_softplus:
+        dt = F.softplus(dt)  # threshold 20, the same as the fused kernels
+    # The fused kernels clamp only when a limit is set; a clamp at (0, inf) would also zero the
+    # gradient of negative dt when softplus is off.
+    if tuple(dt_limit) != (0.0, float("inf")):
+        dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
+    return dt
+
+
+def ssd_chunk_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = (0.0, float("inf")),
+    seq_idx: torch.Tensor | None = None,
+    initial_states: torch.Tensor | None = None,
+    return_final_states: bool = False,
+):
+    """Mamba-2 SSD scan; same arguments and meaning as mamba_ssm's ``mamba_chunk_scan_combined``.
+
+    Args:
+        x: (b, l, h, p) inputs.
+        dt: (b, l, h) raw step sizes; ``dt_bias`` (h) is added, then softplus if ``dt_softplus``,
+            then a clamp to ``dt_limit`` unless it is (0, inf).
+        A: (h) decay rates (negative).
+        B, C: (b, l, g, n) input/output projections; head i uses group i // (h // g).
+        chunk_size: Q, the chunk length. Any l works (padded internally).
+        D: (h) or (h, p) skip connection, added before the z gate.
+        z: (b, l, h, p) gate: the output is multiplied by silu(z).
+        seq_idx: (b, l) int document index, nondecreasing along l. No state crosses a change of
+            document; ``initial_states`` feed the document at position 0 only.
+        initial_states: (b, h, p, n) state before the first token.
+        return_final_states: also return the state after the last token (of its document).
+
+    Returns:
+        y (b, l, h, p) in x's dtype; with ``return_final_states`` also the final state
+        (b, h, p, n) in fp32 (fp64 when x is fp64).
+    """
+    b, l, h, p = x.shape
+    g, n = B.shape[-2], B.shape[-1]
+    assert dt.shape == (b, l, h) and A.shape == (h,), "dt must be (b, l, h) and A (h)"
+    assert B.shape == (b, l, g, n) and C.shape == (b, l, g, n), "B and C must be (b, l, g, n)"
+    assert h % g == 0, "n_groups must divide n_heads"
+    out_dtype = x.dtype
+    # fp32 math for bf16/fp16/fp32 inputs; fp64 stays fp64 so tests can use tight tolerances.
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    Q = chunk_size
+
+    # dt is finalised before padding, so padded steps keep dt = 0 whatever dt_limit says:
+    # decay exp(0) = 1 and no input, which leaves the final state untouched.
+    dt = _process_dt(dt.to(cdt), None if dt_bias is None else dt_bias.to(cdt), dt_softplus, dt_limit)
+    xf, Bf, Cf, Af = x.to(cdt), B.to(cdt), C.to(cdt), A.to(cdt)
+    if seq_idx is None:
+        seq = torch.zeros(b, l, dtype=torch.int32, device=x.device)
+    else:
+        seq = seq_idx
+
+    pad = (-l) % Q
+    if pad:
+        xf = F.pad(xf, (0, 0, 0, 0, 0, pad))
+        dt = F.pad(dt, (0, 0, 0, pad))
+        Bf = F.pad(Bf, (0, 0, 0, 0, 0, pad))
+        Cf = F.pad(Cf, (0, 0, 0, 0, 0, pad))
+        # Padding belongs to the last token's document, so it never resets the final state.
+        seq = torch.cat([seq, seq[:, -1:].expand(b, pad)], dim=1)
+
+    # Split heads into (group, head-in-group) so B and C are never copied per head.
+    xc = rearrange(xf, "b (c q) (g r) p -> b c q g r p", q=Q, g=g)  # (b, c, q, g, r, p)
+    dtc = rearrange(dt, "b (c q) (g r) -> b c q g r", q=Q, g=g)  # (b, c, q, g, r)
+    Bc = rearrange(Bf, "b (c q) g n -> b c q g n", q=Q)  # (b, c, q, g, n)
+    Cc = rearrange(Cf, "b (c q) g n -> b c q g n", q=Q)  # (b, c, q, g, n)
+    seqc = rearrange(seq, "b (c q) -> b c q", q=Q)  # (b, c, q)
+    Ag = rearrange(Af, "(g r) -> g r", g=g)  # (g, r)
+
+    dA = rearrange(dtc * Ag, "b c q g r -> b c g r q")  # (b, c, g, r, q)
+    dA_cs = torch.cumsum(dA, dim=-1)  # (b, c, g, r, q): log-decay from chunk start to token i
+    xdt = xc * dtc.unsqueeze(-1)  # (b, c, q, g, r, p)
+
+    # Document of the state entering each chunk: that of the previous chunk's last token; the
+    # initial state belongs to the document at position 0.
+    prev_seq = torch.cat([seq[:, :1], seqc[:, :-1, -1]], dim=1)  # (b, c)
+
+    # 1. Intra-chunk (diagonal blocks): y_i += sum_{j<=i, same doc} (C_i.B_j) exp(dA(j, i]) dt_j x_j.
+    # Masking multiplies by zero (torch.where) instead of putting -inf in log space, so nothing
+    # infinite is ever created and the masked entries get exactly zero gradient.
+    causal = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()  # (q, q)
+    same_doc = seqc.unsqueeze(-1) == seqc.unsqueeze(-2)  # (b, c, q, q)
+    mask = (causal & same_doc)[:, :, None, None]  # (b, c, 1, 1, q, q)
+    L = torch.where(mask, torch.exp(_segsum(dA)), 0.0)  # (b, c, g, r, q, q)
+    CB = torch.einsum("bcign,bcjgn->bcgij", Cc, Bc)  # (b, c, g, q, q), shared by the r heads
+    scores = CB.unsqueeze(3) * L  # (b, c, g, r, q, q)
+    y = torch.einsum("bcgrij,bcjgrp->bcigrp", scores, xdt)  # (b, c, q, g, r, p)
+
+    # 2. State each chunk produces on its own, at its last token. The last row of L is exactly the
+    # decay from token j to the chunk end, already masked to the last token's document.
+    decay_to_end = rearrange(L[..., -1, :], "b c g r q -> b c q g r")  # (b, c, q, g, r)
+    chunk_states = torch.einsum(
+        "bcjgrp,bcjgn->bcgrpn", xdt * decay_to_end.unsqueeze(-1), Bc
+    )  # (b, c, g, r, p, n)
+
+    # 3. Pass states between chunks. The carried state survives a chunk only if the chunk ends in
+    # the same document it came from (seq_idx is nondecreasing, so nothing changed in between).
+    keep = (seqc[:, :, -1] == prev_seq).to(cdt)  # (b, c)
+    chunk_decay = torch.exp(dA_cs[..., -1]) * keep[:, :, None, None]  # (b, c, g, r)
+    if initial_states is None:
+        state = xf.new_zeros(b, g, h // g, p, n)  # (b, g, r, p, n)
+    else:
+        state = rearrange(initial_states.to(cdt), "b (g r) p n -> b g r p n", g=g)  # (b, g, r, p, n)
+    states_in = []
+    for c in range(xc.shape[1]):
+        states_in.append(state)
+        state = chunk_decay[:, c, :, :, None, None] * state + chunk_states[:, c]  # (b, g, r, p, n)
+    states_in = torch.stack(states_in, dim=1)  # (b, c, g, r, p, n)
+
+    # 4. Contribution of the incoming state to each token: exp(dA[0, i]) C_i . S_in, for tokens
+    # still in the incoming state's document.
+    in_doc = (seqc == prev_seq.unsqueeze(-1))[:, :, None, None]  # (b, c, 1, 1, q)
+    decay_in = torch.where(in_doc, torch.exp(dA_cs), 0.0)  # (b, c, g, r, q)
+    y_off = torch.einsum("bcign,bcgrpn->bcigrp", Cc, states_in)  # (b, c, q, g, r, p)
+    y = y + y_off * rearrange(decay_in, "b c g r q -> b c q g r").unsqueeze(-1)  # (b, c, q, g, r, p)
+
+    y = rearrange(y, "b c q g r p -> b (c q) (g r) p")[:, :l]  # (b, l, h, p)
+    if D is not None:
+        Dh = D.to(cdt) if D.dim() == 2 else D.to(cdt).unsqueeze(-1)  # (h, p) or (h, 1)
+        y = y + x.to(cdt) * Dh
+    if z is not None:
+        y = y * F.silu(z.to(cdt))
+    y = y.to(out_dtype)
+
+    if return_final_states:
+        return y, rearrange(state, "b g r p n -> b (g r) p n")  # (b, h, p, n)
+    return y
