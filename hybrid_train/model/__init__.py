@@ -1,0 +1,38 @@
+"""The hybrid LM: configuration, modules, builders and FLOP accounting."""
+
+from __future__ import annotations
+
+import torch
+
+from hybrid_train.model.config import ATTENTION, MAMBA, ModelConfig
+from hybrid_train.model.hybrid import HybridLM
+
+__all__ = ["ModelConfig", "HybridLM", "build_model", "count_params", "flops_per_token"]
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", init: bool = True) -> HybridLM:
+    """Build and (unless on meta or init=False) initialize a model from a validated config."""
+    cfg.validate()
+    with torch.device(device):
+        model = HybridLM(cfg)
+    if init and torch.device(device).type != "meta":
+        model.init_weights()
+    return model
+
+
+def count_params(model: torch.nn.Module) -> tuple[int, int]:
+    """(total, embedding) parameter counts; a tied matrix is counted once, as the head."""
+    total = sum(p.numel() for p in model.parameters())
+    embedding = 0 if model.cfg.tie_embeddings else model.embed.weight.numel()
+    return total, embedding
+
+
+def flops_per_token(cfg: ModelConfig, n_params: int, n_embedding: int, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward): dense matmuls, attention scores, SSD scan."""
+    types = cfg.layer_types
+    n_attn, n_mamba = types.count(ATTENTION), types.count(MAMBA)
+    dense = 6 * (n_params - n_embedding)
+    attn = 12 * n_attn * cfg.n_heads * cfg.head_dim * seq_len
+    heads, p, q, n, g = cfg.ssm_n_heads, cfg.ssm_head_dim, cfg.ssm_chunk_size, cfg.ssm_d_state, cfg.ssm_n_groups
+    ssd = 3 * n_mamba * (2 * heads * p * (q + 2 * n) + 2 * g * q * n)
+    return float(dense + attn + ssd)

@@ -1,0 +1,236 @@
+"""The hybrid Mamba-2 / attention decoder (Bamba's block), whole, in one file.
+
+Nothing here knows about parallelism: head counts are inferred from weight shapes
+(`view(b, t, -1, head_dim)`), so a tensor-parallel shard of a module runs the same code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hybrid_train.model.config import ATTENTION, ModelConfig
+from hybrid_train.ops import causal_attention, causal_conv1d, gated_rms_norm, ssd_chunk_scan
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+    def init_weights(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, hidden, bias=False)
+        self.up_proj = nn.Linear(d_model, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        nn.init.normal_(self.gate_proj.weight, std=std)
+        nn.init.normal_(self.up_proj.weight, std=std)
+        nn.init.normal_(self.down_proj.weight, std=out_std)
+
+
+def apply_rotary(x: torch.Tensor, position_ids: torch.Tensor, rotary_dim: int, theta: float) -> torch.Tensor:
+    """RoPE on the first `rotary_dim` dims of each head, non-interleaved halves. x (b, t, h, d)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, device=x.device, dtype=torch.float32) / rotary_dim)
+    angles = position_ids[..., None].float() * inv_freq  # (b, t, rotary_dim/2)
+    cos = torch.cat([angles.cos(), angles.cos()], -1)[:, :, None]  # (b, t, 1, rotary_dim)
+    sin = torch.cat([angles.sin(), angles.sin()], -1)[:, :, None]
+    rot, keep = x[..., :rotary_dim].float(), x[..., rotary_dim:]
+    half = rotary_dim // 2
+    rotated = torch.cat([-rot[..., half:], rot[..., :half]], -1)
+    return torch.cat([(rot * cos + rotated * sin).to(x.dtype), keep], -1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.rotary_dim = int(cfg.head_dim * cfg.partial_rotary_factor)
+        self.rope_theta = cfg.rope_theta
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, -1, self.head_dim)  # (b, t, hq, d)
+        k = self.k_proj(x).view(b, t, -1, self.head_dim)  # (b, t, hkv, d)
+        v = self.v_proj(x).view(b, t, -1, self.head_dim)
+        q = apply_rotary(q, position_ids, self.rotary_dim, self.rope_theta)
+        k = apply_rotary(k, position_ids, self.rotary_dim, self.rope_theta)
+        y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), seq_idx)  # (b, hq, t, d)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            nn.init.normal_(proj.weight, std=std)
+        nn.init.normal_(self.o_proj.weight, std=out_std)
+
+
+class Mamba2Mixer(nn.Module):
+    """Mamba-2 mixer: in_proj -> causal conv1d + SiLU on x, B, C -> SSD scan -> gated RMSNorm -> out_proj.
+
+    The five in_proj components are separate Linears (HF packs them as [z | x | B | C | dt]) so that
+    tensor parallelism can split each one by heads or groups with a plain row split.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, d_inner, n_state, n_heads = cfg.d_model, cfg.d_inner, cfg.ssm_d_state, cfg.ssm_n_heads
+        bc_dim = cfg.ssm_n_groups * n_state
+        self.cfg = cfg
+        self.head_dim = cfg.ssm_head_dim
+        self.d_state = n_state
+        self.chunk_size = cfg.ssm_chunk_size
+        self.norm_group_size = d_inner // cfg.ssm_n_groups
+        self.dt_limit = tuple(cfg.ssm_dt_limit)
+        self.in_proj = nn.ModuleDict({
+            "z": nn.Linear(d, d_inner, bias=cfg.ssm_proj_bias),
+            "x": nn.Linear(d, d_inner, bias=cfg.ssm_proj_bias),
+            "B": nn.Linear(d, bc_dim, bias=cfg.ssm_proj_bias),
+            "C": nn.Linear(d, bc_dim, bias=cfg.ssm_proj_bias),
+            "dt": nn.Linear(d, n_heads, bias=cfg.ssm_proj_bias),
+        })
+        self.conv1d = nn.ModuleDict({
+            name: nn.Conv1d(c, c, cfg.ssm_d_conv, groups=c, bias=cfg.ssm_conv_bias)
+            for name, c in (("x", d_inner), ("B", bc_dim), ("C", bc_dim))
+        })
+        self.dt_bias = nn.Parameter(torch.empty(n_heads))
+        self.A_log = nn.Parameter(torch.empty(n_heads))
+        self.D = nn.Parameter(torch.empty(n_heads))
+        self.norm = RMSNorm(d_inner, cfg.norm_eps)  # weight of the gated, grouped norm
+        self.out_proj = nn.Linear(d_inner, d, bias=cfg.ssm_proj_bias)
+
+    def _conv(self, name: str, u: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
+        conv = self.conv1d[name]
+        return causal_conv1d(u, conv.weight, conv.bias, seq_idx=seq_idx, activation="silu")
+
+    def forward(self, u: torch.Tensor, position_ids: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
+        b, t, _ = u.shape
+        z = self.in_proj["z"](u)  # (b, t, d_inner)
+        x = self._conv("x", self.in_proj["x"](u), seq_idx)  # (b, t, d_inner)
+        B = self._conv("B", self.in_proj["B"](u), seq_idx)  # (b, t, g*n)
+        C = self._conv("C", self.in_proj["C"](u), seq_idx)
+        dt = self.in_proj["dt"](u)  # (b, t, h)
+        y = ssd_chunk_scan(
+            x.view(b, t, -1, self.head_dim),  # (b, t, h, p)
+            dt,
+            -torch.exp(self.A_log.float()),
+            B.view(b, t, -1, self.d_state),  # (b, t, g, n)
+            C.view(b, t, -1, self.d_state),
+            self.chunk_size,
+            D=self.D,
+            dt_bias=self.dt_bias,
+            dt_softplus=True,
+            dt_limit=self.dt_limit,
+            seq_idx=seq_idx,
+        )
+        y = gated_rms_norm(y.reshape(b, t, -1), z, self.norm.weight, self.norm.eps, self.norm_group_size)
+        return self.out_proj(y)
+
+    @torch.no_grad()
+    def init_weights(self, std: float, out_std: float) -> None:
+        cfg = self.cfg
+        for proj in self.in_proj.values():
+            nn.init.normal_(proj.weight, std=std)
+            if proj.bias is not None:
+                nn.init.zeros_(proj.bias)
+        nn.init.normal_(self.out_proj.weight, std=out_std)
+        if self.out_proj.bias is not None:
+            nn.init.zeros_(self.out_proj.bias)
+        for conv in self.conv1d.values():
+            conv.reset_parameters()
+        # dt log-uniform in [dt_min, dt_max], floored; dt_bias is its inverse softplus (mamba_ssm init).
+        log_dt = torch.empty_like(self.dt_bias, dtype=torch.float32).uniform_(
+            math.log(cfg.ssm_dt_min), math.log(cfg.ssm_dt_max))
+        dt = log_dt.exp().clamp(min=cfg.ssm_dt_init_floor)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        low, high = cfg.ssm_a_init_range
+        self.A_log.copy_(torch.empty_like(self.A_log, dtype=torch.float32).uniform_(low, high).log())
+        nn.init.ones_(self.D)
+        self.norm.init_weights()
+
+
+class Block(nn.Module):
+    """Pre-norm block: x + mixer(norm(x)), then + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer_type: str):
+        super().__init__()
+        self.layer_type = layer_type
+        self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = Attention(cfg) if layer_type == ATTENTION else Mamba2Mixer(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.mlp_hidden else None
+        self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden) if cfg.mlp_hidden else None
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.mixer(self.mixer_norm(x), position_ids, seq_idx)
+        if self.mlp is not None:
+            x = x + self.mlp(self.mlp_norm(x))
+        return x
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        self.mixer_norm.init_weights()
+        self.mixer.init_weights(std, out_std)
+        if self.mlp is not None:
+            self.mlp_norm.init_weights()
+            self.mlp.init_weights(std, out_std)
+
+
+class HybridLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # Keyed by layer index so parameter names are stable across stages, checkpoints and export.
+        self.layers = nn.ModuleDict({str(i): Block(cfg, kind) for i, kind in enumerate(cfg.layer_types)})
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share embedding and head when configured; call again after `to_empty`, which unties them."""
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (b, t) -> logits (b, t, vocab). seq_idx (b, t) separates packed documents."""
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        if not self.cfg.doc_masking:
+            seq_idx = None
+        h = self.embed(input_ids)  # (b, t, d)
+        for block in self.layers.values():
+            h = block(h, position_ids, seq_idx)
+        return self.lm_head(self.norm(h))
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialize every parameter in place (after building on meta and materializing)."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        nn.init.normal_(self.embed.weight, std=std)
+        for block in self.layers.values():
+            block.init_weights(std, out_std)
+        self.norm.init_weights()
+        if not self.cfg.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=std)

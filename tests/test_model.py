@@ -1,0 +1,120 @@
+"""Model: parameter counts on meta, packed-document isolation, attention masking, parity with transformers."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hybrid_train.model import ModelConfig, build_model, count_params
+from hybrid_train.model.hf import hf_bamba_config, to_hf_tensors
+from hybrid_train.ops import causal_attention
+
+
+def tiny_cfg(**overrides) -> ModelConfig:
+    base = dict(name="t", vocab_size=97, d_model=64, n_layers=4, attn_layer_indices=[1], mlp_hidden=96,
+                n_heads=4, n_kv_heads=2, head_dim=16, ssm_d_state=8, ssm_head_dim=16, ssm_n_groups=2,
+                ssm_chunk_size=8)
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def test_bamba_9b_parameter_count_on_meta(compose):
+    job = compose(["model=bamba_9b"])
+    model = build_model(job.model, device="meta")
+    total, embedding = count_params(model)
+    assert abs(total / 9.78e9 - 1) < 0.005, total
+    assert embedding == 128256 * 4096
+    assert model.cfg.layer_types.count("A") == 3 and model.cfg.ssm_n_heads == 128
+    mixer = model.layers["0"].mixer
+    in_proj_rows = sum(p.weight.shape[0] for p in mixer.in_proj.values())
+    assert in_proj_rows == 16768  # [z | x | B | C | dt] as in FACTS
+    assert sum(c.weight.shape[0] for c in mixer.conv1d.values()) == 8448
+
+
+def test_logits_shape_and_dtype():
+    model = build_model(tiny_cfg())
+    ids = torch.randint(0, 97, (2, 21))
+    logits = model(ids)
+    assert logits.shape == (2, 21, 97) and logits.dtype == torch.float32
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("layout", [dict(attn_layer_indices=[1]), dict(attn_layer_indices=None, layer_pattern="AMMA")])
+def test_packed_documents_do_not_see_each_other(layout):
+    """Logits of documents packed in one row with seq_idx equal those of each document alone."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(**layout)).double()
+    lengths = [5, 11, 9, 3]  # boundaries fall inside and on chunk edges (chunk 8)
+    docs = [torch.randint(0, 97, (1, n)) for n in lengths]
+    packed = torch.cat(docs, dim=1)
+    seq_idx = torch.cat([torch.full((1, n), i, dtype=torch.int32) for i, n in enumerate(lengths)], dim=1)
+    position_ids = torch.cat([torch.arange(n)[None] for n in lengths], dim=1)
+    packed_logits = model(packed, position_ids, seq_idx)
+    alone = torch.cat([model(d) for d in docs], dim=1)
+    torch.testing.assert_close(packed_logits, alone, rtol=1e-9, atol=1e-9)
+    # Without the document boundaries, later documents do see earlier ones.
+    assert not torch.allclose(model(packed), alone, atol=1e-6)
+
+
+def test_causal_attention_document_mask_matches_per_document_reference():
+    torch.manual_seed(1)
+    b, hq, hkv, t, d = 2, 4, 2, 13, 8
+    q, k, v = (torch.randn(b, h, t, d, dtype=torch.float64) for h in (hq, hkv, hkv))
+    seq_idx = torch.tensor([[0] * 4 + [1] * 6 + [2] * 3, [0] * 13], dtype=torch.int32)
+    out = causal_attention(q, k, v, seq_idx)
+    ref = torch.empty_like(out)
+    kr, vr = k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1)
+    for i in range(b):
+        for doc in seq_idx[i].unique():
+            sel = (seq_idx[i] == doc).nonzero().flatten()
+            s = q[i][:, sel] @ kr[i][:, sel].transpose(-1, -2) / math.sqrt(d)
+            s = s.masked_fill(~torch.ones(len(sel), len(sel), dtype=torch.bool).tril(), float("-inf"))
+            ref[i][:, sel] = s.softmax(-1) @ vr[i][:, sel]
+    torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),
+    dict(ssm_n_groups=1, attn_layer_indices=[0, 3], tie_embeddings=True),
+    dict(ssm_dt_limit=[0.01, 0.2], ssm_conv_bias=False, ssm_chunk_size=16),
+])
+def test_logits_match_transformers_bamba(overrides):
+    """An independent implementation: transformers' BambaForCausalLM (its no-kernel path) on the same weights."""
+    transformers = pytest.importorskip("transformers")
+    cfg = tiny_cfg(**overrides)
+    torch.manual_seed(2)
+    model = build_model(cfg).double()
+    with torch.no_grad():  # move away from init values so every tensor's role is exercised
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    hf_cfg = transformers.BambaConfig(**{k: v for k, v in hf_bamba_config(cfg).items() if k not in ("architectures", "model_type")})
+    hf = transformers.BambaForCausalLM(hf_cfg).double().eval()
+    missing, unexpected = hf.load_state_dict(dict(to_hf_tensors(cfg, model.state_dict())), strict=False)
+    assert not unexpected and set(missing) <= ({"lm_head.weight"} if cfg.tie_embeddings else set())
+    ids = torch.randint(0, cfg.vocab_size, (2, 37))  # not a multiple of the chunk
+    with torch.no_grad():
+        ours = model(ids)
+        theirs = hf(ids, use_cache=False).logits
+    # Both compute A = -exp(A_log) in fp32, hence fp32-level agreement despite float64 weights.
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_no_parallelism_imports_in_model_and_ops():
+    import pathlib
+
+    root = pathlib.Path(__file__).parents[1] / "hybrid_train"
+    for room in ("model", "ops"):
+        for path in (root / room).glob("*.py"):
+            assert "torch.distributed" not in path.read_text(), path
+
+
+def test_mamba_init_ranges():
+    cfg = tiny_cfg(n_layers=2, attn_layer_indices=[])
+    model = build_model(cfg)
+    mixer = model.layers["0"].mixer
+    dt = F.softplus(mixer.dt_bias)
+    assert (dt >= cfg.ssm_dt_init_floor - 1e-7).all() and (dt <= cfg.ssm_dt_max + 1e-6).all()
+    A = mixer.A_log.exp()
+    assert (A >= 1).all() and (A <= 16).all()
+    assert torch.equal(mixer.D, torch.ones_like(mixer.D))
