@@ -1,0 +1,125 @@
+"""Configuration of the training loop: optimizer, LR schedule, run length, logging, checkpoints."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+SCHEDULES = ("constant", "cosine", "linear", "wsd")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    """Peak learning rate."""
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW (beta1, beta2)."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay on matrices; never on A_log, D, dt_bias, norms or biases."""
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be positive, got {self.lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must be two values in [0, 1), got {list(self.betas)}")
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"
+    """Shape after warmup: constant, cosine, linear (decay to the floor) or wsd (warmup-stable-decay)."""
+    warmup_steps: int = 0
+    """Linear warmup length in optimizer steps (exclusive with warmup_tokens)."""
+    warmup_tokens: int = 0
+    """Linear warmup length in tokens, rounded up to whole steps."""
+    min_lr_ratio: float = 0.1
+    """Floor of cosine/linear/wsd decay as a fraction of the peak LR."""
+    decay_fraction: float = 0.2
+    """wsd: the final fraction of the run spent decaying."""
+
+    def validate(self) -> None:
+        if self.name not in SCHEDULES:
+            raise ValueError(f"schedule.name={self.name!r} must be one of {', '.join(SCHEDULES)}")
+        if self.warmup_steps < 0 or self.warmup_tokens < 0:
+            raise ValueError("schedule.warmup_steps and schedule.warmup_tokens must be >= 0")
+        if self.warmup_steps and self.warmup_tokens:
+            raise ValueError(f"set schedule.warmup_steps ({self.warmup_steps}) or schedule.warmup_tokens "
+                             f"({self.warmup_tokens}), not both")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"schedule.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0 < self.decay_fraction <= 1:
+            raise ValueError(f"schedule.decay_fraction must be in (0, 1], got {self.decay_fraction}")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    """Seeds weights, data order and dropout-free training: same command, same losses."""
+    seq_len: int = 256
+    """Tokens per packed row."""
+    micro_batch_size: int = 8
+    """Rows per data-parallel rank per forward/backward."""
+    global_batch_tokens: int = 0
+    """Tokens per optimizer step across all ranks; 0 = one micro-batch per rank (no accumulation)."""
+    max_tokens: int = 0
+    """Run length in tokens (exclusive with max_steps); the LR schedule spans it."""
+    max_steps: int = 0
+    """Run length in optimizer steps (exclusive with max_tokens)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables."""
+    z_loss: float = 0.0
+    """Coefficient of the z-loss, mean(logsumexp(logits)^2)."""
+    precision: str = "auto"
+    """Compute precision: auto (bf16 autocast on GPU, fp32 on CPU), bf16 or fp32."""
+    device: str = "auto"
+    """auto (CUDA when present), cuda or cpu."""
+
+    def validate(self) -> None:
+        for key in ("seq_len", "micro_batch_size"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"train.{key} must be positive, got {getattr(self, key)}")
+        if (self.max_tokens > 0) == (self.max_steps > 0):
+            raise ValueError(f"set exactly one of train.max_tokens ({self.max_tokens}) and train.max_steps "
+                             f"({self.max_steps})")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"train.precision={self.precision!r} must be auto, bf16 or fp32")
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise ValueError(f"train.device={self.device!r} must be auto, cuda or cpu")
+        if self.global_batch_tokens < 0 or self.grad_clip < 0 or self.z_loss < 0:
+            raise ValueError("train.global_batch_tokens, train.grad_clip and train.z_loss must be >= 0")
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 10
+    """Steps between log lines and metrics.jsonl records (the last step is always logged)."""
+    progress: bool = True
+    """Progress bar on rank 0."""
+    wandb: bool = False
+    """Log to Weights & Biases from rank 0."""
+    wandb_project: str = "hybrid_train"
+    """wandb project name."""
+    wandb_mode: str = "offline"
+    """wandb mode: offline (no network needed; sync later) or online."""
+    peak_tflops: Optional[float] = None
+    """Dense bf16 peak per device for MFU; None = known GPUs (A100 312, H100/H200 989), else no MFU."""
+
+    def validate(self) -> None:
+        if self.log_every <= 0:
+            raise ValueError(f"logging.log_every must be positive, got {self.log_every}")
+        if self.wandb_mode not in ("offline", "online", "disabled"):
+            raise ValueError(f"logging.wandb_mode={self.wandb_mode!r} must be offline, online or disabled")
+
+
+@dataclass
+class CheckpointConfig:
+    interval_steps: int = 0
+    """Save every this many steps (0 = only the final checkpoint)."""
+
+    def validate(self) -> None:
+        if self.interval_steps < 0:
+            raise ValueError(f"checkpoint.interval_steps must be >= 0, got {self.interval_steps}")

@@ -1,0 +1,27 @@
+"""Shared fixtures: Hydra composition of the shipped configs, small helpers."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from hybrid_train.config import JobConfig, job_config_from_hydra, register_configs
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+
+
+def compose_job(overrides: list[str] | None = None, config_dir: Path = CONF) -> JobConfig:
+    """Compose conf/config.yaml with overrides exactly as train.py does, and validate it."""
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir), version_base=None):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
+    return job_config_from_hydra(cfg)
+
+
+@pytest.fixture
+def compose():
+    return compose_job

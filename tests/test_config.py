@@ -1,0 +1,91 @@
+"""Every shipped config composes and validates; bad input fails at start with a message naming it."""
+
+from pathlib import Path
+
+import shutil
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from hybrid_train.config import to_yaml
+from hybrid_train.model import ModelConfig
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", ["model", "data", "optim", "schedule", "parallel", "logging"])
+def test_every_shipped_option_composes_and_validates(compose, group):
+    options = group_options(group)
+    assert options, group
+    for option in options:
+        job = compose([f"{group}={option}"])
+        assert to_yaml(job)  # serializable as written to <run.dir>/config.yaml
+
+
+def test_defaults_and_run_dir(compose):
+    job = compose([])
+    assert job.model.name == "tiny" and job.model.layer_types.count("A") == 2
+    assert job.run.dir == "outputs/tiny-sample"
+    assert compose(["run.name=x"]).run.dir == "outputs/x"
+
+
+def test_misspelt_key_on_command_line_fails(compose):
+    with pytest.raises(ConfigCompositionException, match="d_modle"):
+        compose(["model.d_modle=3"])
+    with pytest.raises(ValueError, match="unknown config key\\(s\\) model.d_modle"):
+        compose(["+model.d_modle=3"])
+    with pytest.raises(ValueError, match="data.sources.web.wieght"):
+        compose(["+data.sources.web.wieght=3"])
+
+
+def test_misspelt_key_in_a_yaml_file_fails(compose, tmp_path):
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    (conf / "model" / "typo.yaml").write_text("defaults:\n  - tiny\n  - _self_\nd_modle: 64\n")
+    with pytest.raises(Exception, match="d_modle") as info:
+        compose(["model=typo"], config_dir=conf)
+    assert "ModelConfig" in str(info.value) or "model" in str(info.value)
+
+
+def test_wrong_type_fails(compose):
+    with pytest.raises(ConfigCompositionException, match="model.n_layers=many") as info:
+        compose(["model.n_layers=many"])
+    assert isinstance(info.value.__cause__, ValidationError)
+    assert "could not be converted to Integer" in str(info.value.__cause__)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.n_kv_heads=3"], "n_heads=4 is not divisible by model.n_kv_heads=3"),
+    (["model.ssm_head_dim=48"], "not divisible by model.ssm_head_dim=48"),
+    (["model.ssm_n_groups=3"], "ssm_n_groups=3 does not divide"),
+    (["model.attn_layer_indices=[2,6]"], "attn_layer_indices has 6"),
+    (["model.layer_pattern=MMAMMM"], "layer_pattern='MMAMMM' puts attention at \\[2\\]"),
+    (["model.layer_pattern=MMA"], "3 symbols but model.n_layers=6"),
+    (["model.layer_pattern=MMXMMA", "model.attn_layer_indices=null"], "symbols \\['X'\\]"),
+    (["schedule.name=exp"], "schedule.name='exp'"),
+    (["train.max_steps=10"], "exactly one of train.max_tokens"),
+    (["optim.lr=-1"], "optim.lr must be positive"),
+    (["train.precision=fp8"], "train.precision='fp8'"),
+])
+def test_cross_field_validation_names_fields(compose, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        compose(overrides)
+
+
+def test_pattern_and_indices_agree(compose):
+    job = compose(["model.layer_pattern=MMAMMA"])
+    assert job.model.layer_types == list("MMAMMA")
+    job = compose(["model=transformer_tiny"])
+    assert set(job.model.layer_types) == {"A"}
+    job = compose(["model=mamba2_tiny"])
+    assert set(job.model.layer_types) == {"M"}
+
+
+def test_model_config_validate_direct():
+    with pytest.raises(ValueError, match="ssm_dt_limit"):
+        ModelConfig(ssm_dt_limit=[1.0, 0.5]).validate()

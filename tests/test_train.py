@@ -1,0 +1,102 @@
+"""End-to-end training on the bundled sample: a few steps in-process, via the CLI and via torchrun."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hybrid_train import load_model
+from hybrid_train.train.trainer import NonFiniteLossError, train
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["train.seq_len=64", "train.micro_batch_size=4", "train.max_tokens=0", "logging.progress=false"]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_few_steps_end_to_end(compose, tmp_path):
+    run_dir = tmp_path / "run"
+    job = compose(SMALL + [f"run.dir={run_dir}", "train.max_steps=6", "logging.log_every=2",
+                           "train.global_batch_tokens=512", "train.z_loss=1e-4"])
+    result = train(job)
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == [2, 4, 6]
+    for r in records:
+        for key in ("loss", "lr", "grad_norm", "tokens", "tokens_per_s", "source_tokens"):
+            assert key in r, key
+    assert records[-1]["tokens"] == 6 * 512  # 2 micro-batches of 4x64 per step
+    assert sum(records[-1]["source_tokens"].values()) == 6 * 512
+    assert (run_dir / "config.yaml").is_file()
+    loaded = load_model(run_dir)
+    assert not loaded.training
+    trained = result.model.state_dict()
+    for name, tensor in loaded.state_dict().items():
+        torch.testing.assert_close(tensor, trained[name], rtol=0, atol=0, msg=name)
+
+
+def test_same_seed_same_losses(compose, tmp_path):
+    losses = []
+    for i in range(2):
+        job = compose(SMALL + [f"run.dir={tmp_path / str(i)}", "train.max_steps=4", "logging.log_every=1"])
+        train(job)
+        losses.append([r["loss"] for r in read_metrics(tmp_path / str(i))])
+    assert losses[0] == losses[1]
+    job = compose(SMALL + [f"run.dir={tmp_path / 'other'}", "train.max_steps=4", "logging.log_every=1", "train.seed=1"])
+    train(job)
+    assert [r["loss"] for r in read_metrics(tmp_path / "other")] != losses[0]
+
+
+def test_non_finite_loss_stops_before_writing_weights(compose, tmp_path):
+    job = compose(SMALL + [f"run.dir={tmp_path}", "train.max_steps=3", "model.init_std=1e20"])
+    with pytest.raises(NonFiniteLossError, match="step 1"):
+        train(job)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def run_cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_cli_runs_and_writes_run_dir(tmp_path):
+    run_dir = tmp_path / "cli"
+    proc = run_cli([sys.executable, "train.py", *SMALL, "train.max_steps=3", f"run.dir={run_dir}",
+                    "model=mamba2_tiny"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(read_metrics(run_dir)) == 1
+    assert (run_dir / "checkpoints" / "latest").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cli"]  # nothing written elsewhere
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_share_one_run_dir(tmp_path):
+    run_dir = tmp_path / "ddp"
+    proc = run_cli([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    "train.py", *SMALL, "train.max_steps=3", "logging.log_every=1", f"run.dir={run_dir}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3]  # written once, by rank 0
+    assert records[-1]["tokens"] == 3 * 2 * 4 * 64
+    assert sum(records[-1]["source_tokens"].values()) == records[-1]["tokens"]
+    model = load_model(run_dir)
+    assert torch.isfinite(model(torch.randint(0, 258, (1, 16)))).all()
+
+
+@pytest.mark.slow
+def test_default_run_learns(tmp_path):
+    """`python train.py` as shipped (300 steps on the sample): the loss ends far below ln(vocab)."""
+    run_dir = tmp_path / "default"
+    proc = run_cli([sys.executable, "train.py", f"run.dir={run_dir}", "logging.progress=false"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = read_metrics(run_dir)
+    assert records[-1]["step"] == 300
+    assert records[0]["loss"] < 5.6  # about ln(258) = 5.55 at the start
+    assert records[-1]["loss"] < 2.5
+    model = load_model(run_dir)
+    assert model.cfg.name == "tiny"
