@@ -112,6 +112,48 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     return model.to(dtype).eval()
 
 
+def model_tensor_metadata(ckpt: Path) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """Name -> (shape, dtype) of every model tensor stored in a checkpoint, read from DCP metadata only."""
+    metadata = dcp.FileSystemReader(str(ckpt)).read_metadata()
+    out = {}
+    for key, item in metadata.state_dict_metadata.items():
+        if key.startswith("model.") and hasattr(item, "size"):
+            out[key[len("model."):]] = (item.size, item.properties.dtype)
+    return out
+
+
+def iter_model_tensors(ckpt: str | os.PathLike, names: list[str] | None = None):
+    """Yield (name, full tensor) of a checkpoint's model one at a time: memory stays about one tensor,
+    whatever the layout the checkpoint was saved under."""
+    ckpt = resolve_checkpoint(ckpt)
+    meta = model_tensor_metadata(ckpt)
+    for name in names or list(meta):
+        if name not in meta:
+            raise KeyError(f"{ckpt} has no model tensor {name!r}")
+        shape, dtype = meta[name]
+        state = {"model": {name: torch.empty(shape, dtype=dtype)}}
+        dcp.load(state, checkpoint_id=str(ckpt))
+        yield name, state["model"][name]
+
+
+def write_model_checkpoint(path: str | os.PathLike, model_state: dict[str, torch.Tensor], model_cfg: ModelConfig,
+                           meta: dict | None = None) -> Path:
+    """A weights-only checkpoint (no optimizer or data state) in the native layout, e.g. from an import
+    or a merge; it can be loaded by load_model and used as checkpoint.init_from."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp_{path.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    dcp.save({"model": model_state}, checkpoint_id=str(tmp))
+    full_meta = {"step": 0, "tokens": 0, "code_version": code_version(), **(meta or {}),
+                 "model_config": dataclasses.asdict(model_cfg), "weights_only": True}
+    (tmp / META).write_text(json.dumps(full_meta, indent=2))
+    if path.exists():
+        raise FileExistsError(f"{path} already exists; refusing to overwrite it")
+    os.replace(tmp, path)
+    return path
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
