@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from hybrid_train.data.config import DataConfig
 from hybrid_train.model.config import ModelConfig
 from hybrid_train.parallel.config import ParallelConfig
-from hybrid_train.train.config import (CheckpointConfig, LoggingConfig, OptimConfig, ScheduleConfig,
+from hybrid_train.train.config import (CheckpointConfig, LoggingConfig, OptimConfig, ScheduleConfig, StageConfig,
                                        TrainConfig)
 
 
@@ -38,18 +38,24 @@ class JobConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
 
     def validate(self) -> "JobConfig":
         """Cross-field checks before any work starts; each error names the fields and values."""
         self.model.validate()
         self.data.validate()
-        for section in (self.optim, self.schedule, self.logging, self.train, self.checkpoint):
+        for section in (self.optim, self.schedule, self.logging, self.train, self.checkpoint, self.stage):
             section.validate()
+        if not (self.stage.end_tokens or self.train.max_tokens or self.train.max_steps):
+            raise ValueError("no run length: set train.max_tokens, train.max_steps or stage.end_tokens")
+        if self.stage.end_tokens and (self.train.max_tokens or self.train.max_steps):
+            raise ValueError(f"stage.end_tokens={self.stage.end_tokens} sets the run length; leave train.max_tokens "
+                             f"({self.train.max_tokens}) and train.max_steps ({self.train.max_steps}) at 0")
         return self
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "schedule": ScheduleConfig,
-            "parallel": ParallelConfig, "logging": LoggingConfig}
+            "parallel": ParallelConfig, "logging": LoggingConfig, "stage": StageConfig}
 
 
 def register_configs() -> None:

@@ -68,7 +68,10 @@ def test_wrong_type_fails(compose):
     (["model.layer_pattern=MMA"], "3 symbols but model.n_layers=6"),
     (["model.layer_pattern=MMXMMA", "model.attn_layer_indices=null"], "symbols \\['X'\\]"),
     (["schedule.name=exp"], "schedule.name='exp'"),
-    (["train.max_steps=10"], "exactly one of train.max_tokens"),
+    (["train.max_steps=10"], "set one of train.max_tokens \\(614400\\) and train.max_steps \\(10\\)"),
+    (["train.max_tokens=0"], "no run length"),
+    (["stage.end_tokens=1000"], "stage.end_tokens=1000 sets the run length"),
+    (["checkpoint.init_from=a", "checkpoint.resume_from=b"], "set one of them"),
     (["optim.lr=-1"], "optim.lr must be positive"),
     (["train.precision=fp8"], "train.precision='fp8'"),
 ])

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import warnings
 from pathlib import Path
 
 import torch
@@ -20,6 +21,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
 from hybrid_train.model import HybridLM, ModelConfig, build_model
+
+# DCP says so on every single-process save/load; that is the intended use here, not a problem.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 META = "meta.json"
 LATEST = "latest"
@@ -41,32 +45,38 @@ def code_version() -> str:
         return "unknown"
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    extra_state: dict, meta: dict, is_main: bool) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
-    root = run_dir / "checkpoints"
-    final = root / f"step_{step:08d}"
-    tmp = root / f".tmp_step_{step:08d}"
-    if is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    state = {
-        "model": get_model_state_dict(model),
-        "optim": get_optimizer_state_dict(model, optimizer),
-        **extra_state,
-    }
-    dcp.save(state, checkpoint_id=str(tmp))
-    _barrier()
-    if is_main:
-        (tmp / META).write_text(json.dumps({"step": step, "code_version": code_version(), **meta}, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        latest_tmp = root / f".{LATEST}.tmp"
-        latest_tmp.write_text(final.name + "\n")
-        os.replace(latest_tmp, root / LATEST)
-    _barrier()
-    return final
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why a checkpoint directory can't be loaded (None when it is complete): meta.json, DCP metadata
+    and every shard file it references, at its full length."""
+    if not (ckpt / META).is_file():
+        return f"no {META}"
+    try:
+        json.loads((ckpt / META).read_text())
+    except ValueError as err:
+        return f"unreadable {META} ({err})"
+    if not (ckpt / ".metadata").is_file():
+        return "no DCP .metadata"
+    try:
+        metadata = dcp.FileSystemReader(str(ckpt)).read_metadata()
+    except Exception as err:  # a truncated pickle can raise anything
+        return f"unreadable DCP .metadata ({type(err).__name__}: {err})"
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        path = ckpt / name
+        if not path.is_file():
+            return f"missing shard {name}"
+        if path.stat().st_size < size:
+            return f"truncated shard {name} ({path.stat().st_size} of {size} bytes)"
+    return None
+
+
+def model_config_differences(saved: dict, current: dict) -> list[str]:
+    """Architecture fields that differ ('field: saved -> current'); init-only knobs and labels are ignored."""
+    ignore = {"name", "init_std", "ssm_dt_min", "ssm_dt_max", "ssm_dt_init_floor", "ssm_a_init_range", "kernels"}
+    keys = sorted((set(saved) | set(current)) - ignore)
+    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:

@@ -82,9 +82,8 @@ class TrainConfig:
         for key in ("seq_len", "micro_batch_size"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"train.{key} must be positive, got {getattr(self, key)}")
-        if (self.max_tokens > 0) == (self.max_steps > 0):
-            raise ValueError(f"set exactly one of train.max_tokens ({self.max_tokens}) and train.max_steps "
-                             f"({self.max_steps})")
+        if self.max_tokens > 0 and self.max_steps > 0:
+            raise ValueError(f"set one of train.max_tokens ({self.max_tokens}) and train.max_steps ({self.max_steps})")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"train.precision={self.precision!r} must be auto, bf16 or fp32")
         if self.device not in ("auto", "cuda", "cpu"):
@@ -115,11 +114,57 @@ class LoggingConfig:
             raise ValueError(f"logging.wandb_mode={self.wandb_mode!r} must be offline, online or disabled")
 
 
+INIT_WHAT = ("model", "model+optimizer")
+
+
 @dataclass
 class CheckpointConfig:
     interval_steps: int = 0
-    """Save every this many steps (0 = only the final checkpoint)."""
+    """Save every this many optimizer steps (0 = off); a final checkpoint is always written."""
+    interval_tokens: int = 0
+    """Save whenever this many more tokens have been trained (0 = off)."""
+    keep_last: int = 3
+    """Keep the newest K checkpoints (0 = keep all); permanent ones are never pruned."""
+    permanent_interval_steps: int = 0
+    """Checkpoints at multiples of this step count are permanent (0 = none); so is any with a KEEP file."""
+    async_save: bool = False
+    """Write checkpoints in a background thread while training continues."""
+    resume: bool = True
+    """Continue from <run.dir>/checkpoints/latest when it exists (model, optimizer, data, counters)."""
+    resume_from: Optional[str] = None
+    """Resume from this checkpoint instead of the run directory's latest (same run, everything)."""
+    init_from: Optional[str] = None
+    """Start a new stage from this checkpoint (a directory, or hf:DIR for a Hugging Face Bamba model)."""
+    init_what: str = "model"
+    """What init_from provides: model, or model+optimizer. Data position and schedule always start fresh."""
 
     def validate(self) -> None:
-        if self.interval_steps < 0:
-            raise ValueError(f"checkpoint.interval_steps must be >= 0, got {self.interval_steps}")
+        for key in ("interval_steps", "interval_tokens", "keep_last", "permanent_interval_steps"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"checkpoint.{key} must be >= 0, got {getattr(self, key)}")
+        if self.init_what not in INIT_WHAT:
+            raise ValueError(f"checkpoint.init_what={self.init_what!r} must be one of {', '.join(INIT_WHAT)}")
+        if self.init_from and self.resume_from:
+            raise ValueError(f"checkpoint.resume_from={self.resume_from!r} continues a run and checkpoint.init_from="
+                             f"{self.init_from!r} starts a new stage; set one of them")
+        if self.init_what == "model+optimizer" and self.init_from and self.init_from.startswith("hf:"):
+            raise ValueError("checkpoint.init_what=model+optimizer needs a native checkpoint; a Hugging Face "
+                             f"directory ({self.init_from}) has no optimizer state")
+
+
+@dataclass
+class StageConfig:
+    name: str = "run"
+    """Stage label, written into checkpoints and metrics (pretrain, extend, mix, anneal, ...)."""
+    start_tokens: int = 0
+    """Total tokens the model has seen when this stage starts (checked against init_from's counter)."""
+    end_tokens: int = 0
+    """Total tokens at which this stage ends (0 = the run length is train.max_tokens / max_steps)."""
+    allow_token_mismatch: bool = False
+    """Start even if init_from's token counter differs from start_tokens (the counter continues from it)."""
+
+    def validate(self) -> None:
+        if self.start_tokens < 0 or self.end_tokens < 0:
+            raise ValueError("stage.start_tokens and stage.end_tokens must be >= 0")
+        if self.end_tokens and self.end_tokens <= self.start_tokens:
+            raise ValueError(f"stage.end_tokens={self.end_tokens} must be above stage.start_tokens={self.start_tokens}")

@@ -14,10 +14,12 @@ from hybrid_train.config import JobConfig, to_yaml
 from hybrid_train.data import build_data_loader, build_tokenizer
 from hybrid_train.model import build_model, count_params, flops_per_token
 from hybrid_train.parallel import all_reduce_mean, barrier, destroy, init_distributed, parallelize
-from hybrid_train.train.checkpoint import save_checkpoint
+from hybrid_train.train.checkpoint import read_meta
+from hybrid_train.train.checkpointer import Checkpointer, TrainState
 from hybrid_train.train.loss import lm_loss
 from hybrid_train.train.metrics import MetricsLogger, device_peak_flops, peak_memory_gb
 from hybrid_train.train.optim import build_lr_scheduler, build_optimizer
+from hybrid_train.train.preemption import StopRequest
 
 
 class NonFiniteLossError(RuntimeError):
@@ -26,10 +28,14 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclasses.dataclass
 class TrainResult:
-    checkpoint: Path
-    """The final checkpoint directory."""
+    checkpoint: Path | None
+    """The last checkpoint written (or resumed from)."""
     model: torch.nn.Module
     """The trained model (sharded when run under FSDP)."""
+    state: TrainState
+    """Counters at the end."""
+    stopped: bool
+    """True when the run stopped early on request (signal or STOP file) after checkpointing."""
 
 
 @dataclasses.dataclass
@@ -38,17 +44,21 @@ class RunPlan:
     tokens_per_micro_batch: int  # per rank
     grad_accum: int
     tokens_per_step: int  # all ranks
-    total_steps: int
+    total_steps: int  # optimizer steps in this stage
 
 
-def plan_run(job: JobConfig, dp_size: int) -> RunPlan:
+def plan_run(job: JobConfig, dp_size: int, stage_budget_tokens: int | None = None) -> RunPlan:
+    """stage_budget_tokens: tokens left to train in this stage, when the stage window sets the length."""
     t = job.train
     per_micro = t.micro_batch_size * t.seq_len
     global_tokens = t.global_batch_tokens or per_micro * dp_size
     if global_tokens % (per_micro * dp_size):
         raise ValueError(f"train.global_batch_tokens={t.global_batch_tokens} is not a multiple of "
                          f"train.micro_batch_size x train.seq_len x data-parallel size = {per_micro * dp_size}")
-    total = t.max_steps or math.ceil(t.max_tokens / global_tokens)
+    if stage_budget_tokens is not None:
+        total = math.ceil(stage_budget_tokens / global_tokens)
+    else:
+        total = t.max_steps or math.ceil(t.max_tokens / global_tokens)
     return RunPlan(per_micro, global_tokens // (per_micro * dp_size), global_tokens, total)
 
 
@@ -71,7 +81,7 @@ def seed_everything(seed: int) -> None:
 
 
 def train(job: JobConfig) -> TrainResult:
-    """Run a training job to its end."""
+    """Run a training job (or stage) to its end, resuming it if its run directory has a checkpoint."""
     # 1. Processes, device, run directory.
     device_type, autocast_dtype = resolve_device(job)
     env = init_distributed(job.parallel, device_type)
@@ -81,7 +91,6 @@ def train(job: JobConfig) -> TrainResult:
         (run_dir / "config.yaml").write_text(to_yaml(job))
     barrier()
     seed_everything(job.train.seed)
-    plan = plan_run(job, env.dp_size)
 
     # 2. Data.
     tokenizer = build_tokenizer(job.data.tokenizer)
@@ -100,29 +109,40 @@ def train(job: JobConfig) -> TrainResult:
     torch.manual_seed(job.train.seed)
     model.init_weights()
     model.train()
-
-    # 4. Optimizer and schedule.
     optimizer = build_optimizer(model, job.optim)
+
+    # 4. Where this run starts: its own checkpoint (resume), an earlier stage (init_from), or scratch.
+    checkpointer = Checkpointer(job.checkpoint, run_dir, env, {
+        "stage": job.stage.name, "model_config": dataclasses.asdict(job.model),
+        "job": dataclasses.asdict(job)})
+    state, resume_from = start_state(job, checkpointer, model, optimizer)
+    stage_start_total = state.total_tokens - state.stage_tokens
+    budget = job.stage.end_tokens - stage_start_total if job.stage.end_tokens else None
+    plan = plan_run(job, env.dp_size, budget)
     scheduler = build_lr_scheduler(optimizer, job.schedule, plan.total_steps, plan.tokens_per_step)
+    if resume_from is not None:
+        state = checkpointer.resume(resume_from, model, optimizer, scheduler, loader, job.model)
 
     # 5. Observability.
     flops_token = flops_per_token(job.model, n_params, n_embedding, job.train.seq_len)
     peak = device_peak_flops(env.device, job.logging.peak_tflops)
-    logger = MetricsLogger(job.logging, run_dir, job.run.name, env.is_main, plan.total_steps, 0,
+    logger = MetricsLogger(job.logging, run_dir, job.run.name, env.is_main, plan.total_steps, state.step,
                            dataclasses.asdict(job))
     logger.info(f"model {job.model.name}: {n_params / 1e6:.2f}M parameters ({n_embedding / 1e6:.2f}M embedding), "
-                f"{job.model.layer_pattern or ''.join(job.model.layer_types)}; {env.world_size} process(es) on "
-                f"{device_type}; {plan.total_steps} steps x {plan.tokens_per_step} tokens "
-                f"(grad accumulation {plan.grad_accum})")
+                f"{''.join(job.model.layer_types)}; {env.world_size} process(es) on {device_type}; stage "
+                f"{job.stage.name}: {plan.total_steps} steps x {plan.tokens_per_step} tokens (grad accumulation "
+                f"{plan.grad_accum}), from {stage_start_total:,} total tokens"
+                + (f"; resumed from {resume_from} at step {state.step}" if resume_from else ""))
     autocast = (torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
+    stop = StopRequest(run_dir, env.device)
 
     # 6. The loop.
-    tokens = 0
+    path, stopped = resume_from, False
     loss_sum = torch.zeros((), device=env.device)
-    logger.start_window(tokens)
+    logger.start_window(state.stage_tokens)
     try:
-        for step in range(plan.total_steps):
+        while state.step < plan.total_steps:
             loss_sum.zero_()
             for _ in range(plan.grad_accum):
                 batch = {k: v.to(env.device, non_blocking=True) for k, v in next(loader).items()}
@@ -135,44 +155,74 @@ def train(job: JobConfig) -> TrainResult:
             loss_value = all_reduce_mean(loss_sum).item()
             if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
                 raise NonFiniteLossError(
-                    f"non-finite loss ({loss_value}) or gradient norm ({grad_norm}) at step {step + 1}; "
+                    f"non-finite loss ({loss_value}) or gradient norm ({grad_norm}) at step {state.step + 1}; "
                     "stopping before the optimizer step, no weights were written")
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            tokens += plan.tokens_per_step
+            state.step += 1
+            state.stage_tokens += plan.tokens_per_step
+            state.total_tokens += plan.tokens_per_step
             logger.advance()
 
-            last = step + 1 == plan.total_steps
-            if (step + 1) % job.logging.log_every == 0 or last:
-                rate = logger.throughput(tokens)
+            last = state.step == plan.total_steps
+            stopped = not last and stop.should_stop()
+            if state.step % job.logging.log_every == 0 or last or stopped:
+                state.source_tokens = _global_source_tokens(loader.source_tokens, env.device)
+                rate = logger.throughput(state.stage_tokens)
                 per_device = rate / env.world_size
                 logger.log({
-                    "step": step + 1,
-                    "loss": loss_value,
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "tokens": tokens,
-                    "tokens_per_s": rate,
-                    "tokens_per_s_per_device": per_device,
+                    "step": state.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                    "tokens": state.stage_tokens, "total_tokens": state.total_tokens, "stage": job.stage.name,
+                    "stage_progress": state.step / plan.total_steps,
+                    "tokens_per_s": rate, "tokens_per_s_per_device": per_device,
                     "mfu": per_device * flops_token / peak if peak else None,
                     "mem_gb": peak_memory_gb(env.device),
-                    "source_tokens": _global_source_tokens(loader.source_tokens, env.device),
+                    "source_tokens": state.source_tokens,
                 })
-            interval = job.checkpoint.interval_steps
-            if last or (interval and (step + 1) % interval == 0):
-                path = save_checkpoint(run_dir, step + 1, model, optimizer,
-                                       {"train": {"step": step + 1, "tokens": tokens}},
-                                       {"tokens": tokens, "final": last,
-                                        "model_config": dataclasses.asdict(job.model)},
-                                       env.is_main)
+            if last or stopped or checkpointer.due(state, plan.tokens_per_step):
+                state.source_tokens = _global_source_tokens(loader.source_tokens, env.device)
+                path = checkpointer.save(state, model, optimizer, scheduler, loader, final=last or stopped)
                 logger.info(f"saved checkpoint {path}")
-                logger.start_window(tokens)  # keep checkpoint time out of throughput
+                logger.start_window(state.stage_tokens)  # keep checkpoint time out of throughput
+            if stopped:
+                stop.consume(env.is_main)
+                logger.info(f"stopping at step {state.step} ({stop.reason}); the same command resumes the run")
+                break
+        checkpointer.wait()
     finally:
+        stop.restore()
         logger.close()
         destroy()
-    return TrainResult(path, model)
+    return TrainResult(path, model, state, stopped)
+
+
+def start_state(job: JobConfig, checkpointer: Checkpointer, model, optimizer) -> tuple[TrainState, object]:
+    """Counters for a fresh start or a stage start (weights loaded here), or the checkpoint to resume."""
+    stage = job.stage
+    resume_from = checkpointer.find_resume_point()
+    if resume_from is not None:
+        meta = read_meta(resume_from)
+        if meta.get("stage", "run") != stage.name:
+            raise ValueError(f"{resume_from} belongs to stage {meta.get('stage')!r} but this job is stage "
+                             f"{stage.name!r}: give the new stage its own run.dir and checkpoint.init_from={resume_from}")
+        fields = {f.name for f in dataclasses.fields(TrainState)}
+        return TrainState(**{k: v for k, v in meta.items() if k in fields}), resume_from
+    total = stage.start_tokens
+    if job.checkpoint.init_from:
+        source_tokens = checkpointer.init_from(job.checkpoint.init_from, model, optimizer, job.model,
+                                               job.checkpoint.init_what == "model+optimizer")
+        # A stage ends on the first whole step past its end, so the next one may start a step late.
+        step_tokens = plan_run(job, checkpointer.env.dp_size, 1).tokens_per_step
+        if source_tokens is not None and not 0 <= source_tokens - stage.start_tokens < step_tokens:
+            if not stage.allow_token_mismatch:
+                raise ValueError(f"checkpoint.init_from={job.checkpoint.init_from} has seen {source_tokens:,} tokens but "
+                                 f"stage.start_tokens={stage.start_tokens:,} (a step is {step_tokens:,}); fix one, or set "
+                                 "stage.allow_token_mismatch=true (the counter then continues from the checkpoint)")
+        if source_tokens is not None:
+            total = source_tokens
+    return TrainState(total_tokens=total, stage=stage.name), None
 
 
 def _clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
