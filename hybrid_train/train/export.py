@@ -13,6 +13,7 @@ pull tensors from a source only when they write them:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -90,7 +91,9 @@ class NativeCheckpoint:
 
 def open_source(path: str | os.PathLike):
     """A HF Bamba directory (config.json + safetensors) or a native checkpoint / run directory."""
-    return HFCheckpoint(path) if is_hf_dir(path) else NativeCheckpoint(path)
+    path = Path(path)
+    hf_like = (path / "config.json").is_file() and not (path / META).is_file()
+    return HFCheckpoint(path) if is_hf_dir(path) or hf_like else NativeCheckpoint(path)
 
 
 def load_source_model(path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -194,30 +197,25 @@ def export_hf(source, out_dir: str | os.PathLike, dtype: torch.dtype | None = No
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not empty; refusing to overwrite it")
-    tmp = out_dir.with_name(f".tmp_{out_dir.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    writer = ShardWriter(tmp, plan_shards(sizes, max_shard_size))
-    bar = _progress(progress, len(layout), "export")
-    for hf_name, parts in layout:
-        pieces = [source.tensor(p) for p in parts]
-        tensor = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-        del pieces
-        writer.add(hf_name, tensor.to(out_dtype[hf_name]))
-        del tensor
-        bar.update()
-    bar.close()
-    writer.write_index()
-    (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-    generation = {"_from_model_config": True, **{k: v for k, v in ids.items() if v is not None}}
-    (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    if tokenizer not in (None, "byte"):
-        copy_tokenizer(tokenizer, tmp)
-        if not (tmp / "tokenizer_config.json").exists():
-            (tmp / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(tmp, ids), indent=2) + "\n")
-    if out_dir.exists():
-        out_dir.rmdir()  # empty, checked above
-    os.replace(tmp, out_dir)
+    with _staging(out_dir) as tmp:
+        writer = ShardWriter(tmp, plan_shards(sizes, max_shard_size))
+        bar = _progress(progress, len(layout), "export")
+        for hf_name, parts in layout:
+            pieces = [source.tensor(p) for p in parts]
+            tensor = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+            del pieces
+            writer.add(hf_name, tensor.to(out_dtype[hf_name]))
+            del tensor
+            bar.update()
+        bar.close()
+        writer.write_index()
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+        generation = {"_from_model_config": True, **{k: v for k, v in ids.items() if v is not None}}
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        if tokenizer not in (None, "byte"):
+            copy_tokenizer(tokenizer, tmp)
+            if not (tmp / "tokenizer_config.json").exists():
+                (tmp / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(tmp, ids), indent=2) + "\n")
     return ExportResult(out_dir, len(writer.plan), writer.total_bytes, writer.peak_bytes,
                         None if tokenizer in (None, "byte") else str(tokenizer))
 
@@ -337,27 +335,24 @@ def write_native_checkpoint(path: str | os.PathLike, source, meta: dict | None =
     tokenizer, ids = resolve_tokenizer(source, tokenizer, None)
     names = source.names()
     placeholders = {n: torch.empty(source.shape(n), dtype=dtype or source.dtype(n), device="meta") for n in names}
-    tmp = path.with_name(f".tmp_{path.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     bar = _progress(progress, len(names), "write")
 
     def produce(name: str) -> torch.Tensor:
         bar.update()
         return source.tensor(name)
 
-    writer = dcp.FileSystemWriter(str(tmp), single_file_per_rank=False)  # one file per tensor
-    dcp.save({"model": placeholders}, storage_writer=writer, planner=_LazySavePlanner(produce))
-    bar.close()
     extra = {"hf_token_ids": {k: v for k, v in ids.items() if v is not None}}
     if tokenizer == "byte":
         extra["tokenizer"] = "byte"
-    elif tokenizer is not None:
-        copy_tokenizer(tokenizer, tmp / TOKENIZER_DIR)
     full_meta = {"step": 0, "tokens": 0, "code_version": code_version(), **extra, **(meta or {}),
                  "model_config": dataclasses.asdict(source.model_config), "weights_only": True}
-    (tmp / META).write_text(json.dumps(full_meta, indent=2))
-    os.replace(tmp, path)
+    with _staging(path) as tmp:
+        writer = dcp.FileSystemWriter(str(tmp), single_file_per_rank=False)  # one file per tensor
+        dcp.save({"model": placeholders}, storage_writer=writer, planner=_LazySavePlanner(produce))
+        bar.close()
+        if tokenizer not in (None, "byte"):
+            copy_tokenizer(tokenizer, tmp / TOKENIZER_DIR)
+        (tmp / META).write_text(json.dumps(full_meta, indent=2))
     return path
 
 
@@ -371,15 +366,34 @@ def model_config_yaml(cfg: ModelConfig, comment: str = "") -> str:
 
 
 def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, dtype: torch.dtype | None = None,
-              name: str | None = None, progress: bool = False) -> Path:
+              name: str | None = None, tokens: int = 0, progress: bool = False) -> Path:
     """A HF Bamba directory as a native weights-only checkpoint, with `model_config.yaml` (usable as a
-    conf/model/ file) and the directory's tokenizer files under `tokenizer/`."""
+    conf/model/ file) and the directory's tokenizer files under `tokenizer/`. `tokens`: how many
+    tokens the model was trained on (meta.json's counter, which a next stage's start_tokens is checked
+    against; Bamba-9B: 2e12)."""
     source = HFCheckpoint(hf_dir, name=name)
-    meta = {"source": {"hf": str(Path(hf_dir).resolve())}}
+    meta = {"tokens": int(tokens), "source": {"hf": str(Path(hf_dir).resolve())}}
     path = write_native_checkpoint(out, source, meta, dtype, progress=progress)
     comment = f"Imported from the Hugging Face directory {Path(hf_dir).resolve()}."
     (path / "model_config.yaml").write_text(model_config_yaml(source.model_config, comment))
     return path
+
+
+@contextlib.contextmanager
+def _staging(final: Path):
+    """A temporary sibling of `final` to write into: renamed to `final` when the block succeeds (an
+    empty `final` folder is replaced), removed when it fails, so no half-written output is left."""
+    tmp = final.with_name(f".tmp_{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        final.rmdir()
+    os.replace(tmp, final)
 
 
 def _progress(enabled: bool, total: int, desc: str):

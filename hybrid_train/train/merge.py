@@ -88,7 +88,7 @@ def load_merge_config(path: str | os.PathLike) -> MergeSpec:
 
     path = Path(path)
     raw = yaml.safe_load(path.read_text()) or {}
-    known = {"models", "merge_method", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source"}
+    known = {"models", "merge_method", "base_model", "parameters", "dtype", "out_dtype"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError(f"{path}: unsupported key(s) {unknown} (slices/layer ranges are not supported; "
