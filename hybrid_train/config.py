@@ -46,6 +46,9 @@ class JobConfig:
         self.data.validate()
         for section in (self.optim, self.schedule, self.logging, self.train, self.checkpoint, self.stage):
             section.validate()
+        if self.stage.needs_init_from and not self.checkpoint.init_from:
+            raise ValueError(f"stage {self.stage.name!r} continues an earlier stage: set checkpoint.init_from "
+                             "(a checkpoint or run directory of that stage, or hf:DIR for a Hugging Face model)")
         if not (self.stage.end_tokens or self.train.max_tokens or self.train.max_steps):
             raise ValueError("no run length: set train.max_tokens, train.max_steps or stage.end_tokens")
         if self.stage.end_tokens and (self.train.max_tokens or self.train.max_steps):

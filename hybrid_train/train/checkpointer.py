@@ -232,20 +232,19 @@ def _check_tensors_match(source: str, saved: dict, model, config_diffs: list[str
 
 
 def _init_from_hf(hf_dir: str, model, model_cfg: ModelConfig) -> None:
-    from hybrid_train.model.hf import load_hf_checkpoint
-
-    hf_cfg, tensors = load_hf_checkpoint(hf_dir)
-    diffs = model_config_differences(dataclasses.asdict(hf_cfg), dataclasses.asdict(model_cfg))
-    state = dict(tensors)
-    _check_tensors_match(f"hf:{hf_dir}", {n: (t.shape, t.dtype) for n, t in state.items()}, model, diffs)
-    set_model_state_dict(model, state, options=_full_state_options())
-    return None
-
-
-def _full_state_options():
+    """Weights from a Hugging Face Bamba directory, read and placed one tensor at a time, so no rank ever
+    holds more than one full tensor of the model beyond its own shard."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(full_state_dict=True)
+    from hybrid_train.model.hf import HFCheckpoint
+
+    hf = HFCheckpoint(hf_dir)
+    diffs = model_config_differences(dataclasses.asdict(hf.model_config), dataclasses.asdict(model_cfg))
+    _check_tensors_match(f"hf:{hf_dir}", {n: (hf.shape(n), hf.dtype(n)) for n in hf.names()}, model, diffs)
+    one_at_a_time = StateDictOptions(full_state_dict=True, strict=False)
+    for name in hf.names():
+        set_model_state_dict(model, {name: hf.tensor(name)}, options=one_at_a_time)
+    return None
 
 
 def _barrier() -> None:

@@ -162,6 +162,8 @@ class StageConfig:
     """Total tokens at which this stage ends (0 = the run length is train.max_tokens / max_steps)."""
     allow_token_mismatch: bool = False
     """Start even if init_from's token counter differs from start_tokens (the counter continues from it)."""
+    needs_init_from: bool = False
+    """The stage continues an earlier one, so checkpoint.init_from must be set."""
 
     def validate(self) -> None:
         if self.start_tokens < 0 or self.end_tokens < 0:
