@@ -100,3 +100,17 @@ def test_default_run_learns(tmp_path):
     assert records[-1]["loss"] < 2.5
     model = load_model(run_dir)
     assert model.cfg.name == "tiny"
+
+
+def test_wandb_offline_keeps_one_run_across_resume(compose, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = tmp_path / "wb"
+    common = SMALL + [f"run.dir={run_dir}", "logging.wandb=true", "logging.wandb_mode=offline"]
+    train(compose(common + ["train.max_steps=2"]))
+    run_id = (run_dir / "wandb_id").read_text().strip()
+    offline = list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
+    train(compose(common + ["train.max_steps=4"]))  # resumes the run directory: same wandb run id
+    assert (run_dir / "wandb_id").read_text().strip() == run_id
+    assert len(list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))) == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -112,7 +113,7 @@ def _start_wandb(cfg: LoggingConfig, run_dir: Path, run_name: str, config_dict: 
 
     # The run id lives in the run directory, so a resumed job continues the same wandb run.
     id_file = run_dir / "wandb_id"
-    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
     id_file.write_text(run_id)
     os.environ.setdefault("WANDB_SILENT", "true")
     return wandb.init(project=cfg.wandb_project, name=run_name, id=run_id, resume="allow", dir=str(run_dir),
