@@ -16,6 +16,13 @@ from hybrid_train.model.config import ATTENTION, ModelConfig
 from hybrid_train.ops import causal_attention, causal_conv1d, gated_rms_norm, ssd_chunk_scan
 
 
+def _local(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The part of a parameter this process holds. Tensor parallelism (applied from outside) makes the
+    Mamba-2 tensors used directly in forward sharded tensors with a `to_local()`; the math below then
+    runs on this rank's heads and groups. Anything else passes through unchanged."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -122,7 +129,7 @@ class Mamba2Mixer(nn.Module):
 
     def _conv(self, name: str, u: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
         conv = self.conv1d[name]
-        return causal_conv1d(u, conv.weight, conv.bias, seq_idx=seq_idx, activation="silu")
+        return causal_conv1d(u, _local(conv.weight), _local(conv.bias), seq_idx=seq_idx, activation="silu")
 
     def forward(self, u: torch.Tensor, position_ids: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
         b, t, _ = u.shape
@@ -134,17 +141,17 @@ class Mamba2Mixer(nn.Module):
         y = ssd_chunk_scan(
             x.view(b, t, -1, self.head_dim),  # (b, t, h, p)
             dt,
-            -torch.exp(self.A_log.float()),
+            -torch.exp(_local(self.A_log).float()),
             B.view(b, t, -1, self.d_state),  # (b, t, g, n)
             C.view(b, t, -1, self.d_state),
             self.chunk_size,
-            D=self.D,
-            dt_bias=self.dt_bias,
+            D=_local(self.D),
+            dt_bias=_local(self.dt_bias),
             dt_softplus=True,
             dt_limit=self.dt_limit,
             seq_idx=seq_idx,
         )
-        y = gated_rms_norm(y.reshape(b, t, -1), z, self.norm.weight, self.norm.eps, self.norm_group_size)
+        y = gated_rms_norm(y.reshape(b, t, -1), z, _local(self.norm.weight), self.norm.eps, self.norm_group_size)
         return self.out_proj(y)
 
     @torch.no_grad()

@@ -1,95 +1,47 @@
-"""Process groups, the device mesh, and parallelisms applied to a built model (the model knows none)."""
+"""Process groups, the device mesh, and parallelisms applied to a built model (the model knows none).
+
+Order (as torchtitan): TP -> activation checkpointing -> torch.compile -> FSDP. TP rewrites the
+modules' parameters and inputs, AC wraps a block's (TP) forward, compile traces that, and FSDP's
+gather/reshard hooks go around the result.
+"""
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-
 import torch
-import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from hybrid_train.parallel.ac import apply_ac
+from hybrid_train.parallel.collectives import (all_reduce_mean, barrier, clip_grad_norm_, destroy, full_tensor,
+                                               sum_over_data_parallel)
+from hybrid_train.parallel.compile import apply_compile
 from hybrid_train.parallel.config import ParallelConfig
+from hybrid_train.parallel.fsdp import apply_fsdp
+from hybrid_train.parallel.init import full_tensor_init
+from hybrid_train.parallel.mesh import Distributed, build_mesh, init_distributed
+from hybrid_train.parallel.tp import apply_tp, loss_parallel_context
 
-__all__ = ["ParallelConfig", "Distributed", "init_distributed", "parallelize", "all_reduce_mean"]
-
-
-@dataclass
-class Distributed:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    mesh: DeviceMesh | None
-    """(dp_replicate, dp_shard) mesh when more than one process, else None."""
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def dp_rank(self) -> int:
-        return self.rank
-
-    @property
-    def dp_size(self) -> int:
-        return self.world_size
-
-
-def init_distributed(cfg: ParallelConfig, device_type: str) -> Distributed:
-    """Join the process group started by torchrun/srun (if any) and build the mesh."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    replicate, shard = cfg.resolve(world)
-    if device_type == "cuda":
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    if world == 1:
-        return Distributed(rank, world, local_rank, device, None)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    mesh = init_device_mesh(device_type, (replicate, shard), mesh_dim_names=("dp_replicate", "dp_shard"))
-    return Distributed(rank, world, local_rank, device, mesh)
+__all__ = ["ParallelConfig", "Distributed", "init_distributed", "build_mesh", "parallelize", "full_tensor_init",
+           "clip_grad_norm_", "all_reduce_mean", "full_tensor", "loss_context", "loss_parallel_context", "barrier",
+           "destroy", "sum_over_data_parallel"]
 
 
 def parallelize(model: torch.nn.Module, env: Distributed, param_dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """FSDP2 (HSDP when dp_replicate > 1): each block, the embedding, [final norm + head], then the root.
+    """Apply env.cfg's layout and knobs to a built HybridLM (on meta or materialized), in place.
 
-    param_dtype: the dtype parameters are gathered in for compute (e.g. bf16); reductions stay fp32.
+    param_dtype: the dtype FSDP gathers parameters in for compute (e.g. bf16); gradients are reduced
+    in parallel.reduce_dtype. A single process gets only activation checkpointing and compile.
     """
-    if env.mesh is None:
-        return model
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    mesh = env.mesh if env.mesh["dp_replicate"].size() > 1 else env.mesh["dp_shard"]
-    for block in model.layers.values():
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    if not model.cfg.tie_embeddings:
-        # A tied matrix must live in one FSDP group: leave embedding and head to the root.
-        fully_shard(model.embed, mesh=mesh, mp_policy=mp)
-        fully_shard([model.norm, model.lm_head], mesh=mesh, mp_policy=mp, reshard_after_forward=False)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+    cfg = env.cfg
+    cfg.check_model(model.cfg)
+    if env.tp_mesh is not None:
+        apply_tp(model, env.tp_mesh, cfg.sequence_parallel, cfg.loss_parallel)
+    apply_ac(model, cfg.activation_checkpoint, cfg.ac_every_n_blocks)
+    if cfg.compile:
+        apply_compile(model, cfg.compile_backend)
+    if env.dp_mesh is not None:
+        apply_fsdp(model, env.dp_mesh, param_dtype, getattr(torch, cfg.reduce_dtype), cfg.reshard_after_forward)
     return model
 
 
-def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
-    """Mean of a tensor over all ranks (identity in a single process)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= dist.get_world_size()
-    return value
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def destroy() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def loss_context(env: Distributed):
+    """Where the loss and its backward must run: vocabulary-parallel when parallel.loss_parallel."""
+    return loss_parallel_context(env.tp_mesh is not None and env.cfg.loss_parallel)

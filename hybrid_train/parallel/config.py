@@ -1,8 +1,13 @@
-"""Configuration of the parallel layout."""
+"""Configuration of the parallel layout and of the memory/speed knobs applied with it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from hybrid_train.model.config import ATTENTION, MAMBA, ModelConfig
+
+AC_MODES = ("none", "full", "selective")
+REDUCE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass
@@ -11,20 +16,79 @@ class ParallelConfig:
     """Replicas of the sharded model (HSDP: replicate across nodes); -1 = what remains of the world."""
     dp_shard: int = -1
     """FSDP shard group size; -1 = what remains of the world."""
+    tp: int = 1
+    """Tensor-parallel degree (keep it within a node); divides attention/KV heads, Mamba-2 heads and groups."""
+    sequence_parallel: bool = True
+    """With tp > 1: norms and the residual stream hold 1/tp of the sequence (less activation memory)."""
+    loss_parallel: bool = False
+    """With tp > 1: logits stay sharded over the vocabulary; loss and backward run under `loss_context(env)`."""
+    reshard_after_forward: bool = True
+    """FSDP: free each block's gathered parameters after its forward (gather again for backward)."""
+    reduce_dtype: str = "float32"
+    """FSDP: dtype of gradient reductions, float32 or bfloat16."""
+    activation_checkpoint: str = "none"
+    """Recompute activations in backward: none, full (every block) or selective."""
+    ac_every_n_blocks: int = 0
+    """selective: checkpoint every n-th block whole; 0 = every block, saving matmul and collective outputs."""
+    compile: bool = False
+    """torch.compile each block (after TP and activation checkpointing, before FSDP)."""
+    compile_backend: str = "inductor"
+    """torch.compile backend (inductor; aot_eager or eager to debug)."""
 
-    def resolve(self, world_size: int) -> tuple[int, int]:
-        """(dp_replicate, dp_shard) for this world size; raises ValueError naming the sizes."""
-        rep, shard = self.dp_replicate, self.dp_shard
-        if rep == 0 or shard == 0 or rep < -1 or shard < -1:
-            raise ValueError(f"parallel.dp_replicate={rep} and parallel.dp_shard={shard} must be positive or -1")
-        if rep == -1 and shard == -1:
+    def validate(self) -> "ParallelConfig":
+        """Field checks that need no world size; raises ValueError naming the field and value."""
+        for key in ("dp_replicate", "dp_shard"):
+            value = getattr(self, key)
+            if value == 0 or value < -1:
+                raise ValueError(f"parallel.{key}={value} must be positive or -1")
+        if self.dp_replicate == -1 and self.dp_shard == -1:
             raise ValueError("only one of parallel.dp_replicate and parallel.dp_shard may be -1")
-        known = (rep if rep > 0 else 1) * (shard if shard > 0 else 1)
+        if self.tp < 1:
+            raise ValueError(f"parallel.tp={self.tp} must be >= 1")
+        if self.reduce_dtype not in REDUCE_DTYPES:
+            raise ValueError(f"parallel.reduce_dtype={self.reduce_dtype!r} must be one of {', '.join(REDUCE_DTYPES)}")
+        if self.activation_checkpoint not in AC_MODES:
+            raise ValueError(f"parallel.activation_checkpoint={self.activation_checkpoint!r} must be one of "
+                             f"{', '.join(AC_MODES)}")
+        if self.ac_every_n_blocks < 0:
+            raise ValueError(f"parallel.ac_every_n_blocks={self.ac_every_n_blocks} must be >= 0")
+        if self.loss_parallel and self.tp == 1:
+            raise ValueError("parallel.loss_parallel=true needs parallel.tp > 1 (the vocabulary is sharded over TP)")
+        return self
+
+    def resolve(self, world_size: int) -> tuple[int, int, int]:
+        """(dp_replicate, dp_shard, tp) for this world size; raises ValueError naming the sizes."""
+        self.validate()
+        rep, shard, tp = self.dp_replicate, self.dp_shard, self.tp
+        known = (rep if rep > 0 else 1) * (shard if shard > 0 else 1) * tp
         if world_size % known:
-            raise ValueError(f"world size {world_size} is not divisible by parallel.dp_replicate x parallel.dp_shard "
-                             f"= {known}")
+            raise ValueError(f"world size {world_size} is not divisible by parallel.dp_replicate={rep} x "
+                             f"parallel.dp_shard={shard} x parallel.tp={tp} (the sizes that are not -1)")
         rep = rep if rep > 0 else world_size // known
         shard = shard if shard > 0 else world_size // known
-        if rep * shard != world_size:
-            raise ValueError(f"parallel.dp_replicate={rep} x parallel.dp_shard={shard} != world size {world_size}")
-        return rep, shard
+        if rep * shard * tp != world_size:
+            raise ValueError(f"parallel.dp_replicate={rep} x parallel.dp_shard={shard} x parallel.tp={tp} "
+                             f"= {rep * shard * tp} != world size {world_size}")
+        return rep, shard, tp
+
+    def check_model(self, model_cfg: ModelConfig, seq_len: int | None = None) -> None:
+        """TP splits whole heads and groups: each count it splits must be divisible by parallel.tp."""
+        tp = self.tp
+        if tp == 1:
+            return
+        types = model_cfg.layer_types
+        counts = []
+        if ATTENTION in types:
+            counts += [("model.n_heads", model_cfg.n_heads), ("model.n_kv_heads", model_cfg.n_kv_heads)]
+        if MAMBA in types:
+            # The gated norm is per group, so whole groups per rank keep it free of communication.
+            counts += [("Mamba-2 heads (d_inner / model.ssm_head_dim)", model_cfg.ssm_n_heads),
+                       ("model.ssm_n_groups", model_cfg.ssm_n_groups)]
+        if model_cfg.mlp_hidden:
+            counts.append(("model.mlp_hidden", model_cfg.mlp_hidden))
+        bad = [f"{name}={count}" for name, count in counts if count % tp]
+        if bad:
+            raise ValueError(f"parallel.tp={tp} must divide {', '.join(bad)}")
+        if self.sequence_parallel and seq_len is not None and seq_len % tp:
+            raise ValueError(f"parallel.sequence_parallel splits the sequence: train.seq_len={seq_len} is not "
+                             f"divisible by parallel.tp={tp}")

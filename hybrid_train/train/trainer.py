@@ -13,7 +13,8 @@ import torch
 from hybrid_train.config import JobConfig, to_yaml
 from hybrid_train.data import build_data_loader, build_tokenizer
 from hybrid_train.model import build_model, count_params, flops_per_token
-from hybrid_train.parallel import all_reduce_mean, barrier, destroy, init_distributed, parallelize
+from hybrid_train.parallel import (all_reduce_mean, barrier, clip_grad_norm_, destroy, full_tensor, full_tensor_init,
+                                   init_distributed, loss_context, parallelize, sum_over_data_parallel)
 from hybrid_train.train.checkpoint import read_meta
 from hybrid_train.train.checkpointer import Checkpointer, TrainState
 from hybrid_train.train.loss import lm_loss
@@ -84,7 +85,7 @@ def train(job: JobConfig) -> TrainResult:
     """Run a training job (or stage) to its end, resuming it if its run directory has a checkpoint."""
     # 1. Processes, device, run directory.
     device_type, autocast_dtype = resolve_device(job)
-    env = init_distributed(job.parallel, device_type)
+    env = init_distributed(job.parallel, device_type, job.model, job.train.seq_len)
     run_dir = Path(job.run.dir)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -107,7 +108,8 @@ def train(job: JobConfig) -> TrainResult:
     model.to_empty(device=env.device)
     model.tie_weights()
     torch.manual_seed(job.train.seed)
-    model.init_weights()
+    with full_tensor_init():  # the single-process values under every layout
+        model.init_weights()
     model.train()
     optimizer = build_optimizer(model, job.optim)
 
@@ -148,10 +150,11 @@ def train(job: JobConfig) -> TrainResult:
                 batch = {k: v.to(env.device, non_blocking=True) for k, v in next(loader).items()}
                 with autocast:
                     logits = model(batch["input_ids"], batch["position_ids"], batch["seq_idx"])
-                loss, ce = lm_loss(logits, batch["labels"], job.train.z_loss)
-                (loss / plan.grad_accum).backward()
-                loss_sum += ce / plan.grad_accum
-            grad_norm = _clip_grad_norm(model, job.train.grad_clip)
+                with loss_context(env):  # vocabulary-parallel cross entropy when parallel.loss_parallel
+                    loss, ce = lm_loss(logits, batch["labels"], job.train.z_loss)
+                    (loss / plan.grad_accum).backward()
+                loss_sum += full_tensor(ce) / plan.grad_accum
+            grad_norm = clip_grad_norm_(model.parameters(), job.train.grad_clip)
             loss_value = all_reduce_mean(loss_sum).item()
             if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
                 raise NonFiniteLossError(
@@ -169,7 +172,7 @@ def train(job: JobConfig) -> TrainResult:
             last = state.step == plan.total_steps
             stopped = not last and stop.should_stop()
             if state.step % job.logging.log_every == 0 or last or stopped:
-                state.source_tokens = _global_source_tokens(loader.source_tokens, env.device)
+                state.source_tokens = _global_source_tokens(loader.source_tokens, env)
                 rate = logger.throughput(state.stage_tokens)
                 per_device = rate / env.world_size
                 logger.log({
@@ -182,7 +185,7 @@ def train(job: JobConfig) -> TrainResult:
                     "source_tokens": state.source_tokens,
                 })
             if last or stopped or checkpointer.due(state, plan.tokens_per_step):
-                state.source_tokens = _global_source_tokens(loader.source_tokens, env.device)
+                state.source_tokens = _global_source_tokens(loader.source_tokens, env)
                 path = checkpointer.save(state, model, optimizer, scheduler, loader, final=last or stopped)
                 logger.info(f"saved checkpoint {path}")
                 logger.start_window(state.stage_tokens)  # keep checkpoint time out of throughput
@@ -225,22 +228,9 @@ def start_state(job: JobConfig, checkpointer: Checkpointer, model, optimizer) ->
     return TrainState(total_tokens=total, stage=stage.name), None
 
 
-def _clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
-    """Global gradient norm (across shards), clipped to max_norm when max_norm > 0."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    if hasattr(norm, "full_tensor"):  # DTensor under FSDP
-        norm = norm.full_tensor()
-    return norm.item()
-
-
-def _global_source_tokens(local: dict[str, int], device: torch.device) -> dict[str, int]:
+def _global_source_tokens(local: dict[str, int], env) -> dict[str, int]:
     """Per-source token counts summed over data-parallel ranks."""
-    import torch.distributed as dist
-
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return dict(local)
     names = sorted(local)
-    counts = torch.tensor([local[n] for n in names], dtype=torch.float64, device=device)
-    dist.all_reduce(counts)
+    counts = torch.tensor([local[n] for n in names], dtype=torch.float64, device=env.device)
+    counts = sum_over_data_parallel(counts, env.tp_size)
     return {n: int(c) for n, c in zip(names, counts.tolist())}

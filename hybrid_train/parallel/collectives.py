@@ -1,0 +1,74 @@
+"""Reductions the training loop needs, correct for any layout (and plain in a single process)."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+
+def full_tensor(value: torch.Tensor) -> torch.Tensor:
+    """The whole value as a plain tensor: a DTensor gathered (a loss computed under loss parallelism is
+    a DTensor replicated over TP, which plain tensors cannot be added to), anything else unchanged."""
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    """Mean of a tensor over all ranks (identity in a single process)."""
+    value = full_tensor(value)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= dist.get_world_size()
+    return value
+
+
+def sum_over_data_parallel(value: torch.Tensor, tp_size: int) -> torch.Tensor:
+    """Sum of a per-replica count (tokens read, per source) over the data-parallel ranks. The TP ranks of
+    one replica read the same data and hold the same count, so the sum over all ranks is tp_size times it."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= tp_size
+    return value
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> float:
+    """Clip gradients to a global L2 norm of max_norm (0 = only measure); returns the norm before.
+
+    The norm is over the whole model whatever the layout: for a DTensor gradient, the sharded dims
+    (FSDP, TP) contribute every shard once and the replicated dims (HSDP replicas, TP-replicated
+    norms) once in total. Gradients are grouped by mesh, since a norm can only combine DTensors of
+    one mesh."""
+    groups: dict[object, list[torch.Tensor]] = defaultdict(list)
+    for p in parameters:
+        if p.grad is not None:
+            groups[p.grad.device_mesh if isinstance(p.grad, DTensor) else None].append(p.grad)
+    if not groups:
+        return 0.0
+    squares = []
+    for grads in groups.values():
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm).float().square())
+    total = math.sqrt(sum(float(s) for s in squares))
+    if max_norm > 0:
+        coef = max_norm / (total + 1e-6)  # as torch.nn.utils.clip_grad_norm_
+        if coef < 1.0:
+            for grads in groups.values():
+                torch._foreach_mul_(grads, coef)
+    return total
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,26 @@
+"""FSDP2 (HSDP over a 2-D data-parallel mesh): one group per block, the embedding, and [norm + head]."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+
+def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype | None, reduce_dtype: torch.dtype,
+               reshard_after_forward: bool) -> None:
+    """Shard `model` (a HybridLM, after TP / AC / compile) over `dp_mesh` in place.
+
+    Parameters that are already TP DTensors get sharded over both meshes. param_dtype: the dtype
+    parameters are gathered in for compute (e.g. bf16); gradients are reduced in reduce_dtype.
+    """
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    for block in model.layers.values():
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    if not model.cfg.tie_embeddings:
+        # A tied matrix must live in one FSDP group: leave embedding and head to the root.
+        fully_shard(model.embed, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+        # Backward starts with the head right after forward: keeping it gathered saves an all-gather.
+        fully_shard([model.norm, model.lm_head], mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
