@@ -168,3 +168,27 @@ def test_sigkill_during_save_leaves_previous_checkpoint_loadable(tmp_path):
 
     model = load_model(run_dir)
     assert torch.isfinite(model(torch.randint(0, 258, (1, 8)))).all()
+
+
+@pytest.mark.slow
+def test_resume_on_a_different_world_size(tmp_path):
+    """Saved by 2 FSDP processes, resumed by 1: model, optimizer and data position are resharded."""
+    run_dir = tmp_path / "rescale"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = SMALL + ["train.max_steps=6", "checkpoint.interval_steps=3", f"run.dir={run_dir}"]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "train.py", *args[:-2], "train.max_steps=3", f"run.dir={run_dir}"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    first = losses(run_dir)
+    assert [s for s, _ in first] == [1, 2, 3]
+    # The same run, now 6 steps long, continued by a single process.
+    one = subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "resumed from" in one.stdout + one.stderr
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    # Two ranks made 3 steps of 2 x 64 tokens; one rank then adds 3 steps of 64.
+    assert records[2]["tokens"] == 3 * 128 and records[-1]["tokens"] == 3 * 128 + 3 * 64
+    assert sum(records[-1]["source_tokens"].values()) == records[-1]["tokens"]

@@ -1,16 +1,17 @@
-"""Data pipeline: packing against a slow reference, mixing shares, every shard format, rank splits,
-state round-trips, bad input, and the bundled sample through its YAML."""
+"""Data pipeline: packing against a slow reference, mixing shares, every shard format, bad input, and
+the bundled sample through its YAML. Resume and rescale: test_data_resume.py; token files:
+test_data_tokens.py; the shipped mixtures: test_data_configs.py."""
 
 from __future__ import annotations
 
 import gzip
-import io
 import itertools
 import json
 import random
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -21,14 +22,17 @@ from omegaconf import OmegaConf
 from hybrid_train.data import (
     ByteTokenizer,
     DataConfig,
+    DataExhausted,
     HFTokenizer,
     SourceConfig,
     build_data_loader,
     build_tokenizer,
 )
+from hybrid_train.data.formats import resolve_paths
 from hybrid_train.data.mixture import Mixture
-from hybrid_train.data.packing import Packer
-from hybrid_train.data.sources import DocumentSource, resolve_paths
+from hybrid_train.data.packing import DocumentFeed, Packer
+from hybrid_train.data.positions import Cursor
+from hybrid_train.data.sources import SourceStream
 
 REPO = Path(__file__).resolve().parents[1]
 FORMATS = ["jsonl", "jsonl.zst", "json.zst", "json.gz", "parquet"]
@@ -74,13 +78,26 @@ def expected(docs: list[dict]) -> dict[str, str]:
     return {d["id"]: d["text"] for d in docs if d["text"]}
 
 
-def one_epoch(source: DocumentSource) -> list[tuple[str, str]]:
-    """The documents a source serves in its first epoch."""
+def stream(files, slot: int = 0, num_slots: int = 1, *, seed: int = 0, window: int = 4, text_field: str = "text",
+           on_error: str = "skip", max_epochs=None) -> SourceStream:
+    """One slot's document stream of a source over `files`, byte-tokenized."""
+    cfg = SourceConfig(paths=["unused"], text_field=text_field, max_epochs=max_epochs)
+    return SourceStream("doc", cfg, [str(f) for f in files], ByteTokenizer(), window=window, seed=seed,
+                        on_error=on_error, cursor=Cursor.stripe(slot, num_slots))
+
+
+def text(doc) -> str:
+    return bytes(doc.ids.tolist()).decode()
+
+
+def one_epoch(source: SourceStream) -> list[tuple[str, str]]:
+    """(key, text) of the documents a slot serves in epoch 0, in order."""
+    source.cfg.max_epochs = 1  # the helper's own config: stop where epoch 1 would begin
     out = []
-    for key, text in source:
-        if source.epoch > 0:
-            break
-        out.append((key, text))
+    with pytest.raises(DataExhausted):
+        while True:
+            doc = source.next()
+            out.append((doc.key, text(doc)))
     return out
 
 
@@ -195,39 +212,39 @@ def test_packing_matches_slow_reference(add_bos):
     docs = [packer.frame(ids) for ids in raw]
     assert all(d[-1] == 257 and (d[0] == 256) == add_bos for d in docs)
     reference = slow_rows(docs, seq_len)
-    pull = iter([("s", d) for d in docs]).__next__
-    batches = [packer.next_batch(4, pull) for _ in range(len(reference) // 4)]
+    feed = DocumentFeed(iter([("s", d, i) for i, d in enumerate(docs)]).__next__)
+    batches = [packer.next_batch(4, feed) for _ in range(len(reference) // 4)]
     rows = reference[: 4 * len(batches)]
 
-    tokens = torch.cat([torch.cat([b["input_ids"], b["labels"][:, -1:]], 1) for b in batches])
+    tokens = np.concatenate([b["tokens"] for b in batches])
     stream = list(itertools.chain.from_iterable(docs))
-    assert tokens.flatten().tolist() == stream[: tokens.numel()], "rows must reconstruct the stream"
+    assert tokens.flatten().tolist() == stream[: tokens.size], "rows must reconstruct the stream"
     for b in batches:
-        assert b["input_ids"].shape == (4, seq_len) and b["input_ids"].dtype == torch.int64
-        assert b["position_ids"].dtype == torch.int64 and b["seq_idx"].dtype == torch.int32
-        assert torch.equal(b["labels"][:, :-1], b["input_ids"][:, 1:])
-    got = [(t.tolist(), p.tolist(), s.tolist()) for b in batches for t, p, s in
-           zip(torch.cat([b["input_ids"], b["labels"][:, -1:]], 1), b["position_ids"], b["seq_idx"])]
-    for (t, p, s), (rt, rp, rs) in zip(got, rows):
-        assert t == rt and p == rp[:-1] and s == rs[:-1]
-    assert packer.tokens["s"] == sum(b["input_ids"].numel() for b in batches)  # input positions only
+        assert b["tokens"].shape == (4, seq_len + 1) and b["tokens"].dtype == np.int64
+        assert b["positions"].dtype == np.int64 and b["seq_idx"].dtype == np.int32
+    got = [(t.tolist(), p.tolist(), s.tolist()) for b in batches
+           for t, p, s in zip(b["tokens"], b["positions"], b["seq_idx"])]
+    assert got == rows
+    assert packer.tokens["s"] == 4 * seq_len * len(batches)  # input positions only
+    assert packer.started == list(range(len(packer.started))), "documents log in stream order"
 
 
 def test_packing_state_round_trip():
     rng = random.Random(1)
     docs = [Packer(8, eos_id=9).frame([rng.randrange(9) for _ in range(rng.randint(1, 30))]) for _ in range(200)]
 
-    def run(packer, pull, n):
-        return [packer.next_batch(2, pull) for _ in range(n)]
+    def run(packer, feed, n):
+        return [packer.next_batch(2, feed) for _ in range(n)]
 
-    full = run(Packer(8, eos_id=9), iter([("s", d) for d in docs]).__next__, 10)
-    it = iter([("s", d) for d in docs])
-    first = Packer(8, eos_id=9)
-    run(first, it.__next__, 4)
-    resumed = Packer(8, eos_id=9)
+    full = run(Packer(8, eos_id=9), DocumentFeed(iter([("s", d, None) for d in docs]).__next__), 10)
+    it = iter([("s", d, None) for d in docs])
+    first, feed = Packer(8, eos_id=9), DocumentFeed(it.__next__)
+    run(first, feed, 4)
+    resumed, resumed_feed = Packer(8, eos_id=9), DocumentFeed(it.__next__)
     resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))  # plain data only
-    for a, b in zip(full[4:], run(resumed, it.__next__, 6)):
-        assert all(torch.equal(a[k], b[k]) for k in a)
+    resumed_feed.load_state_dict(json.loads(json.dumps(feed.state_dict())))
+    for a, b in zip(full[4:], run(resumed, resumed_feed, 6)):
+        assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -240,6 +257,7 @@ def test_mixture_token_shares_track_targets():
     lengths = {"web": (50, 3000), "code": (200, 8000), "math": (10, 500)}
     mix = Mixture(weights)
     assert mix.pick() == "code", "all deficits are 0 at the start: the first name in sorted order"
+    assert mix.pick(["web", "math"]) == "math", "only the candidates compete"
     while sum(mix.tokens.values()) < 3_000_000:
         name = mix.pick()
         mix.add(name, rng.randint(*lengths[name]))
@@ -267,41 +285,51 @@ def test_every_format_reads_the_same_documents(tmp_path, fmt):
     write_shards(tmp_path, fmt, docs)
     files = resolve_paths("doc", [f"*.{fmt}"], str(tmp_path))
     assert len(files) == 3
-    got = one_epoch(DocumentSource("doc", files))
+    got = one_epoch(stream(files, window=8))
     assert len(got) == len(expected(docs)) and dict(got) == expected(docs)
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_ranks_split_an_epoch_disjointly_and_completely(tmp_path, world_size):
-    docs = make_docs("doc", 61)
-    # Mixed formats and uneven shard sizes: the split must not depend on either.
-    write_shards(tmp_path / "a", "jsonl.zst", docs[:25], num_shards=2)
-    write_shards(tmp_path / "b", "parquet", docs[25:50], num_shards=3)
-    write_shards(tmp_path / "c", "json.gz", docs[50:], num_shards=1)
-    files = resolve_paths("doc", ["a/*", "b/*", "c/*"], str(tmp_path))
-    served = [
-        [key for key, _ in one_epoch(DocumentSource("doc", files, rank=r, world_size=world_size, seed=3))]
-        for r in range(world_size)
-    ]
-    everything = list(itertools.chain.from_iterable(served))
-    assert len(everything) == len(set(everything)), "ranks overlap"
-    assert set(everything) == set(expected(docs)), "ranks miss documents"
-    assert max(map(len, served)) - min(map(len, served)) <= 6, "striping should balance ranks"
+def test_window_shuffles_within_blocks_and_epochs_reshuffle(tmp_path):
+    docs = make_docs("doc", 200, max_words=3)
+    write_shards(tmp_path, "jsonl", docs, num_shards=1)
+    files = [tmp_path / "part-00000.jsonl"]
+    ordered = [k for k, _ in one_epoch(stream(files, window=1))]
+    assert ordered == list(expected(docs)), "window 1 keeps the file order"
+    source = stream(files, window=16, seed=1)
+    served = [source.next() for _ in range(2 * len(ordered))]
+    first = [d.key for d in served if d.epoch == 0]
+    second = [d.key for d in served if d.epoch == 1]
+    index = {k: i for i, k in enumerate(ordered)}
+    assert first != ordered and sorted(first) == sorted(ordered)
+    # Position p holds a record of the same block of 16 records (empty ones shift both sides alike).
+    assert all(abs(index[k] - p) < 16 for p, k in enumerate(first))
+    assert sorted(second) == sorted(first) and second != first, "each epoch is shuffled anew"
 
 
 @pytest.mark.parametrize("fmt", ["jsonl.zst", "parquet"])
 def test_source_resumes_mid_file_and_across_epochs(tmp_path, fmt):
     write_shards(tmp_path, fmt, make_docs("doc", 30))
     files = resolve_paths("doc", [f"*.{fmt}"], str(tmp_path))
-    full = DocumentSource("doc", files, rank=1, world_size=2, seed=5)
-    reference = [next(full) for _ in range(40)]  # ~3 epochs of this rank's 13 documents
+    full = stream(files, 1, 2, seed=5)
+    reference = [full.next() for _ in range(40)]  # ~3 epochs of this slot's 13 documents
     for k in (0, 5, 13, 27):
-        first = DocumentSource("doc", files, rank=1, world_size=2, seed=5)
-        head = [next(first) for _ in range(k)]
-        resumed = DocumentSource("doc", files, rank=1, world_size=2, seed=5)
-        resumed.load_state_dict(first.state_dict())
-        assert head + [next(resumed) for _ in range(40 - k)] == reference
-    assert full.epoch >= 2 and reference[:13] != reference[13:26], "shard order reshuffles per epoch"
+        first = stream(files, 1, 2, seed=5)
+        head = [first.next() for _ in range(k)]
+        resumed = stream(files, 1, 2, seed=5)
+        resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))  # plain data only
+        got = head + [resumed.next() for _ in range(40 - k)]
+        assert [(d.key, d.epoch, d.ids.tolist()) for d in got] == [(d.key, d.epoch, d.ids.tolist()) for d in reference]
+    assert reference[-1].epoch >= 2
+
+
+def test_max_epochs_stops_with_a_clear_message(tmp_path):
+    write_shards(tmp_path, "jsonl", make_docs("doc", 10), num_shards=2)
+    source = stream(sorted(tmp_path.glob("*.jsonl")), max_epochs=2)
+    keys = []
+    with pytest.raises(DataExhausted, match=r"source 'doc' has served its 2 epoch\(s\).*max_epochs"):
+        while True:
+            keys.append(source.next().key)
+    assert sorted(keys) == sorted(list(expected(make_docs("doc", 10))) * 2)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -310,39 +338,6 @@ def test_source_resumes_mid_file_and_across_epochs(tmp_path, fmt):
 
 def take(loader, n):
     return [next(loader) for _ in range(n)]
-
-
-@pytest.mark.parametrize("dp_rank, dp_size", [(0, 1), (1, 2)])
-def test_loader_state_round_trip(tmp_path, dp_rank, dp_size):
-    cfg = two_source_config(tmp_path)
-    tok = ByteTokenizer()
-    kwargs = dict(seq_len=32, batch_size=3, dp_rank=dp_rank, dp_size=dp_size, seed=7)
-    full = build_data_loader(cfg, tok, **kwargs)
-    reference = take(full, 30)  # several epochs of both sources
-
-    first = build_data_loader(cfg, tok, **kwargs)
-    take(first, 17)
-    buffer = io.BytesIO()
-    torch.save(first.state_dict(), buffer)  # what the checkpointer does with it
-    buffer.seek(0)
-    resumed = build_data_loader(cfg, tok, **kwargs)
-    resumed.load_state_dict(torch.load(buffer))
-    for a, b in zip(reference[17:], take(resumed, 13)):
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert resumed.source_tokens == full.source_tokens
-    assert resumed.source_documents == full.source_documents
-    assert sum(full.source_tokens.values()) == 30 * 3 * 32  # input positions (seq_len 32)
-
-
-def test_loader_refuses_a_foreign_state(tmp_path):
-    cfg = two_source_config(tmp_path)
-    tok = ByteTokenizer()
-    state = build_data_loader(cfg, tok, 32, 2, dp_rank=0, dp_size=2, seed=0).state_dict()
-    with pytest.raises(ValueError, match="rank 0 of 2"):
-        build_data_loader(cfg, tok, 32, 2, dp_rank=0, dp_size=4, seed=0).load_state_dict(state)
-    cfg.sources["web"].weight = 0.5
-    with pytest.raises(ValueError, match="different sources, weights"):
-        build_data_loader(cfg, tok, 32, 2, dp_rank=0, dp_size=2, seed=0).load_state_dict(state)
 
 
 def test_loader_rejects_ids_outside_the_vocab(tmp_path):
@@ -367,26 +362,42 @@ def test_glob_matching_nothing_names_source_and_pattern(tmp_path):
 
 def test_missing_text_field_names_field_and_file(tmp_path):
     write_shards(tmp_path, "jsonl", make_docs("doc", 10), num_shards=1)
-    source = DocumentSource("doc", [str(tmp_path / "part-00000.jsonl")], text_field="content")
-    with pytest.raises(ValueError, match=r"part-00000\.jsonl: line 1 has no field 'content'"):
-        next(source)
+    with pytest.raises(ValueError, match=r"part-00000\.jsonl: line \d+ has no field 'content'"):
+        stream([tmp_path / "part-00000.jsonl"], text_field="content").next()
     write_shards(tmp_path, "parquet", make_docs("doc", 10), num_shards=1)
-    source = DocumentSource("doc", [str(tmp_path / "part-00000.parquet")], text_field="content")
     with pytest.raises(ValueError, match=r"part-00000\.parquet: no column 'content'"):
-        next(source)
+        stream([tmp_path / "part-00000.parquet"], text_field="content").next()
 
 
-def test_corrupt_line_is_skipped_with_a_warning(tmp_path):
+def test_a_source_of_empty_documents_stops(tmp_path):
+    docs = [{"id": f"e{i}", "text": " " * (i % 3)} for i in range(9)]
+    write_shards(tmp_path, "jsonl", docs, num_shards=2)
+    with pytest.raises(ValueError, match="source 'doc': no document in two whole epochs"):
+        stream(sorted(tmp_path.glob("*.jsonl"))).next()
+
+
+def _corrupt_shard(tmp_path) -> tuple[Path, list[dict]]:
     docs = make_docs("doc", 6)
     lines = [json.dumps(d) for d in docs]
     lines[2] = '{"id": "doc-0002", "text": "cut off'  # a malformed line
     path = tmp_path / "part-00000.jsonl.zst"
     path.write_bytes(zstandard.ZstdCompressor().compress(("\n".join(lines) + "\n").encode()))
-    source = DocumentSource("doc", [str(path)])
+    return path, docs
+
+
+def test_corrupt_line_is_skipped_with_a_warning(tmp_path):
+    path, docs = _corrupt_shard(tmp_path)
+    source = stream([path])
     with pytest.warns(RuntimeWarning, match=r"part-00000\.jsonl\.zst: line 3: malformed JSON"):
         got = one_epoch(source)
     assert dict(got) == {k: v for k, v in expected(docs).items() if k != "doc-0002"}
-    assert source.state_dict()["skipped_records"] == 1
+    assert source.state_dict()["skipped"] == 1
+
+
+def test_on_error_raise_names_file_and_line(tmp_path):
+    path, _ = _corrupt_shard(tmp_path)
+    with pytest.raises(ValueError, match=r"part-00000\.jsonl\.zst: line 3: malformed JSON.*on_error=raise"):
+        one_epoch(stream([path], on_error="raise"))
 
 
 @pytest.mark.parametrize("fmt", ["jsonl.zst", "json.gz"])
@@ -396,12 +407,24 @@ def test_truncated_stream_skips_the_rest_of_the_file(tmp_path, fmt):
     intact, cut = (compress("".join(json.dumps(d) + "\n" for d in part).encode()) for part in (docs[:10], docs[10:]))
     path = tmp_path / f"part-00000.{fmt}"
     path.write_bytes(intact + cut[: len(cut) // 2])  # a complete frame, then a download cut short
-    source = DocumentSource("doc", [str(path)])
+    source = stream([path])
     with pytest.warns(RuntimeWarning, match=r"part-00000\.json.*: line 1\d: damaged compressed stream"):
         got = dict(one_epoch(source))
     # gzip streams out the cut member's complete lines; zstd stops at the last complete block.
     assert expected(docs[:10]).items() <= got.items() <= expected(docs).items()
-    assert source.skipped_records == 1
+    assert source.skipped_seen == 1
+    with pytest.raises(ValueError, match=r"damaged compressed stream.*on_error=raise"):
+        one_epoch(stream([path], on_error="raise"))
+
+
+def test_loader_counts_skipped_records(tmp_path):
+    path, _ = _corrupt_shard(tmp_path)
+    cfg = DataConfig(root=str(tmp_path), sources={"doc": SourceConfig(paths=["*.zst"])}, shuffle_window=2)
+    loader = build_data_loader(cfg, ByteTokenizer(), 16, 2, 0, 1, 0)
+    with pytest.warns(RuntimeWarning, match="malformed JSON"):
+        take(loader, 40)  # a few epochs of the 4 good documents
+    assert loader.skipped_records["doc"] >= 2 and loader.state_dict()["slots"][0]["sources"]["doc"]["skipped"] >= 2
+    assert loader.source_epochs["doc"] >= 2
 
 
 # ---------------------------------------------------------------------------------------------------

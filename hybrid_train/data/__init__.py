@@ -5,6 +5,8 @@ No torch.distributed here: the data-parallel rank and world size are plain ints 
 
 from .config import DataConfig, SourceConfig
 from .loader import PackedDataLoader, build_data_loader
+from .sources import DataExhausted
+from .state import merge_rank_states
 from .tokenizer import ByteTokenizer, HFTokenizer, build_tokenizer
 
 __all__ = [
@@ -12,6 +14,8 @@ __all__ = [
     "SourceConfig",
     "PackedDataLoader",
     "build_data_loader",
+    "merge_rank_states",
+    "DataExhausted",
     "ByteTokenizer",
     "HFTokenizer",
     "build_tokenizer",

@@ -1,294 +1,287 @@
-"""Streaming documents out of shard files, one data-parallel rank's share, resumable.
+"""One slot's stream of tokenized documents from one source, epoch after epoch, resumable.
 
-Shards are the corpora's own files: JSON lines (plain, zstd as in Olmo-Mix and Nemotron-CC, gzip as
-in Dolma) or parquet (HF datasets). Nothing is pre-tokenized or indexed, so a new corpus is a glob.
+Epoch e visits the source's files in an order shuffled with (seed, source, e), records in file order.
+Its positions come in blocks of `shuffle_window`: position b*w + i holds record b*w + perm(i), perm a
+permutation of range(w) seeded with (seed, source, e, b); positions whose record would lie past the
+last one are empty. So the shuffle is a fixed function of the position, the same in every slot, and a
+position needs no buffer to be resumed. Which positions this slot serves is its `Cursor`
+(positions.py); the state is that cursor plus the per-file record counts learnt so far.
 
-Rank assignment stripes *records*: within an epoch every record gets a global index (shards in the
-epoch's order, records in file order) and rank r owns the records with index % world_size == r. Every
-rank decompresses every shard but parses only its own lines; the whole job reads text a few MB/s, so
-this costs little, and it balances ranks with any number of shards (even one).
-
-`DocumentSource` is a sequential reader whose position is a few ints; `ShuffledSource` shuffles it
-within bounded windows and stores only the window's start position, re-reading the window on resume.
+Reading ahead is per block: the slot's positions in the next block are fetched in record order
+(sequential for JSON lines), parsed, tokenized in one batch, and queued with the cursor as it will be
+once each document has been taken. Empty documents are skipped; a malformed JSON line or a damaged
+compressed stream is skipped with a warning and counted (or raises, with on_error="raise"); a record
+without the text field raises, naming the field and the file.
 """
 
 from __future__ import annotations
 
-import glob
-import gzip
-import io
-import itertools
-import json
+import bisect
+import hashlib
 import os
-import random
 import warnings
-import zlib
-from typing import Any, Callable, Iterator, Optional
+from collections import OrderedDict, deque
+from pathlib import Path
+from typing import Any, NamedTuple, Optional
 
-import zstandard
+import numpy as np
 
-# Suffix → container. `.json.*` shards hold JSON lines too (olmo-mix-1124 names them so).
-FORMATS = {
-    ".jsonl": "plain", ".json": "plain",
-    ".jsonl.zst": "zstd", ".json.zst": "zstd", ".jsonl.zstd": "zstd", ".json.zstd": "zstd",
-    ".jsonl.gz": "gzip", ".json.gz": "gzip",
-    ".parquet": "parquet",
-}
-# What a damaged compressed stream raises; the rest of that file is skipped.
-STREAM_ERRORS = (zstandard.ZstdError, gzip.BadGzipFile, EOFError, zlib.error)
-_END = object()
+from .config import SourceConfig
+from .formats import (END, LineReader, MalformedRecord, MissingField, ParquetReader, TokenReader, file_format,
+                      parse_record, read_manifest)
+from .positions import Cursor
+
+OPEN_FILES = 4  # readers kept open per source (a sequential reader per file being read)
 
 
-def file_format(path: str) -> str:
-    for suffix in sorted(FORMATS, key=len, reverse=True):  # longest first: .jsonl.zst before .zst
-        if path.endswith(suffix):
-            return FORMATS[suffix]
-    raise ValueError(f"{path}: unsupported shard type; expected one of {sorted(FORMATS)}")
+class DataExhausted(RuntimeError):
+    """A source with max_epochs has served all of its epochs."""
 
 
-def resolve_paths(source: str, patterns: list[str], root: str) -> list[str]:
-    """Files matched by a source's globs (relative ones under root), sorted and deduplicated."""
-    files = set()
-    for pattern in patterns:
-        full = pattern if os.path.isabs(pattern) else os.path.join(root, pattern)
-        matches = [p for p in glob.glob(full, recursive=True) if os.path.isfile(p)]
-        if not matches:
-            raise ValueError(f"source {source!r}: pattern {pattern!r} matches no files (searched {full!r})")
-        for path in matches:
-            file_format(path)  # fail now, not hours into a run
-        files.update(matches)
-    return sorted(files)
+class Document(NamedTuple):
+    source: str
+    key: str  # the record's "id", else "path:record"
+    epoch: int
+    ids: np.ndarray  # token ids, without BOS/EOS
 
 
-def _zstd_chunks(raw: io.BufferedReader, path: str) -> Iterator[bytes]:
-    """Decompressed bytes of every frame in a file; a file cut off mid-frame raises ZstdError
-    (zstandard's own stream reader returns a truncated frame's beginning without complaint)."""
-    dctx = zstandard.ZstdDecompressor()
-    frame, in_frame = dctx.decompressobj(), False
-    while data := raw.read(1 << 20):
-        while data:
-            out = frame.decompress(data)
-            in_frame = True
-            if out:
-                yield out
-            if not frame.eof:
-                break
-            data = frame.unused_data  # next frame, if the chunk holds one
-            frame, in_frame = dctx.decompressobj(), False
-    if in_frame:
-        raise zstandard.ZstdError(f"{path} ends in the middle of a zstd frame (truncated file?)")
+def _seed(*parts: Any) -> int:
+    """A stable integer seed from any parts (Python's hash() of a str changes per process)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
 
 
-def _split_lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
-    pending: list[bytes] = []  # pieces of a line spanning chunks; joined once, not per chunk
-    for chunk in chunks:
-        start = 0
-        while (end := chunk.find(b"\n", start)) >= 0:
-            pending.append(chunk[start:end])
-            yield b"".join(pending)
-            pending, start = [], end + 1
-        if start < len(chunk):
-            pending.append(chunk[start:])
-    if pending:
-        yield b"".join(pending)
-
-
-def _json_lines(path: str, container: str, start: int) -> Iterator[bytes]:
-    """Raw lines from line `start` on; parsing is left to the caller so other ranks' lines are free."""
-    with open(path, "rb") as raw:
-        if container == "zstd":
-            lines = _split_lines(_zstd_chunks(raw, path))
-        elif container == "gzip":
-            lines = gzip.GzipFile(fileobj=raw)
-        else:
-            lines = raw
-        yield from itertools.islice(lines, start, None)
-
-
-def _parquet_rows(path: str, start: int, text_field: str, owns: Callable[[int], bool]) -> Iterator[Optional[dict]]:
-    """Rows from `start` on, one row group in memory at a time: a dict for rows this rank owns, None
-    for the others (they are not converted to Python)."""
-    import pyarrow.parquet as pq
-
-    parquet = pq.ParquetFile(path)
-    names = parquet.schema_arrow.names
-    if text_field not in names:
-        raise ValueError(f"{path}: no column {text_field!r} (columns: {names}); set the source's text_field")
-    columns = [text_field] + (["id"] if "id" in names and text_field != "id" else [])
-    first = 0  # file row index of the group's first row
-    for group in range(parquet.num_row_groups):
-        size = parquet.metadata.row_group(group).num_rows
-        lo = max(start - first, 0)
-        if lo < size:
-            mine = [i for i in range(lo, size) if owns(first + i)]
-            rows = iter(parquet.read_row_group(group, columns=columns).take(mine).to_pylist() if mine else [])
-            for i in range(lo, size):
-                yield next(rows) if owns(first + i) else None
-        first += size
-
-
-class DocumentSource:
-    """Endless stream of `(doc_key, text)` of one rank, epoch after epoch.
-
-    Shards are sorted, then shuffled per epoch with `seed`. `doc_key` is the record's `id` when it has
-    one, else "path:record". Empty documents are skipped; malformed JSON lines and damaged compressed
-    streams are skipped with a warning and counted in `skipped_records`. Messages number records from
-    1 as "line N" (for parquet, the row).
-    """
-
-    def __init__(self, name: str, files: list[str], text_field: str = "text",
-                 rank: int = 0, world_size: int = 1, seed: int = 0):
+class SourceStream:
+    def __init__(self, name: str, cfg: SourceConfig, files: list[str], tokenizer, *, window: int,
+                 seed: int, on_error: str, cursor: Cursor, root: str = "."):
         if not files:
             raise ValueError(f"source {name!r} has no files")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"source {name!r}: rank {rank} is outside world size {world_size}")
-        self.name, self.text_field = name, text_field
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.files = sorted(files)
+        self.name, self.cfg, self.tokenizer = name, cfg, tokenizer
+        self.window, self.seed, self.on_error, self.root = window, seed, on_error, root
+        self.files = list(files)
         self.formats = [file_format(f) for f in self.files]
-        self.epoch = 0  # epoch of the last document returned
-        self.file_index = 0  # position in this epoch's shard order
-        self.record = 0  # next record (line or row) of the current file
-        self.epoch_record = 0  # records of this epoch before the current position, all ranks'
-        self.epoch_documents = 0  # documents this rank returned in this epoch
-        self.skipped_records = 0
-        self._order = self._shard_order(0)
-        self._reader: Optional[Iterator[Any]] = None
+        self._names = [os.path.relpath(f, root) for f in self.files]  # for document keys, made once
+        self._token_specs = self._check_token_files()
+        self.file_records = [-1] * len(self.files)  # record count per file, -1 until learnt
+        self.records: Optional[int] = None  # records per epoch, once every file is counted
+        self.skipped = 0  # skipped records before the cursor (part of the state)
+        self.cursor = cursor  # what the consumer has taken
+        self._ahead = cursor.copy()  # what has been read ahead
+        self.skipped_seen = 0  # skipped records read so far, read-ahead included
+        self._ready: deque = deque()  # (Document, cursor index, cursor next, skipped)
+        self._readers: OrderedDict[int, Any] = OrderedDict()
+        self._starts: dict[int, list[int]] = {}  # epoch → known start record of each file in its order
+        self._orders: dict[int, list[int]] = {}
+        self._reported: set[int] = set()  # files whose damage was reported by this stream
+        self._last_document = cursor.peek()  # position near the last document read: stops a source of nothing
 
-    def _shard_order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.files)))
-        random.Random(f"{self.name}:{self.seed}:{epoch}").shuffle(order)  # same on every rank
-        return order
+    # --- positions and records ---------------------------------------------------------------------
 
-    def _open(self, path: str, container: str) -> Iterator[Any]:
-        if container == "parquet":
-            file_start = self.epoch_record - self.record  # epoch index of the file's row 0
-            owns = lambda row: (file_start + row) % self.world_size == self.rank  # noqa: E731
-            return _parquet_rows(path, self.record, self.text_field, owns)
-        return _json_lines(path, container, self.record)
+    @property
+    def period(self) -> Optional[int]:
+        """Positions per epoch: records rounded up to whole shuffle windows."""
+        return None if self.records is None else -(-self.records // self.window) * self.window
 
-    def _close(self) -> None:
-        if self._reader is not None:
-            self._reader.close()  # generators close their files
-            self._reader = None
+    def _locate(self, position: int) -> tuple[int, int]:
+        """(epoch, position within it); epoch 0 until the record count is known."""
+        return (0, position) if self.period is None else divmod(position, self.period)
 
-    def __iter__(self) -> "DocumentSource":
-        return self
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            if len(self._orders) > 2:
+                self._orders.pop(min(self._orders))
+                self._starts.pop(min(self._starts), None)
+            rng = np.random.default_rng(_seed("files", self.name, self.seed, epoch))
+            self._orders[epoch] = [int(i) for i in rng.permutation(len(self.files))]
+        return self._orders[epoch]
 
-    def __next__(self) -> tuple[str, str]:
+    def _reader(self, index: int):
+        if index in self._readers:
+            self._readers.move_to_end(index)
+            return self._readers[index]
+        path, fmt = self.files[index], self.formats[index]
+        known = self.file_records[index]
+        if fmt == "parquet":
+            reader = ParquetReader(path, self.cfg.text_field)
+        elif fmt == "tokens":
+            dtype, documents = self._token_specs[index]
+            reader = TokenReader(path, dtype, self.tokenizer.eos_id, self.tokenizer.vocab_size, documents)
+        else:
+            reader = LineReader(path, fmt)
+            if known >= 0:
+                reader.count = known  # learnt before (maybe by another slot): no reading past it
+        self._readers[index] = reader
+        if len(self._readers) > OPEN_FILES:
+            self._readers.popitem(last=False)[1].close()
+        return reader
+
+    def _record(self, epoch: int, record: int) -> Any:
+        """(file index, line, payload) of record `record` of `epoch`, or END past the last record."""
+        order = self._order(epoch)
+        starts = self._starts.setdefault(epoch, [0])  # start record of the files in order, as learnt
+        k = min(bisect.bisect_right(starts, record) - 1, len(order))
         while True:
-            if self.file_index == len(self.files):
-                if self.epoch_documents == 0:
-                    raise ValueError(
-                        f"source {self.name!r}: a whole epoch over {len(self.files)} files gave rank "
-                        f"{self.rank} of {self.world_size} no documents; the source is too small or empty"
-                    )
-                self.epoch, self.file_index, self.epoch_record, self.epoch_documents = self.epoch + 1, 0, 0, 0
-                self._order = self._shard_order(self.epoch)
-            index = self._order[self.file_index]
-            path = self.files[index]
-            if self._reader is None:
-                self._reader = self._open(path, self.formats[index])
-            try:
-                raw = next(self._reader, _END)
-            except STREAM_ERRORS as err:
-                self._warn(path, self.record, f"damaged compressed stream, rest of file skipped ({err})")
-                raw = _END
-            if raw is _END:
-                self._close()
-                self.file_index, self.record = self.file_index + 1, 0
+            if k == len(order):
+                self._learn_total(starts[k])
+                return END
+            index = order[k]
+            count = self.file_records[index]
+            if count < 0 and self.formats[index] in ("parquet", "tokens"):
+                count = self.file_records[index] = self._reader(index).records()  # cheap: metadata or index
+            if count >= 0:
+                if len(starts) == k + 1:
+                    starts.append(starts[k] + count)
+                if record >= starts[k + 1]:
+                    k += 1
+                    continue
+            reader = self._reader(index)
+            payload = reader.get(record - starts[k])
+            if payload is END:  # a JSON-lines file ended before `record`: its count is known now
+                self.file_records[index] = reader.records()
+                self._report_damage(index, reader)
                 continue
-            record, owned = self.record, self.epoch_record % self.world_size == self.rank
-            self.record, self.epoch_record = self.record + 1, self.epoch_record + 1
-            if owned and (doc := self._document(raw, path, record)) is not None:
-                self.epoch_documents += 1
-                return doc
+            return index, record - starts[k], payload
 
-    def _warn(self, path: str, record: int, what: str) -> None:
-        self.skipped_records += 1
-        warnings.warn(f"source {self.name!r}: {path}: line {record + 1}: {what}", RuntimeWarning, stacklevel=3)
+    def _learn_total(self, total: int) -> None:
+        if total == 0:
+            raise ValueError(f"source {self.name!r}: its {len(self.files)} file(s) hold no records")
+        if self.records is not None and self.records != total:
+            raise ValueError(f"source {self.name!r}: files now hold {total} records, earlier {self.records}; "
+                             "the shards changed during the run")
+        self.records = total
 
-    def _document(self, raw: Any, path: str, record: int) -> Optional[tuple[str, str]]:
-        if isinstance(raw, bytes):
-            if not raw or raw.isspace():
-                return None  # blank line
-            try:
-                raw = json.loads(raw)
-            except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
-                self._warn(path, record, f"malformed JSON skipped ({err})")
-                return None
-            if not isinstance(raw, dict):
-                self._warn(path, record, f"JSON line is a {type(raw).__name__}, not an object; skipped")
-                return None
-        if self.text_field not in raw:
-            raise ValueError(
-                f"source {self.name!r}: {path}: line {record + 1} has no field {self.text_field!r} "
-                f"(fields: {sorted(raw)}); set the source's text_field"
-            )
-        text = raw[self.text_field]
-        if text is None or (isinstance(text, str) and (not text or text.isspace())):
+    def _report_damage(self, index: int, reader) -> None:
+        if reader.damage is None or index in self._reported:
+            return
+        self._reported.add(index)
+        if self.on_error == "raise":
+            raise ValueError(f"source {self.name!r}: {reader.damage} (data.on_error=raise)")
+        self.skipped_seen += 1
+        warnings.warn(f"source {self.name!r}: {reader.damage}; rest of the file skipped", RuntimeWarning, stacklevel=2)
+
+    # --- documents ---------------------------------------------------------------------------------
+
+    def next(self) -> Document:
+        """The next document; the cursor moves past it."""
+        while not self._ready:
+            self._read_block()
+        document, index, nxt, skipped = self._ready.popleft()
+        self.cursor.index, self.cursor.next, self.skipped = index, nxt, skipped
+        return document
+
+    def _read_block(self) -> None:
+        w = self.window
+        while True:
+            epoch, offset = self._locate(self._ahead.peek())
+            if self.cfg.max_epochs is not None and epoch >= self.cfg.max_epochs:
+                raise DataExhausted(
+                    f"source {self.name!r} has served its {self.cfg.max_epochs} epoch(s) "
+                    f"(data.sources.{self.name}.max_epochs); raise it or set it to null to repeat the source")
+            block = offset // w
+            # With the record count unknown, a block must start before the last record to be in epoch 0.
+            if self.period is None and self._record(0, block * w) is END:
+                continue  # the count is known now: locate again
+            break
+        group = []  # (position, record, cursor index and next after it)
+        perm = np.random.default_rng(_seed("block", self.name, self.seed, epoch, block)).permutation(w)
+        while True:
+            e, o = self._locate(self._ahead.peek())
+            if (e, o // w) != (epoch, block):
+                break
+            self._ahead.advance()
+            group.append((block * w + int(perm[o % w]), self._ahead.index, self._ahead.next))
+        payloads = {}
+        for record in sorted(r for r, _, _ in group):
+            payloads[record] = self._record(epoch, record)
+        texts, pending = [], []
+        for record, index, nxt in group:
+            payload = payloads[record]
+            parsed = None if payload is END else self._parse(*payload, epoch)
+            if parsed is not None:
+                self._last_document = self._ahead.peek()
+                pending.append((parsed, index, nxt, self.skipped_seen))
+                if isinstance(parsed[1], str):
+                    texts.append(parsed[1])
+        if self.period is not None and self._ahead.peek() - self._last_document > 2 * self.period:
+            raise ValueError(f"source {self.name!r}: no document in two whole epochs; every record is empty")
+        encoded = iter(self.tokenizer.encode_batch(texts) if texts else [])
+        for (key, content), index, nxt, skipped in pending:
+            ids = next(encoded) if isinstance(content, str) else content
+            self._ready.append((Document(self.name, key, epoch, ids), index, nxt, skipped))
+
+    def _parse(self, index: int, line: int, payload: Any, epoch: int) -> Optional[tuple[str, Any]]:
+        """(key, text or token ids) of a record, or None for an empty or skipped one."""
+        path = self.files[index]
+        if isinstance(payload, np.ndarray):
+            return (f"{self._names[index]}:{line}", payload) if len(payload) else None
+        try:
+            parsed = parse_record(payload, self.cfg.text_field)
+        except MalformedRecord as err:
+            return self._skip(path, line, str(err))
+        except MissingField as err:
+            raise ValueError(f"source {self.name!r}: {path}: line {line + 1} {err}; "
+                             f"set data.sources.{self.name}.text_field") from None
+        if parsed is None:
             return None
-        if not isinstance(text, str):
-            raise ValueError(f"source {self.name!r}: {path}: line {record + 1}: field {self.text_field!r} "
-                             f"is a {type(text).__name__}, not a string")
-        key = raw.get("id")
-        return (str(key) if key is not None else f"{path}:{record}"), text
+        key, text = parsed
+        return (key if key is not None else f"{self._names[index]}:{line}"), text
+
+    def _skip(self, path: str, line: int, what: str) -> None:
+        if self.on_error == "raise":
+            raise ValueError(f"source {self.name!r}: {path}: line {line + 1}: {what} (data.on_error=raise)")
+        self.skipped_seen += 1
+        warnings.warn(f"source {self.name!r}: {path}: line {line + 1}: {what}; skipped", RuntimeWarning, stacklevel=3)
+        return None
+
+    # --- token files -------------------------------------------------------------------------------
+
+    def _check_token_files(self) -> dict[int, tuple[str, Optional[int]]]:
+        """dtype and document count of every token file, checked against this run's tokenizer now
+        (tokens from another tokenizer would train on garbage without any error)."""
+        specs, manifests = {}, {}
+        for index, path in enumerate(self.files):
+            if self.formats[index] != "tokens":
+                continue
+            folder = Path(path).parent
+            if folder not in manifests:
+                manifests[folder] = read_manifest(folder)
+            manifest = manifests[folder]
+            if manifest is None:
+                if self.cfg.token_dtype is None:
+                    raise ValueError(f"source {self.name!r}: {path} has no manifest.json beside it; write one with "
+                                     f"scripts/tokenize.py or set data.sources.{self.name}.token_dtype")
+                specs[index] = (self.cfg.token_dtype, None)
+                continue
+            tok = self.tokenizer
+            mine = {"vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "tokenizer_fingerprint": tok.fingerprint}
+            for key, value in mine.items():
+                if manifest.get(key) != value:
+                    raise ValueError(f"source {self.name!r}: {folder / 'manifest.json'} has {key}="
+                                     f"{manifest.get(key)!r}, this run's tokenizer has {value!r}; "
+                                     "re-tokenize the shards with data.tokenizer")
+            entry = manifest["files"].get(Path(path).name)
+            if entry is None:
+                raise ValueError(f"source {self.name!r}: {path} is not listed in {folder / 'manifest.json'}")
+            specs[index] = (manifest["dtype"], int(entry["documents"]))
+        return specs
+
+    # --- state -------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {
-            "epoch": self.epoch, "file_index": self.file_index, "record": self.record,
-            "epoch_record": self.epoch_record, "epoch_documents": self.epoch_documents,
-            "skipped_records": self.skipped_records, "num_files": len(self.files),
-        }
+        return {"cursor": self.cursor.state_dict(), "records": self.records,
+                "file_records": list(self.file_records), "skipped": self.skipped}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["num_files"] != len(self.files):
-            raise ValueError(f"source {self.name!r}: state is for {state['num_files']} files, "
+        if len(state["file_records"]) != len(self.files):
+            raise ValueError(f"source {self.name!r}: state is for {len(state['file_records'])} files, "
                              f"the globs now match {len(self.files)}")
-        self._close()  # reopened lazily, skipping to `record`
-        for key in ("epoch", "file_index", "record", "epoch_record", "epoch_documents", "skipped_records"):
-            setattr(self, key, state[key])
-        self._order = self._shard_order(self.epoch)
-
-
-class ShuffledSource:
-    """Shuffles a source within consecutive windows of `window` documents (bounded memory).
-
-    The state is the inner source's position at the window's start plus how many of the window's
-    documents were served; resuming re-reads and re-shuffles that window, so a checkpoint never holds text.
-    """
-
-    def __init__(self, source: DocumentSource, window: int, seed: int):
-        if window < 1:
-            raise ValueError(f"shuffle window must be >= 1, got {window}")
-        self.source, self.window, self.seed = source, window, seed
-        self._window_index, self._served = 0, 0
-        self._window_start = source.state_dict()
-        self._buffer: Optional[list[tuple[str, str]]] = None
-        self._rewind = False  # after load_state_dict the inner source must go back to the window start
-
-    def __iter__(self) -> "ShuffledSource":
-        return self
-
-    def __next__(self) -> tuple[str, str]:
-        if self._buffer is None:
-            if self._rewind:
-                self.source.load_state_dict(self._window_start)
-                self._rewind = False
-            self._buffer = [next(self.source) for _ in range(self.window)]
-            rng = random.Random(f"{self.source.name}:{self.seed}:{self.source.rank}:{self._window_index}")
-            rng.shuffle(self._buffer)
-        doc = self._buffer[self._served]
-        self._served += 1
-        if self._served == self.window:
-            self._window_index, self._served, self._buffer = self._window_index + 1, 0, None
-            self._window_start = self.source.state_dict()
-        return doc
-
-    def state_dict(self) -> dict:
-        return {"window": self._window_index, "served": self._served, "window_start": dict(self._window_start)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._window_index, self._served = state["window"], state["served"]
-        self._window_start = dict(state["window_start"])
-        self._buffer, self._rewind = None, True
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
+        self._starts.clear()
+        self.file_records = [int(c) for c in state["file_records"]]
+        self.records = state["records"]
+        self.skipped = self.skipped_seen = int(state["skipped"])
+        self.cursor = Cursor.from_state(state["cursor"])
+        self._ahead = self.cursor.copy()
+        self._ready.clear()
+        self._last_document = self.cursor.peek()

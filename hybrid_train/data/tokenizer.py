@@ -1,13 +1,18 @@
 """Tokenizers: a built-in byte-level one (tests, smoke runs, no files needed) and a HF wrapper.
 
-Both expose `encode(text) -> list[int]` without special tokens, `decode(ids)`, `bos_id`, `eos_id` and
-`vocab_size`; the packer adds BOS/EOS itself so documents are delimited the same way for any tokenizer.
+Both expose `encode(text) -> list[int]` and `encode_batch(texts) -> list[np.ndarray]` without special
+tokens, `decode(ids)`, `bos_id`, `eos_id`, `vocab_size` and a `fingerprint` naming the exact vocabulary
+(token files record it, so files from another tokenizer are refused); the packer adds BOS/EOS itself
+so documents are delimited the same way for any tokenizer.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Optional, Union
+
+import numpy as np
 
 # Looked up in this order; the first one present in the vocabulary wins.
 EOS_TOKENS = ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>", "<|eot_id|>")
@@ -20,9 +25,13 @@ class ByteTokenizer:
     bos_id = 256
     eos_id = 257
     vocab_size = 258
+    fingerprint = "byte"
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.frombuffer(text.encode("utf-8"), dtype=np.uint8) for text in texts]
 
     def decode(self, ids) -> str:
         # Special ids have no bytes; a document cut mid-character decodes with U+FFFD.
@@ -45,6 +54,11 @@ class HFTokenizer:
         if self.eos_id is None:
             raise ValueError(f"tokenizer {self.path} has none of the end-of-text tokens {EOS_TOKENS}")
         self.bos_id: Optional[int] = self._first_id(BOS_TOKENS)  # checked by the loader if add_bos
+        self.fingerprint = hashlib.sha256(self._tok.to_str().encode()).hexdigest()[:16]
+
+    def __reduce__(self):
+        # Rebuilt from the file in worker processes, with the same settings as here.
+        return (HFTokenizer, (self.path,))
 
     def _first_id(self, candidates) -> Optional[int]:
         for token in candidates:
@@ -56,6 +70,11 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         # Post-processors (e.g. Llama-3's BOS template) are not applied; BOS/EOS are the packer's job.
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        # One call for a block of documents: the Rust side runs them in parallel, without the GIL.
+        dtype = np.uint16 if self.vocab_size <= 1 << 16 else np.uint32
+        return [np.array(e.ids, dtype=dtype) for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)

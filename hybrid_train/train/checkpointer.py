@@ -172,17 +172,13 @@ class Checkpointer:
             raise ValueError(f"refusing to resume {ckpt} into a different model config:\n  " + "\n  ".join(diffs)
                              + "\n(use a new run.dir, or checkpoint.init_from to start a new stage from it)")
         _load_app_state(ckpt, model, optimizer)
-        saved_world = meta.get("world_size", 1)
-        own = ckpt / _rank_file(self.env.rank)
-        first = torch.load(ckpt / _rank_file(0), weights_only=False)
-        scheduler.load_state_dict(first["scheduler"])
-        if saved_world == self.env.world_size:
-            mine = torch.load(own, weights_only=False)
-            loader.load_state_dict(mine["data"])
-            _set_rng_state(mine["rng"])
-        else:
-            ranks = [torch.load(ckpt / _rank_file(r), weights_only=False)["data"] for r in range(saved_world)]
-            loader.load_rescaled_state_dict(ranks)
+        saved = [torch.load(ckpt / _rank_file(r), weights_only=False) for r in range(meta.get("world_size", 1))]
+        scheduler.load_state_dict(saved[0]["scheduler"])
+        # Every rank's data position goes to the loader, which re-deals it when the data-parallel size
+        # or the number of workers changed (and is exact when nothing did).
+        loader.load_rescaled_state_dict([s["data"] for s in saved])
+        if len(saved) == self.env.world_size:
+            _set_rng_state(saved[self.env.rank]["rng"])
         fields = {f.name for f in dataclasses.fields(TrainState)}
         return TrainState(**{k: v for k, v in meta.items() if k in fields})
 

@@ -9,9 +9,10 @@ import random
 from pathlib import Path
 
 import torch
+import torch.distributed
 
 from hybrid_train.config import JobConfig, to_yaml
-from hybrid_train.data import build_data_loader, build_tokenizer
+from hybrid_train.data import DataExhausted, build_data_loader, build_tokenizer
 from hybrid_train.model import build_model, count_params, flops_per_token
 from hybrid_train.parallel import (all_reduce_mean, barrier, clip_grad_norm_, destroy, full_tensor, full_tensor_init,
                                    init_distributed, loss_context, parallelize, sum_over_data_parallel)
@@ -146,8 +147,14 @@ def train(job: JobConfig) -> TrainResult:
     try:
         while state.step < plan.total_steps:
             loss_sum.zero_()
-            for _ in range(plan.grad_accum):
-                batch = {k: v.to(env.device, non_blocking=True) for k, v in next(loader).items()}
+            batches, exhausted = _next_batches(loader, plan.grad_accum, env)
+            if exhausted:
+                # Keep what was trained: checkpoint the last whole step, then report the data problem.
+                path = checkpointer.save(state, model, optimizer, scheduler, loader, final=True)
+                logger.info(f"data exhausted before step {state.step + 1}; saved checkpoint {path}")
+                raise DataExhausted(exhausted)
+            for batch in batches:
+                batch = {k: v.to(env.device, non_blocking=True) for k, v in batch.items()}
                 with autocast:
                     logits = model(batch["input_ids"], batch["position_ids"], batch["seq_idx"])
                 with loss_context(env):  # vocabulary-parallel cross entropy when parallel.loss_parallel
@@ -183,6 +190,7 @@ def train(job: JobConfig) -> TrainResult:
                     "mfu": per_device * flops_token / peak if peak else None,
                     "mem_gb": peak_memory_gb(env.device),
                     "source_tokens": state.source_tokens,
+                    "skipped_records": _global_source_tokens(loader.skipped_records, env),
                 })
             if last or stopped or checkpointer.due(state, plan.tokens_per_step):
                 state.source_tokens = _global_source_tokens(loader.source_tokens, env)
@@ -196,6 +204,7 @@ def train(job: JobConfig) -> TrainResult:
         checkpointer.wait()
     finally:
         stop.restore()
+        loader.close()
         logger.close()
         destroy()
     return TrainResult(path, model, state, stopped)
@@ -228,8 +237,25 @@ def start_state(job: JobConfig, checkpointer: Checkpointer, model, optimizer) ->
     return TrainState(total_tokens=total, stage=stage.name), None
 
 
+def _next_batches(loader, n: int, env) -> tuple[list[dict], str | None]:
+    """The micro-batches of one step, and why not if any rank's data ran out (all ranks agree, so none
+    is left waiting in a collective)."""
+    batches, reason = [], None
+    try:
+        for _ in range(n):
+            batches.append(next(loader))
+    except DataExhausted as err:
+        reason = str(err)
+    flag = torch.tensor([0.0 if reason is None else 1.0], device=env.device)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    if flag.item() and reason is None:
+        reason = "another rank's data ran out (see its log)"
+    return batches, reason
+
+
 def _global_source_tokens(local: dict[str, int], env) -> dict[str, int]:
-    """Per-source token counts summed over data-parallel ranks."""
+    """Per-source counts (tokens, skipped records) summed over data-parallel ranks."""
     names = sorted(local)
     counts = torch.tensor([local[n] for n in names], dtype=torch.float64, device=env.device)
     counts = sum_over_data_parallel(counts, env.tp_size)
