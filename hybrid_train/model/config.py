@@ -31,6 +31,9 @@ class ModelConfig:
     """Std of the normal init of embeddings and projections; residual outputs get std/sqrt(2*n_layers)."""
     doc_masking: bool = True
     """Keep packed documents apart: attention masks across documents, Mamba-2 and conv1d reset states."""
+    kernels: str = "auto"
+    """SSD scan / conv1d / gated norm / fused loss implementation: auto (Triton on CUDA, PyTorch
+    elsewhere) | triton | torch. The env var HYBRID_TRAIN_KERNELS, when set, overrides it process-wide."""
 
     # MLP
     mlp_hidden: int = 384
@@ -105,6 +108,8 @@ class ModelConfig:
                     "ssm_chunk_size"):
             need(getattr(self, key) > 0, f"model.{key} must be positive, got {getattr(self, key)}")
         need(self.mlp_hidden >= 0, f"model.mlp_hidden must be >= 0, got {self.mlp_hidden}")
+        need(self.kernels in ("auto", "triton", "torch"),
+             f"model.kernels={self.kernels!r}; expected one of auto, triton, torch")
         if self.layer_pattern is not None:
             bad = sorted(set(self.layer_pattern) - {MAMBA, ATTENTION})
             need(not bad, f"model.layer_pattern={self.layer_pattern!r} has symbols {bad}; use 'M' (Mamba-2) and 'A' (attention)")

@@ -1,14 +1,89 @@
-"""Depthwise causal conv1d over (b, l, c) activations, with document masking for packed sequences."""
+"""Depthwise causal conv1d over (b, l, c) activations, with document masking for packed sequences.
+
+``causal_conv1d_torch`` is the reference and CPU path; ``causal_conv1d`` dispatches to the Triton
+kernels (hybrid_train/ops/triton/conv1d.py), registered as torch.library custom ops.
+"""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["causal_conv1d"]
+from hybrid_train.ops.dispatch import use_triton
+
+__all__ = ["causal_conv1d", "causal_conv1d_torch"]
+
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def causal_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
+    activation: str | None = None,
+) -> torch.Tensor:
+    """Depthwise causal convolution; arguments and result as ``causal_conv1d_torch``.
+
+    Runs the Triton kernels when hybrid_train.ops.dispatch says so (CUDA under ``auto``) and x is
+    bf16/fp16/fp32; fp64 always runs the reference.
+    """
+    if activation not in (None, "silu"):
+        raise ValueError(f"activation must be None or 'silu', got {activation!r}")
+    if x.dtype in _DTYPES and use_triton(x):
+        w = weight.squeeze(1) if weight.dim() == 3 else weight
+        assert w.shape == (x.shape[-1], w.shape[-1]), "weight must be (c, k) or (c, 1, k)"
+        xin = x if x.stride(-1) == 1 else x.contiguous()
+        return _conv1d_op(xin, w.contiguous(), bias, seq_idx, activation == "silu")
+    return causal_conv1d_torch(x, weight, bias, seq_idx, activation)
+
+
+@torch.library.custom_op("hybrid_train::causal_conv1d_fwd", mutates_args=())
+def _conv1d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+               seq_idx: Optional[torch.Tensor], silu: bool) -> torch.Tensor:
+    from hybrid_train.ops.triton.conv1d import conv1d_fwd
+
+    return conv1d_fwd(x, weight, bias, seq_idx, silu)
+
+
+@_conv1d_op.register_fake
+def _conv1d_fake(x, weight, bias, seq_idx, silu):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("hybrid_train::causal_conv1d_bwd", mutates_args=())
+def _conv1d_bwd_op(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   seq_idx: Optional[torch.Tensor], silu: bool) -> list[torch.Tensor]:
+    from hybrid_train.ops.triton.conv1d import conv1d_bwd
+
+    dx, dw, db = conv1d_bwd(dout if dout.stride(-1) == 1 else dout.contiguous(), x, weight, bias, seq_idx, silu)
+    return [dx, dw.to(weight.dtype), db.to(bias.dtype) if db is not None else x.new_empty(0)]
+
+
+@_conv1d_bwd_op.register_fake
+def _conv1d_bwd_fake(dout, x, weight, bias, seq_idx, silu):
+    return [x.new_empty(x.shape), torch.empty_like(weight),
+            torch.empty_like(bias) if bias is not None else x.new_empty(0)]
+
+
+def _conv1d_setup(ctx, inputs, output):
+    x, weight, bias, seq_idx, silu = inputs
+    ctx.save_for_backward(x, weight, bias, seq_idx)
+    ctx.silu = silu
+
+
+def _conv1d_backward(ctx, dout):
+    x, weight, bias, seq_idx = ctx.saved_tensors
+    dx, dw, db = _conv1d_bwd_op(dout, x, weight, bias, seq_idx, ctx.silu)
+    return dx, dw, (db if bias is not None else None), None, None
+
+
+_conv1d_op.register_autograd(_conv1d_backward, setup_context=_conv1d_setup)
+
+
+def causal_conv1d_torch(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,

@@ -1,6 +1,8 @@
 """Chunked SSD scan (Mamba-2 "state space duality") in plain PyTorch.
 
-This is the reference implementation and the CPU path; GPU kernels sit behind the same signature.
+``ssd_chunk_scan_torch`` is the reference implementation and the CPU path; ``ssd_chunk_scan`` dispatches
+to the Triton kernels (hybrid_train/ops/triton/ssd_fwd.py, ssd_bwd.py) behind the same signature,
+registered as torch.library custom ops so that torch.compile traces through them.
 
 Per head, with state S_t (p x n) and scalar decay a_t = exp(dt_t * A):
 
@@ -17,11 +19,15 @@ h heads = g groups x r heads per group, p head dim, n state dim.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-__all__ = ["ssd_chunk_scan"]
+from hybrid_train.ops.dispatch import kernels_mode, use_triton
+
+__all__ = ["ssd_chunk_scan", "ssd_chunk_scan_torch"]
 
 
 def _segsum(dA: torch.Tensor) -> torch.Tensor:
@@ -51,6 +57,27 @@ def _process_dt(dt, dt_bias, dt_softplus, dt_limit):
     return dt
 
 
+def ssd_chunk_scan_torch(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = (0.0, float("inf")),
+    seq_idx: torch.Tensor | None = None,
+    initial_states: torch.Tensor | None = None,
+    return_final_states: bool = False,
+):
+    """Mamba-2 SSD scan in plain PyTorch (reference); arguments as ``ssd_chunk_scan``."""
+    return _ssd_reference(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, seq_idx,
+                          initial_states, return_final_states)
+
+
 def ssd_chunk_scan(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -68,6 +95,11 @@ def ssd_chunk_scan(
     return_final_states: bool = False,
 ):
     """Mamba-2 SSD scan; same arguments and meaning as mamba_ssm's ``mamba_chunk_scan_combined``.
+
+    Runs the Triton kernels or the PyTorch reference as hybrid_train.ops.dispatch decides (Triton
+    for CUDA tensors under ``auto``). The Triton path takes bf16/fp16/fp32 inputs (fp32 math), a
+    power-of-two chunk_size in [16, 256], head and state dims up to 256; other cases run the
+    reference under ``auto`` and raise under ``triton``.
 
     Args:
         x: (b, l, h, p) inputs.
@@ -87,6 +119,19 @@ def ssd_chunk_scan(
         y (b, l, h, p) in x's dtype; with ``return_final_states`` also the final state
         (b, h, p, n) in fp32 (fp64 when x is fp64).
     """
+    if use_triton(x):
+        reason = _triton_unsupported(x, B, chunk_size)
+        if reason is None:
+            return _ssd_triton(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, seq_idx,
+                               initial_states, return_final_states)
+        if kernels_mode() == "triton":
+            raise ValueError(f"ssd_chunk_scan: the Triton kernels do not cover this call: {reason}")
+    return _ssd_reference(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, seq_idx,
+                          initial_states, return_final_states)
+
+
+def _ssd_reference(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, seq_idx,
+                   initial_states, return_final_states):
     b, l, h, p = x.shape
     g, n = B.shape[-2], B.shape[-1]
     assert dt.shape == (b, l, h) and A.shape == (h,), "dt must be (b, l, h) and A (h)"
@@ -181,3 +226,117 @@ def ssd_chunk_scan(
     if return_final_states:
         return y, rearrange(state, "b g r p n -> b (g r) p n")  # (b, h, p, n)
     return y
+
+
+# ---- Triton path: torch.library custom ops, so torch.compile traces through without graph breaks ----
+
+_SSD_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _triton_unsupported(x: torch.Tensor, B: torch.Tensor, chunk_size: int) -> str | None:
+    """None when the Triton kernels cover the call, else why not."""
+    if x.dtype not in _SSD_DTYPES:
+        return f"dtype {x.dtype} (bf16, fp16 and fp32 are covered; fp64 is reference-only)"
+    if chunk_size < 16 or chunk_size > 256 or chunk_size & (chunk_size - 1):
+        return f"chunk_size={chunk_size} (a power of two in [16, 256] is covered)"
+    if x.shape[-1] > 256 or B.shape[-1] > 256:
+        return f"head dim {x.shape[-1]} / state dim {B.shape[-1]} (up to 256 is covered)"
+    if x.shape[2] % B.shape[2]:
+        return "n_groups must divide n_heads"
+    return None
+
+
+@torch.library.custom_op("hybrid_train::ssd_chunk_scan_fwd", mutates_args=())
+def _ssd_fwd_op(
+    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+    chunk_size: int, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
+    dt_bias: Optional[torch.Tensor], dt_softplus: bool, dt_lo: float, dt_hi: float,
+    seq_idx: Optional[torch.Tensor], initial_states: Optional[torch.Tensor], store_ypre: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out (b, l, h, p), final state (b, h, p, n) fp32, y before the z gate or an empty tensor)."""
+    from hybrid_train.ops.triton.ssd_fwd import ssd_fwd
+
+    out, final, ypre = ssd_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, (dt_lo, dt_hi),
+                               seq_idx, initial_states, store_ypre)
+    return out, final, ypre if ypre is not None else x.new_empty(0)
+
+
+@_ssd_fwd_op.register_fake
+def _ssd_fwd_fake(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_lo, dt_hi, seq_idx,
+                  initial_states, store_ypre):
+    b, l, h, p = x.shape
+    final = x.new_empty(b, h, p, B.shape[-1], dtype=torch.float32)
+    ypre = x.new_empty(x.shape) if (z is not None and store_ypre) else x.new_empty(0)
+    return x.new_empty(x.shape), final, ypre
+
+
+@torch.library.custom_op("hybrid_train::ssd_chunk_scan_bwd", mutates_args=())
+def _ssd_bwd_op(
+    dout: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+    C: torch.Tensor, chunk_size: int, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
+    dt_bias: Optional[torch.Tensor], dt_softplus: bool, dt_lo: float, dt_hi: float,
+    seq_idx: Optional[torch.Tensor], initial_states: Optional[torch.Tensor],
+    ypre: Optional[torch.Tensor], dfinal: Optional[torch.Tensor],
+) -> list[torch.Tensor]:
+    """[dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit]; empty tensors for absent inputs."""
+    from hybrid_train.ops.triton.ssd_bwd import ssd_bwd
+
+    grads = ssd_bwd(dout, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, (dt_lo, dt_hi),
+                    seq_idx, initial_states, ypre, dfinal)
+    return [g if g is not None else x.new_empty(0) for g in grads]
+
+
+@_ssd_bwd_op.register_fake
+def _ssd_bwd_fake(dout, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_lo, dt_hi, seq_idx,
+                  initial_states, ypre, dfinal):
+    like = [x, dt, A, B, C, D, z, dt_bias, initial_states]
+    return [torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None else x.new_empty(0)
+            for t in like]
+
+
+def _ssd_setup_context(ctx, inputs, output):
+    (x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_lo, dt_hi, seq_idx, initial_states,
+     store_ypre) = inputs
+    _, _, ypre = output
+    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, seq_idx, initial_states,
+                          ypre if z is not None else None)
+    ctx.args = (chunk_size, dt_softplus, dt_lo, dt_hi)
+
+
+def _ssd_backward(ctx, dout, dfinal, _dypre):
+    x, dt, A, B, C, D, z, dt_bias, seq_idx, initial_states, ypre = ctx.saved_tensors
+    chunk_size, dt_softplus, dt_lo, dt_hi = ctx.args
+    if dout is None:
+        dout = torch.zeros_like(x)
+    grads = _ssd_bwd_op(dout, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_lo, dt_hi,
+                        seq_idx, initial_states, ypre, dfinal)
+    dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit = grads
+    present = lambda g, t: g if t is not None else None  # noqa: E731
+    return (dx, ddt, dA, dB, dC, None, present(dD, D), present(dz, z), present(ddt_bias, dt_bias),
+            None, None, None, None, present(dinit, initial_states), None)
+
+
+_ssd_fwd_op.register_autograd(_ssd_backward, setup_context=_ssd_setup_context)
+
+
+def _ssd_triton(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, seq_idx,
+                initial_states, return_final_states):
+    b, l, h, p = x.shape
+    g, n = B.shape[-2], B.shape[-1]
+    assert dt.shape == (b, l, h) and A.shape == (h,), "dt must be (b, l, h) and A (h)"
+    assert B.shape == (b, l, g, n) and C.shape == (b, l, g, n), "B and C must be (b, l, g, n)"
+    if D is not None:
+        assert D.shape in ((h,), (h, p)), "D must be (h) or (h, p)"
+        D = D.contiguous()
+    if dt_bias is not None:
+        dt_bias = dt_bias.contiguous()
+    if seq_idx is not None:
+        assert seq_idx.shape == (b, l), "seq_idx must be (b, l)"
+    # y before the z gate is only worth keeping when a backward can follow.
+    store_ypre = z is not None and torch.is_grad_enabled()
+    out, final, _ = _ssd_fwd_op(x, dt, A.contiguous(), B, C, int(chunk_size), D, z, dt_bias,
+                                bool(dt_softplus), float(dt_limit[0]), float(dt_limit[1]), seq_idx,
+                                initial_states, store_ypre)
+    if return_final_states:
+        return out, final
+    return out

@@ -14,6 +14,7 @@ import torch.distributed
 from hybrid_train.config import JobConfig, to_yaml
 from hybrid_train.data import DataExhausted, build_data_loader, build_tokenizer
 from hybrid_train.model import build_model, count_params, flops_per_token
+from hybrid_train.ops import set_kernels
 from hybrid_train.parallel import (all_reduce_mean, barrier, clip_grad_norm_, destroy, full_tensor, full_tensor_init,
                                    init_distributed, loss_context, parallelize, sum_over_data_parallel)
 from hybrid_train.train.checkpoint import read_meta
@@ -103,6 +104,7 @@ def train(job: JobConfig) -> TrainResult:
                                env.dp_rank, env.dp_size, job.train.seed)
 
     # 3. Model: build on meta, parallelize, materialize, initialize.
+    set_kernels(job.model.kernels)  # Triton kernels on CUDA unless model.kernels=torch
     model = build_model(job.model, device="meta")
     n_params, n_embedding = count_params(model)
     parallelize(model, env, param_dtype=autocast_dtype)

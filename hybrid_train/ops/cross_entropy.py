@@ -1,0 +1,139 @@
+"""Fused LM head + cross-entropy (+ z-loss), chunked over the vocabulary.
+
+``lm_loss(hidden @ weight.T, labels, z_loss)`` without the (tokens x vocab) logits: at 8192 tokens
+and a 128256 vocabulary those are 2.1 GB in bf16, 4.2 GB as fp32, and as much again for their
+gradient. Here the vocabulary is walked in chunks:
+
+- forward: per chunk, logits = hidden @ W_chunk^T (cuBLAS, in the weight dtype like the LM head
+  itself), folded into a running max / sum-of-exp per token and the target logit; only the per-token
+  log-sum-exp (fp32) is kept for backward;
+- backward: per chunk, the logits are recomputed, turned in place into d loss / d logits, then
+  dW_chunk = dlogits^T hidden (written straight into the weight gradient: no accumulation across
+  chunks) and d hidden += dlogits W_chunk (fp32 accumulator, tokens x d).
+
+Extra memory is one logits chunk (tokens x chunk in the weight dtype, plus an fp32 copy on the
+PyTorch path) and the fp32 hidden-gradient accumulator; the price is one more (tokens x vocab x d)
+matmul than an unfused head. On CUDA the elementwise passes over a chunk are Triton row kernels
+(hybrid_train/ops/triton/cross_entropy.py); elsewhere the same loop runs in PyTorch ops.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hybrid_train.ops.dispatch import use_triton
+
+__all__ = ["fused_linear_cross_entropy"]
+
+_CHUNK_BYTES = 256 * 2**20  # one fp32 logits chunk at most this large
+
+
+def _vocab_chunk(tokens: int, vocab: int, chunk: int | None) -> int:
+    if chunk is None:
+        chunk = max(1024, _CHUNK_BYTES // (4 * max(tokens, 1)))
+    return min(vocab, chunk)
+
+
+def _stats_torch(logits, labels, v0, m, s, tgt):
+    lf = logits.float()  # (t, vc)
+    m_new = torch.maximum(m, lf.max(dim=1).values)
+    s.mul_(torch.exp(m - m_new)).add_(torch.exp(lf - m_new[:, None]).sum(dim=1))
+    m.copy_(m_new)
+    local = labels - v0
+    inside = (local >= 0) & (local < lf.shape[1])
+    picked = lf.gather(1, local.clamp(0, lf.shape[1] - 1)[:, None])[:, 0]
+    tgt.copy_(torch.where(inside, picked, tgt))
+
+
+def _grad_torch_(logits, labels, v0, lse, a, gt):
+    g = torch.exp(logits.float() - lse[:, None]) * a[:, None]  # (t, vc)
+    local = labels - v0
+    inside = (local >= 0) & (local < g.shape[1])
+    rows = torch.nonzero(inside)[:, 0]
+    g[rows, local[rows]] -= gt[rows]
+    logits.copy_(g)
+
+
+class _FusedLinearCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, z_loss, ignore_index, chunk):
+        t = hidden.shape[0]
+        vocab = weight.shape[0]
+        triton_path = use_triton(hidden, weight)
+        if triton_path:
+            from hybrid_train.ops.triton.cross_entropy import chunk_stats as stats
+        else:
+            stats = _stats_torch
+        vc = _vocab_chunk(t, vocab, chunk)
+        dev = hidden.device
+        m = torch.full((t,), float("-inf"), device=dev, dtype=torch.float32)
+        s = torch.zeros(t, device=dev, dtype=torch.float32)
+        tgt = torch.zeros(t, device=dev, dtype=torch.float32)
+        for v0 in range(0, vocab, vc):
+            logits = hidden @ weight[v0 : v0 + vc].T  # (t, vc) in the weight dtype
+            stats(logits, labels, v0, m, s, tgt)
+            del logits
+        lse = m + torch.log(s)  # (t)
+        valid = labels != ignore_index
+        n_valid = valid.sum()
+        ce = torch.where(valid, lse - tgt, 0.0).sum() / n_valid
+        loss = ce + z_loss * lse.square().mean() if z_loss else ce
+        ctx.save_for_backward(hidden, weight, labels, lse, valid, n_valid)
+        ctx.z_loss, ctx.vc, ctx.triton_path = z_loss, vc, triton_path
+        return loss, ce.detach()
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_ce):
+        hidden, weight, labels, lse, valid, n_valid = ctx.saved_tensors
+        t = hidden.shape[0]
+        vocab = weight.shape[0]
+        if ctx.triton_path:
+            from hybrid_train.ops.triton.cross_entropy import chunk_grad_ as grad_
+        else:
+            grad_ = _grad_torch_
+        # d loss / d logit_tv = a_t softmax_tv - gt_t [v == label_t]
+        gt = g_loss * valid.float() / n_valid  # (t)
+        a = gt + (g_loss * 2.0 * ctx.z_loss / t) * lse if ctx.z_loss else gt
+        a = a.contiguous()
+        gt = gt.contiguous()
+        dh = torch.zeros(hidden.shape, device=hidden.device, dtype=torch.float32)
+        dw = torch.empty_like(weight)
+        for v0 in range(0, vocab, ctx.vc):
+            w = weight[v0 : v0 + ctx.vc]
+            logits = hidden @ w.T  # (t, vc), recomputed
+            grad_(logits, labels, v0, lse, a, gt)  # now d loss / d logits
+            torch.matmul(logits.T, hidden, out=dw[v0 : v0 + ctx.vc])
+            dh += logits @ w  # each chunk's product is rounded once to the weight dtype
+            del logits
+        return dh.to(hidden.dtype), dw, None, None, None, None
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    z_loss: float = 0.0,
+    ignore_index: int = -100,
+    vocab_chunk: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean next-token cross entropy of ``hidden @ weight.T`` (+ z_loss * mean logsumexp^2), fp32.
+
+    Same value and gradients as ``lm_loss(hidden @ weight.T, labels, z_loss)`` of
+    hybrid_train/train/loss.py: the cross entropy averages over tokens whose label is not
+    ``ignore_index``; the z-loss term averages over all tokens, as there.
+
+    Args:
+        hidden: (..., d) final hidden states (after the final norm), the LM head's input.
+        weight: (vocab, d) LM head weight.
+        labels: (...) int targets.
+        vocab_chunk: vocabulary rows per chunk; default keeps one fp32 chunk of logits <= 256 MB.
+
+    Returns:
+        (loss to optimize, cross entropy alone, detached), both fp32 scalars.
+    """
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1)
+    assert y.shape[0] == h.shape[0], "labels must have one entry per hidden row"
+    if h.dtype != weight.dtype:
+        h = h.to(weight.dtype)
+    return _FusedLinearCE.apply(h, weight, y, float(z_loss), int(ignore_index), vocab_chunk)

@@ -1,0 +1,68 @@
+"""Small helpers shared by the Triton kernels."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from hybrid_train.ops.dispatch import interpreting
+
+# Launch parameters per kernel, measured on an H100 (scripts/bench_kernels.py --sweep); a dict so the
+# benchmark can try variants in one process. Keys are kernel names without the leading underscore.
+LAUNCH: dict = {
+    "ssd_blk": 64,  # tile of rows / columns inside an SSD chunk (tests lower it to get several per chunk)
+    "cb": dict(num_warps=4),
+    "state_fwd": dict(num_warps=4),
+    "scan_fwd": dict(num_warps=4, BM=64, HB=1),
+    "state_bwd": dict(num_warps=4),
+    "dx": dict(num_warps=4),
+    "dcb": dict(num_warps=4),
+    "dbc_state": dict(num_warps=8),
+    "dt_bwd": dict(num_warps=4),
+    "state_blocks": dict(bp=64, bn=128),  # forward
+    "state_bwd_blocks": dict(bp=64, bn=64),
+}
+
+
+def launch(name: str) -> dict:
+    """Triton launch options (num_warps, num_stages) for a kernel, from LAUNCH."""
+    return {k: v for k, v in LAUNCH[name].items() if k in ("num_warps", "num_stages")}
+
+
+_TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+def dot_dtype(dtype: torch.dtype):
+    """Operand dtype for tl.dot: the input dtype on the GPU (tensor cores, fp32 accumulation).
+
+    Under TRITON_INTERPRET the operands go through fp32 instead: the interpreter's bf16 dot returns
+    garbage (triton 3.9), and fp32 on the CPU costs nothing extra.
+    """
+    if interpreting():
+        return tl.float32
+    return _TL_DTYPE[dtype]
+
+
+def pow2_at_least_16(v: int) -> int:
+    """tl.dot needs every dim >= 16 and tl.arange powers of two."""
+    return max(16, triton.next_power_of_2(v))
+
+
+@triton.jit
+def softplus(v):
+    # log(1 + e^v), and v itself above 20: torch's softplus threshold, the one mamba_ssm uses.
+    return tl.where(v > 20.0, v, tl.log(1.0 + tl.exp(tl.minimum(v, 20.0))))
+
+
+@triton.jit
+def process_dt(raw, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, lo, hi):
+    """Raw dt -> dt: + bias, softplus, clamp to [lo, hi] (only when a limit other than (0, inf) is set)."""
+    v = raw
+    if HAS_BIAS:
+        v = v + bias
+    if SOFTPLUS:
+        v = softplus(v)
+    if HAS_LIMIT:
+        v = tl.minimum(tl.maximum(v, lo), hi)
+    return v

@@ -1,0 +1,535 @@
+"""SSD chunked scan, backward, in Triton.
+
+Recomputes what the forward threw away (dt, its cumsum, CB, the states entering each chunk: two of
+the forward's three launches), then:
+
+1. ``_state_bwd_kernel`` (per batch, head, block of p; chunks in reverse): dS_out of each chunk, the
+   gradient of the chunk decay, and d initial_states. dS_in(c) = (dy o e)^T C + decay_c dS_out(c).
+2. ``_dx_kernel`` (per batch, chunk, head, block of columns j): dx, dt's direct gradient
+   x_j . d(dt_j x_j), the decay-to-end term W_j, dD, and the "straddling sums" that give the
+   gradient of the log decays in the stable form (below).
+3. ``_dcb_kernel`` (per batch, chunk, group, split of the group's heads, causal tile): dCB summed
+   over the heads of the group, so dC += dCB B and dB += dCB^T C are one small matmul per group.
+4. ``_dbc_state_kernel`` (per batch, chunk, group, head split, row block): the state parts of dB and
+   dC, summed over heads, and the incoming-state term of the log-decay gradient.
+5. ``_dt_bwd_kernel`` (per batch, chunk, head): assembles d(dt * A), then dt, A, dt_bias gradients.
+
+Log-decay gradient, stable form. With T_ij = CB_ij L_ij (dy_i . dt_j x_j) the intra-chunk term
+(L_ij = exp(acs_i - acs_j)), the gradient w.r.t. dA_k (= dt_k A) is the sum of T over the pairs
+that straddle k: sum_{i >= k > j} T_ij. Summing those directly, rather than forming per-row and
+per-column totals and differencing their cumsums, never subtracts large nearly equal numbers. The
+column-block owner (``_dx_kernel``) walks its row blocks last-first with a running total. The other
+terms: the incoming state e_i = exp(acs_i) gives a reverse cumsum of e_i dy_i . (S_in C_i); the
+decay to the chunk end w_j = exp(acs_Q - acs_j) gives sum_{j<k} W_j; the chunk decay exp(acs_Q)
+gives a constant.
+
+No atomics anywhere: every cross-program sum goes through a partial buffer reduced in a fixed
+order, so gradients are bitwise reproducible.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from hybrid_train.ops.dispatch import interpreting
+from hybrid_train.ops.triton.common import dot_dtype, launch, softplus
+from hybrid_train.ops.triton.ssd_fwd import (
+    _seq_args, chunk_cb, chunk_states_fwd, ssd_blocks, state_blocks,
+)
+
+
+@triton.jit
+def _state_bwd_kernel(
+    dy_ptr, C_ptr, seq_ptr, acs_ptr, states_ptr, dfinal_ptr, dstates_ptr, ddec_ptr, dinit_ptr,
+    L, H, P, N, R, NCHUNKS, NPB,
+    sdy_b, sdy_l, sdy_h, sdy_p,
+    sC_b, sC_l, sC_g, sC_n,
+    sseq_b, sseq_l,
+    CHUNK: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    HAS_DFINAL: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    b = pid_bh // H
+    h = pid_bh % H
+    g = h // R
+    b64 = b.to(tl.int64)
+    offs_p = pid_p * BP + tl.arange(0, BP)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mp = offs_p < P
+    mn = offs_n < N
+    mpn = mp[:, None] & mn[None, :]
+    pn = offs_p[:, None] * N + offs_n[None, :]
+    if HAS_DFINAL:
+        run = tl.load(dfinal_ptr + (b64 * H + h) * P * N + pn, mask=mpn, other=0.0)  # (BP, BN) fp32
+    else:
+        run = tl.zeros((BP, BN), dtype=tl.float32)
+    seq_base = seq_ptr + b64 * sseq_b
+    dy_base = dy_ptr + b64 * sdy_b + h * sdy_h
+    C_base = C_ptr + b64 * sC_b + g * sC_g
+    for cc in range(NCHUNKS):
+        c = NCHUNKS - 1 - cc
+        t0 = c * CHUNK  # int32 scalar; time offsets below are int64 tensors
+        row = ((b64 * H + h) * NCHUNKS + c) * CHUNK
+        total = tl.load(acs_ptr + row + CHUNK - 1)
+        decay = tl.exp(total)
+        if HAS_SEQ:
+            prev_seq = tl.load(seq_base + tl.maximum(t0 - 1, 0) * sseq_l)
+            seq_last = tl.load(seq_base + (tl.minimum(t0 + CHUNK, L) - 1) * sseq_l)
+            decay = tl.where(seq_last == prev_seq, decay, 0.0)
+        bhc = (b64 * NCHUNKS + c) * H + h
+        # run is dS_out(c) here
+        tl.store(dstates_ptr + bhc * P * N + pn, run.to(dstates_ptr.dtype.element_ty), mask=mpn)
+        Sin = tl.load(states_ptr + bhc * P * N + pn, mask=mpn, other=0.0).to(tl.float32)
+        tl.store(ddec_ptr + bhc * NPB + pid_p * tl.num_programs(2) + pid_n, tl.sum(tl.sum(run * Sin, 1), 0) * decay)
+        acc = tl.zeros((BP, BN), dtype=tl.float32)
+        for k in range(0, CHUNK, BK):
+            offs_k = k + tl.arange(0, BK)
+            tk = t0 + offs_k.to(tl.int64)
+            vk = tk < L
+            e = tl.exp(tl.load(acs_ptr + row + offs_k))
+            if HAS_SEQ:
+                seq_k = tl.load(seq_base + tk * sseq_l, mask=vk, other=-1)
+                e = tl.where(seq_k == prev_seq, e, 0.0)
+            dyk = tl.load(dy_base + tk[:, None] * sdy_l + offs_p[None, :] * sdy_p,
+                          mask=vk[:, None] & mp[None, :], other=0.0)  # (BK, BP)
+            Ck = tl.load(C_base + tk[:, None] * sC_l + offs_n[None, :] * sC_n,
+                         mask=vk[:, None] & mn[None, :], other=0.0)  # (BK, BN)
+            dye = (dyk.to(tl.float32) * e[:, None]).to(DOT)
+            acc += tl.dot(tl.trans(dye), Ck.to(DOT))  # (BP, BN)
+        run = run * decay + acc  # dS_in(c) = dS_out(c - 1)
+    tl.store(dinit_ptr + (b64 * H + h) * P * N + pn, run, mask=mpn)
+
+
+@triton.jit
+def _dx_kernel(
+    x_ptr, dy_ptr, B_ptr, D_ptr, seq_ptr, dtp_ptr, acs_ptr, cb_ptr, dstates_ptr,
+    dx_ptr, ddtp_ptr, W_ptr, cross_ptr, dDp_ptr,
+    L, H, P, N, R, G, NCHUNKS,
+    sx_b, sx_l, sx_h, sx_p,
+    sdy_b, sdy_l, sdy_h, sdy_p,
+    sB_b, sB_l, sB_g, sB_n,
+    sseq_b, sseq_l,
+    sdx_b, sdx_l, sdx_h, sdx_p,
+    CHUNK: tl.constexpr, BLK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    HAS_D: tl.constexpr, D_HP: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr,
+):
+    # One program: one head, one chunk, one block of columns j (the sources).
+    NBLK: tl.constexpr = CHUNK // BLK
+    pid = tl.program_id(0)  # ((b * NCHUNKS) + c) * H + h
+    jb = tl.program_id(1)
+    h = pid % H
+    c = (pid // H) % NCHUNKS
+    b = pid // (H * NCHUNKS)
+    g = h // R
+    b64 = b.to(tl.int64)
+    bhc = (b64 * NCHUNKS + c) * H + h
+    t0 = c.to(tl.int64) * CHUNK
+    offs_j = jb * BLK + tl.arange(0, BLK)
+    offs_p = tl.arange(0, BP)
+    offs_n = tl.arange(0, BN)
+    tj = t0 + offs_j
+    vj = tj < L
+    mp = offs_p < P
+    mn = offs_n < N
+    mjp = vj[:, None] & mp[None, :]
+    row = ((b64 * H + h) * NCHUNKS + c) * CHUNK
+    acs_j = tl.load(acs_ptr + row + offs_j)
+    dt_j = tl.load(dtp_ptr + row + offs_j)
+    total = tl.load(acs_ptr + row + CHUNK - 1)
+    seq_base = seq_ptr + b64 * sseq_b
+    x_base = x_ptr + b64 * sx_b + h * sx_h
+    dy_base = dy_ptr + b64 * sdy_b + h * sdy_h
+    w = tl.exp(total - acs_j)
+    if HAS_SEQ:
+        seq_j = tl.load(seq_base + tj * sseq_l, mask=vj, other=-1)
+        seq_last = tl.load(seq_base + (tl.minimum(t0 + CHUNK, L) - 1) * sseq_l)
+        w = tl.where(seq_j == seq_last, w, 0.0)
+
+    xj = tl.load(x_base + tj[:, None] * sx_l + offs_p[None, :] * sx_p, mask=mjp, other=0.0).to(tl.float32)
+    Bj = tl.load(B_ptr + b64 * sB_b + g * sB_g + tj[:, None] * sB_l + offs_n[None, :] * sB_n,
+                 mask=vj[:, None] & mn[None, :], other=0.0)  # (BLK, BN)
+    dSoT = tl.load(dstates_ptr + bhc * P * N + offs_n[:, None] + offs_p[None, :] * N,
+                   mask=mn[:, None] & mp[None, :], other=0.0)  # (BN, BP)
+    # State part: d(dt_j x_j) += w_j dS_out B_j
+    acc = tl.dot(Bj.to(DOT), dSoT.to(DOT)) * w[:, None]  # (BLK, BP)
+    xdt = xj * dt_j[:, None]
+    Wv = tl.sum(acc * xdt, 1)  # W_j = w_j xdt_j . (dS_out B_j)
+    xdt_d = xdt.to(DOT)
+
+    cb_base = cb_ptr + (((b64 * NCHUNKS + c) * G + g) * CHUNK) * CHUNK
+    cross_base = cross_ptr + (bhc * NBLK + jb) * CHUNK
+    colsum = tl.zeros((BLK,), dtype=tl.float32)
+    carry = total * 0.0
+    # Row blocks strictly below, last first so that `carry` holds sum_{later rows} sum_{j in J} T_ij.
+    for ii in range(NBLK - 1 - jb):
+        ib = NBLK - 1 - ii
+        offs_i = ib * BLK + tl.arange(0, BLK)
+        ti = t0 + offs_i
+        vi = ti < L
+        acs_i = tl.load(acs_ptr + row + offs_i)
+        dyi = tl.load(dy_base + ti[:, None] * sdy_l + offs_p[None, :] * sdy_p,
+                      mask=vi[:, None] & mp[None, :], other=0.0).to(DOT)  # (BLK_i, BP)
+        cbT = tl.load(cb_base + offs_i[None, :] * CHUNK + offs_j[:, None])  # (BLK_j, BLK_i) = CB[i, j]
+        diff = acs_i[None, :] - acs_j[:, None]
+        if HAS_SEQ:
+            seq_i = tl.load(seq_base + ti * sseq_l, mask=vi, other=-2)
+            diff = tl.where(seq_i[None, :] == seq_j[:, None], diff, float("-inf"))
+        sT = cbT * tl.exp(diff)  # (BLK_j, BLK_i): scores transposed (all i > j here)
+        acc += tl.dot(sT.to(DOT), dyi)
+        TT = sT * tl.dot(xdt_d, tl.trans(dyi))  # T_ij transposed
+        rs = tl.sum(TT, 0)  # (BLK_i): sum over this j block
+        # k in this row block: sum_{i >= k} sum_{j in J} T_ij
+        tl.store(cross_base + offs_i, tl.cumsum(rs, 0, reverse=True) + carry)
+        carry += tl.sum(rs, 0)
+        colsum += tl.sum(TT, 1)  # (BLK_j): rows of every later block are >= any k in J
+
+    # Diagonal block (i and j both in J).
+    dyj = tl.load(dy_base + tj[:, None] * sdy_l + offs_p[None, :] * sdy_p, mask=mjp, other=0.0)
+    dyj_d = dyj.to(DOT)
+    cbT = tl.load(cb_base + offs_j[None, :] * CHUNK + offs_j[:, None])  # [j, i] = CB[i, j]
+    causal = offs_j[None, :] >= offs_j[:, None]  # i >= j
+    mask = causal
+    if HAS_SEQ:
+        mask = mask & (seq_j[None, :] == seq_j[:, None])
+    sT = cbT * tl.exp(tl.where(mask, acs_j[None, :] - acs_j[:, None], float("-inf")))
+    acc += tl.dot(sT.to(DOT), dyj_d)
+    TT = sT * tl.dot(xdt_d, tl.trans(dyj_d))  # [j, i]
+    E = tl.cumsum(TT, 0) - TT  # E[k, i] = sum_{j < k} T_ij
+    cross = tl.sum(tl.where(causal, E, 0.0), 1)  # sum over i >= k
+    cross += tl.cumsum(colsum, 0) - colsum  # later row blocks, j < k in J
+    tl.store(cross_base + offs_j, cross)
+
+    # acc = d(dt_j x_j)
+    dx = acc * dt_j[:, None]
+    if HAS_D:
+        dyf = dyj.to(tl.float32)
+        if D_HP:
+            Dv = tl.load(D_ptr + h * P + offs_p, mask=mp, other=0.0).to(tl.float32)
+            dx += dyf * Dv[None, :]
+            tl.store(dDp_ptr + (bhc * NBLK + jb) * P + offs_p, tl.sum(dyf * xj, 0), mask=mp)
+        else:
+            dx += dyf * tl.load(D_ptr + h).to(tl.float32)
+            tl.store(dDp_ptr + bhc * NBLK + jb, tl.sum(tl.sum(dyf * xj, 1), 0))
+    tl.store(dx_ptr + b64 * sdx_b + h * sdx_h + tj[:, None] * sdx_l + offs_p[None, :] * sdx_p,
+             dx.to(dx_ptr.dtype.element_ty), mask=mjp)
+    tl.store(ddtp_ptr + row + offs_j, tl.sum(acc * xj, 1))
+    tl.store(W_ptr + row + offs_j, Wv)
+
+
+@triton.jit
+def _dcb_kernel(
+    x_ptr, dy_ptr, seq_ptr, dtp_ptr, acs_ptr, dcb_ptr,
+    L, H, P, R, G, NCHUNKS, HPS, NSPLIT,
+    sx_b, sx_l, sx_h, sx_p,
+    sdy_b, sdy_l, sdy_h, sdy_p,
+    sseq_b, sseq_l,
+    CHUNK: tl.constexpr, BLK: tl.constexpr, BP: tl.constexpr,
+    HAS_SEQ: tl.constexpr, DOT: tl.constexpr,
+):
+    # One program: one causal tile (rows I, columns J) of one chunk and group, a split of its heads:
+    # dCB_ij = sum_h L_ij (dy_i . dt_j x_j).
+    pid = tl.program_id(0)  # (((b * NCHUNKS) + c) * G + g) * NSPLIT + s
+    ib = tl.program_id(1)
+    jb = tl.program_id(2)
+    s = pid % NSPLIT
+    bcg = pid // NSPLIT
+    g = bcg % G
+    c = (bcg // G) % NCHUNKS
+    b = bcg // (G * NCHUNKS)
+    b64 = b.to(tl.int64)
+    offs_i = ib * BLK + tl.arange(0, BLK)
+    offs_j = jb * BLK + tl.arange(0, BLK)
+    # dcb: (NSPLIT, b, c, g, Q, Q); tiles above the diagonal are zeros (the matmuls read them)
+    out = dcb_ptr + ((s.to(tl.int64) * (tl.num_programs(0) // NSPLIT) + bcg) * CHUNK) * CHUNK \
+        + offs_i[:, None] * CHUNK + offs_j[None, :]
+    if jb > ib:
+        tl.store(out, tl.zeros((BLK, BLK), dtype=tl.float32))
+        return
+    t0 = c.to(tl.int64) * CHUNK
+    ti = t0 + offs_i
+    tj = t0 + offs_j
+    vi = ti < L
+    vj = tj < L
+    offs_p = tl.arange(0, BP)
+    mp = offs_p < P
+    mask = offs_j[None, :] <= offs_i[:, None]
+    if HAS_SEQ:
+        seq_base = seq_ptr + b64 * sseq_b
+        seq_i = tl.load(seq_base + ti * sseq_l, mask=vi, other=-1)
+        seq_j = tl.load(seq_base + tj * sseq_l, mask=vj, other=-2)
+        mask = mask & (seq_i[:, None] == seq_j[None, :])
+    acc = tl.zeros((BLK, BLK), dtype=tl.float32)
+    r0 = s * HPS
+    r1 = tl.minimum(r0 + HPS, R)
+    for r in range(r0, r1):
+        h = g * R + r
+        row = ((b64 * H + h) * NCHUNKS + c) * CHUNK
+        acs_i = tl.load(acs_ptr + row + offs_i)
+        acs_j = tl.load(acs_ptr + row + offs_j)
+        dt_j = tl.load(dtp_ptr + row + offs_j)
+        dyi = tl.load(dy_ptr + b64 * sdy_b + h * sdy_h + ti[:, None] * sdy_l + offs_p[None, :] * sdy_p,
+                      mask=vi[:, None] & mp[None, :], other=0.0)  # (BLK, BP)
+        xj = tl.load(x_ptr + b64 * sx_b + h * sx_h + tj[:, None] * sx_l + offs_p[None, :] * sx_p,
+                     mask=vj[:, None] & mp[None, :], other=0.0)  # (BLK, BP)
+        xdt = (xj.to(tl.float32) * dt_j[:, None]).to(DOT)
+        Gm = tl.dot(dyi.to(DOT), tl.trans(xdt))  # (BLK_i, BLK_j): dy_i . dt_j x_j
+        acc += Gm * tl.exp(tl.where(mask, acs_i[:, None] - acs_j[None, :], float("-inf")))
+    tl.store(out, acc)
+
+
+@triton.jit
+def _dbc_state_kernel(
+    x_ptr, dy_ptr, C_ptr, seq_ptr, dtp_ptr, acs_ptr, states_ptr, dstates_ptr,
+    dCp_ptr, dBp_ptr, dacs_ptr,
+    BATCH, L, H, P, N, R, G, NCHUNKS, HPS, NSPLIT,
+    sx_b, sx_l, sx_h, sx_p,
+    sdy_b, sdy_l, sdy_h, sdy_p,
+    sC_b, sC_l, sC_g, sC_n,
+    sseq_b, sseq_l,
+    CHUNK: tl.constexpr, BLK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    HAS_SEQ: tl.constexpr, DOT: tl.constexpr,
+):
+    pid = tl.program_id(0)  # (((b * NCHUNKS) + c) * G + g) * NSPLIT + s
+    ib = tl.program_id(1)
+    s = pid % NSPLIT
+    bcg = pid // NSPLIT
+    g = bcg % G
+    c = (bcg // G) % NCHUNKS
+    b = bcg // (G * NCHUNKS)
+    b64 = b.to(tl.int64)
+    t0 = c.to(tl.int64) * CHUNK
+    offs_i = ib * BLK + tl.arange(0, BLK)
+    offs_p = tl.arange(0, BP)
+    offs_n = tl.arange(0, BN)
+    ti = t0 + offs_i
+    vi = ti < L
+    mp = offs_p < P
+    mn = offs_n < N
+    mip = vi[:, None] & mp[None, :]
+    Ci = tl.load(C_ptr + b64 * sC_b + g * sC_g + ti[:, None] * sC_l + offs_n[None, :] * sC_n,
+                 mask=vi[:, None] & mn[None, :], other=0.0).to(tl.float32)  # (BLK, BN)
+    if HAS_SEQ:
+        seq_base = seq_ptr + b64 * sseq_b
+        seq_i = tl.load(seq_base + ti * sseq_l, mask=vi, other=-1)
+        prev_seq = tl.load(seq_base + tl.maximum(t0 - 1, 0) * sseq_l)
+        seq_last = tl.load(seq_base + (tl.minimum(t0 + CHUNK, L) - 1) * sseq_l)
+    accC = tl.zeros((BLK, BN), dtype=tl.float32)
+    accB = tl.zeros((BLK, BN), dtype=tl.float32)
+    pn = offs_p[:, None] * N + offs_n[None, :]
+    mpn = mp[:, None] & mn[None, :]
+    r0 = s * HPS
+    r1 = tl.minimum(r0 + HPS, R)
+    for r in range(r0, r1):
+        h = g * R + r
+        row = ((b64 * H + h) * NCHUNKS + c) * CHUNK
+        bhc = (b64 * NCHUNKS + c) * H + h
+        acs_i = tl.load(acs_ptr + row + offs_i)
+        dt_i = tl.load(dtp_ptr + row + offs_i)
+        total = tl.load(acs_ptr + row + CHUNK - 1)
+        dyi = tl.load(dy_ptr + b64 * sdy_b + h * sdy_h + ti[:, None] * sdy_l + offs_p[None, :] * sdy_p,
+                      mask=mip, other=0.0)  # (BLK, BP)
+        xi = tl.load(x_ptr + b64 * sx_b + h * sx_h + ti[:, None] * sx_l + offs_p[None, :] * sx_p,
+                     mask=mip, other=0.0).to(tl.float32)
+        Sin = tl.load(states_ptr + bhc * P * N + pn, mask=mpn, other=0.0)  # (BP, BN)
+        dSo = tl.load(dstates_ptr + bhc * P * N + pn, mask=mpn, other=0.0)
+        e = tl.exp(acs_i)
+        w = tl.exp(total - acs_i) * dt_i
+        if HAS_SEQ:
+            e = tl.where(seq_i == prev_seq, e, 0.0)
+            w = tl.where(seq_i == seq_last, w, 0.0)
+        tmp = tl.dot(dyi.to(DOT), Sin.to(DOT))  # (BLK, BN): S_in^T dy_i
+        accC += tmp * e[:, None]
+        tl.store(dacs_ptr + row + offs_i, e * tl.sum(tmp * Ci, 1))
+        accB += tl.dot((xi * w[:, None]).to(DOT), dSo.to(DOT))
+    # (NSPLIT, b, c*Q, g, n) partials
+    off = ((s.to(tl.int64) * BATCH + b) * NCHUNKS * CHUNK + c * CHUNK + offs_i)[:, None] * (G * N) \
+        + g * N + offs_n[None, :]
+    tl.store(dCp_ptr + off, accC, mask=mn[None, :])
+    tl.store(dBp_ptr + off, accB, mask=mn[None, :])
+
+
+@triton.jit
+def _dt_bwd_kernel(
+    dt_ptr, A_ptr, dtb_ptr, acs_ptr, dtp_ptr, ddtp_ptr, W_ptr, dacs_ptr, cross_ptr, ddec_ptr,
+    ddt_ptr, dAp_ptr, dbp_ptr,
+    L, H, NCHUNKS, NPB, lo, hi,
+    sdt_b, sdt_l, sdt_h,
+    sddt_b, sddt_l, sddt_h,
+    CHUNK: tl.constexpr, BLK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
+):
+    NBLK: tl.constexpr = CHUNK // BLK
+    pid = tl.program_id(0)  # ((b * NCHUNKS) + c) * H + h
+    h = pid % H
+    c = (pid // H) % NCHUNKS
+    b = pid // (H * NCHUNKS)
+    b64 = b.to(tl.int64)
+    bhc = pid.to(tl.int64)
+    offs = tl.arange(0, CHUNK)
+    t = c.to(tl.int64) * CHUNK + offs
+    valid = t < L
+    row = ((b64 * H + h) * NCHUNKS + c) * CHUNK
+    cross = tl.zeros((CHUNK,), dtype=tl.float32)
+    for jb in range(NBLK):  # column block jb wrote positions from its own block on
+        cross += tl.load(cross_ptr + (bhc * NBLK + jb) * CHUNK + offs, mask=offs >= jb * BLK, other=0.0)
+    ddec = tl.load(ddec_ptr + bhc * NPB)
+    for pb in range(1, NPB):
+        ddec += tl.load(ddec_ptr + bhc * NPB + pb)
+    dacs = tl.load(dacs_ptr + row + offs)
+    Wv = tl.load(W_ptr + row + offs)
+    ddA = cross + tl.cumsum(dacs, 0, reverse=True) + (tl.cumsum(Wv, 0) - Wv) + ddec  # d(dt_k A)
+    A = tl.load(A_ptr + h).to(tl.float32)
+    dtv = tl.load(dtp_ptr + row + offs)
+    tl.store(dAp_ptr + bhc, tl.sum(dtv * ddA, 0))
+    ddt = tl.load(ddtp_ptr + row + offs) + A * ddA
+    # back through clamp, softplus and bias
+    v = tl.load(dt_ptr + b64 * sdt_b + h * sdt_h + t * sdt_l, mask=valid, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        v = v + tl.load(dtb_ptr + h).to(tl.float32)
+    if HAS_LIMIT:
+        sp = v
+        if SOFTPLUS:
+            sp = softplus(v)
+        ddt = tl.where((sp >= lo) & (sp <= hi), ddt, 0.0)
+    if SOFTPLUS:
+        ddt = ddt * tl.where(v > 20.0, 1.0, tl.sigmoid(v))
+    ddt = tl.where(valid, ddt, 0.0)
+    tl.store(ddt_ptr + b64 * sddt_b + h * sddt_h + t * sddt_l, ddt.to(ddt_ptr.dtype.element_ty), mask=valid)
+    tl.store(dbp_ptr + bhc, tl.sum(ddt, 0))
+
+
+def _head_split(groups_programs: int, heads_per_group: int) -> tuple[int, int]:
+    """(heads per split, splits): enough programs to fill the GPU, few partial buffers to sum.
+
+    Under the interpreter: two splits where there are two heads, so the partial sums are exercised.
+    """
+    if interpreting():
+        splits = min(2, heads_per_group)
+    else:
+        splits = max(1, min(heads_per_group, triton.cdiv(4 * 132, max(1, groups_programs))))
+    hps = triton.cdiv(heads_per_group, splits)
+    return hps, triton.cdiv(heads_per_group, hps)
+
+
+def ssd_bwd(dout, x, dt, A, B, C, chunk, D, z, dt_bias, dt_softplus, dt_limit, seq_idx,
+            initial_states, ypre, dfinal):
+    """Gradients (dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit); None for absent inputs."""
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    R = h // g
+    nc = triton.cdiv(l, chunk)
+    BLK, BP, BN = ssd_blocks(chunk, p, n)
+    nblk = chunk // BLK
+    dev = x.device
+    f32 = torch.float32
+    DOT = dot_dtype(x.dtype)
+    lo, hi = float(dt_limit[0]), float(dt_limit[1])
+    has_limit = (lo, hi) != (0.0, float("inf"))
+    hi_arg = hi if hi != float("inf") else 3.0e38
+
+    dz = None
+    if z is not None:
+        # the z gate: out = ypre * silu(z)
+        zf, gof = z.float(), dout.float()
+        sig = torch.sigmoid(zf)
+        dz = (gof * ypre.float() * sig * (1 + zf * (1 - sig))).to(z.dtype)
+        dy = (gof * zf * sig).to(x.dtype)
+    else:
+        dy = dout
+
+    dtp, acs, states, _ = chunk_states_fwd(x, dt, A, B, dt_bias, dt_softplus, dt_limit, seq_idx,
+                                           initial_states, chunk)
+    cb = chunk_cb(B, C, chunk)
+    seq, ss_b, ss_l = _seq_args(seq_idx, x)
+
+    # 1. reverse state passing
+    bp, bn = state_blocks(BP, BN, "state_bwd_blocks")
+    npb = triton.cdiv(p, bp) * triton.cdiv(n, bn)  # partial sums of the chunk-decay gradient
+    dstates = torch.empty(b, nc, h, p, n, device=dev, dtype=x.dtype)
+    ddec = torch.empty(b, nc, h, npb, device=dev, dtype=f32)
+    dinit = torch.empty(b, h, p, n, device=dev, dtype=f32)
+    dfin = dfinal.float().contiguous() if dfinal is not None else x
+    _state_bwd_kernel[(b * h, triton.cdiv(p, bp), triton.cdiv(n, bn))](
+        dy, C, seq, acs, states, dfin, dstates, ddec, dinit,
+        l, h, p, n, R, nc, npb, *dy.stride(), *C.stride(), ss_b, ss_l,
+        CHUNK=chunk, BK=BLK, BP=bp, BN=bn, HAS_DFINAL=dfinal is not None,
+        HAS_SEQ=seq_idx is not None, DOT=DOT, **launch("state_bwd"),
+    )
+
+    # 2. dx, dt's direct gradient, W, straddling sums, dD
+    dx = torch.empty(b, l, h, p, device=dev, dtype=x.dtype)
+    ddtp = torch.empty(b, h, nc, chunk, device=dev, dtype=f32)
+    W = torch.empty_like(ddtp)
+    cross = torch.empty(b, nc, h, nblk, chunk, device=dev, dtype=f32)
+    d_hp = D is not None and D.dim() == 2
+    dDp = torch.empty((b, nc, h, nblk, p) if d_hp else (b, nc, h, nblk), device=dev, dtype=f32)
+    _dx_kernel[(b * nc * h, nblk)](
+        x, dy, B, D if D is not None else A, seq, dtp, acs, cb, dstates,
+        dx, ddtp, W, cross, dDp,
+        l, h, p, n, R, g, nc,
+        *x.stride(), *dy.stride(), *B.stride(), ss_b, ss_l, *dx.stride(),
+        CHUNK=chunk, BLK=BLK, BP=BP, BN=BN, HAS_D=D is not None, D_HP=d_hp,
+        HAS_SEQ=seq_idx is not None, DOT=DOT, **launch("dx"),
+    )
+
+    # 3. dCB summed over the heads of each group
+    hps, nsplit = _head_split(b * nc * g * nblk * (nblk + 1) // 2, R)
+    dcb = torch.empty(nsplit, b, nc, g, chunk, chunk, device=dev, dtype=f32)
+    _dcb_kernel[(b * nc * g * nsplit, nblk, nblk)](
+        x, dy, seq, dtp, acs, dcb,
+        l, h, p, R, g, nc, hps, nsplit,
+        *x.stride(), *dy.stride(), ss_b, ss_l,
+        CHUNK=chunk, BLK=BLK, BP=BP, HAS_SEQ=seq_idx is not None, DOT=DOT, **launch("dcb"),
+    )
+
+    # 4. state parts of dB and dC; incoming-state part of the log-decay gradient
+    hps2, nsplit2 = _head_split(b * nc * g * nblk, R)
+    dCp = torch.empty(nsplit2, b, nc * chunk, g, n, device=dev, dtype=f32)
+    dBp = torch.empty_like(dCp)
+    dacs = torch.empty(b, h, nc, chunk, device=dev, dtype=f32)
+    _dbc_state_kernel[(b * nc * g * nsplit2, nblk)](
+        x, dy, C, seq, dtp, acs, states, dstates, dCp, dBp, dacs,
+        b, l, h, p, n, R, g, nc, hps2, nsplit2,
+        *x.stride(), *dy.stride(), *C.stride(), ss_b, ss_l,
+        CHUNK=chunk, BLK=BLK, BP=BP, BN=BN, HAS_SEQ=seq_idx is not None, DOT=DOT,
+        **launch("dbc_state"),
+    )
+
+    # 5. dt, A, dt_bias
+    ddt = torch.empty(b, l, h, device=dev, dtype=dt.dtype)
+    dAp = torch.empty(b, nc, h, device=dev, dtype=f32)
+    dbp = torch.empty_like(dAp)
+    _dt_bwd_kernel[(b * nc * h,)](
+        dt, A, dt_bias if dt_bias is not None else A, acs, dtp, ddtp, W, dacs, cross, ddec,
+        ddt, dAp, dbp,
+        l, h, nc, npb, lo, hi_arg, *dt.stride(), *ddt.stride(),
+        CHUNK=chunk, BLK=BLK, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
+        HAS_LIMIT=has_limit, **launch("dt_bwd"),
+    )
+
+    # Per group: dC_i += sum_j dCB_ij B_j, dB_j += sum_i dCB_ij C_i (fp32, one batched matmul each).
+    dcb = dcb.sum(0) if nsplit > 1 else dcb[0]  # (b, c, g, Q, Q)
+    pad = nc * chunk - l
+
+    def chunked(t):  # (b, l, g, n) -> (b, c, g, Q, n) fp32, zero-padded
+        t = torch.nn.functional.pad(t.float(), (0, 0, 0, 0, 0, pad))
+        return t.view(b, nc, chunk, g, n).transpose(2, 3)
+
+    dC = dCp.sum(0) if nsplit2 > 1 else dCp[0]  # (b, c*Q, g, n)
+    dB = dBp.sum(0) if nsplit2 > 1 else dBp[0]
+    dC = dC + torch.matmul(dcb, chunked(B)).transpose(2, 3).reshape(b, nc * chunk, g, n)
+    dB = dB + torch.matmul(dcb.transpose(-1, -2), chunked(C)).transpose(2, 3).reshape(b, nc * chunk, g, n)
+    dC = dC[:, :l].to(C.dtype)
+    dB = dB[:, :l].to(B.dtype)
+
+    dA = dAp.sum((0, 1)).to(A.dtype)
+    ddt_bias = dbp.sum((0, 1)).to(dt_bias.dtype) if dt_bias is not None else None
+    dD = None
+    if D is not None:
+        dD = (dDp.sum((0, 1, 3)) if d_hp else dDp.sum((0, 1, 3))).to(D.dtype)
+    dinit_out = dinit.to(initial_states.dtype) if initial_states is not None else None
+    return dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit_out

@@ -1,0 +1,350 @@
+"""SSD chunked scan, forward, in Triton: three launches.
+
+1. ``_cb_kernel``: CB[i, j] = C_i . B_j for every chunk and group (b, c, g, Q, Q), fp32 (zeros in
+   the tiles above the diagonal). Shared by the heads of a group: computed once per group.
+2. ``_state_fwd_kernel``: one program per (batch, head, block of p, block of n) walks the chunks in
+   order. Per chunk it finalises dt (bias, softplus, limit) and its cumsum (written for the other kernels),
+   forms the chunk's own state x^T diag(dt * decay-to-end) B on tensor cores, stores the state
+   entering the chunk and carries it on. Fusing "chunk state" with "state passing" keeps the
+   per-chunk states out of HBM (only the entering states, in the input dtype, are written).
+3. ``_scan_fwd_kernel``: one program per (batch, chunk, head(s), block of rows) computes
+   y_i = sum_{j<=i} CB_ij exp(acs_i - acs_j) dt_j x_j  +  exp(acs_i) C_i . S_in  +  D x_i,
+   skipping the block tiles above the diagonal, then the optional z gate.
+
+Notation: b batch, l length, c chunks of Q, h heads = g groups x r heads per group, p head dim,
+n state dim; acs = cumsum over the chunk of dt * A ("log decay from the chunk start").
+All offsets that multiply a batch, chunk or time index go through int64: (b, l, h, p) tensors pass
+2^31 elements at long lengths.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from hybrid_train.ops.triton.common import LAUNCH, dot_dtype, launch, pow2_at_least_16, process_dt
+
+
+@triton.jit
+def _cb_kernel(
+    B_ptr, C_ptr, cb_ptr,
+    L, G, N, NCHUNKS,
+    sB_b, sB_l, sB_g, sB_n,
+    sC_b, sC_l, sC_g, sC_n,
+    CHUNK: tl.constexpr, BLK: tl.constexpr, BN: tl.constexpr, DOT: tl.constexpr,
+):
+    pid = tl.program_id(0)  # ((b * NCHUNKS) + c) * G + g
+    ib = tl.program_id(1)
+    jb = tl.program_id(2)
+    offs_i = ib * BLK + tl.arange(0, BLK)
+    offs_j = jb * BLK + tl.arange(0, BLK)
+    out = cb_ptr + (pid.to(tl.int64) * CHUNK) * CHUNK + offs_i[:, None] * CHUNK + offs_j[None, :]
+    if jb > ib:  # above the diagonal: masked by causality, but defined (readers mask by multiplying)
+        tl.store(out, tl.zeros((BLK, BLK), dtype=tl.float32))
+        return
+    g = pid % G
+    c = (pid // G) % NCHUNKS
+    b = pid // (G * NCHUNKS)
+    b64 = b.to(tl.int64)
+    t0 = c.to(tl.int64) * CHUNK
+    offs_n = tl.arange(0, BN)
+    ti = t0 + offs_i
+    tj = t0 + offs_j
+    mn = offs_n < N
+    Ci = tl.load(C_ptr + b64 * sC_b + g * sC_g + ti[:, None] * sC_l + offs_n[None, :] * sC_n,
+                 mask=(ti < L)[:, None] & mn[None, :], other=0.0)  # (BLK, BN)
+    BjT = tl.load(B_ptr + b64 * sB_b + g * sB_g + tj[None, :] * sB_l + offs_n[:, None] * sB_n,
+                  mask=(tj < L)[None, :] & mn[:, None], other=0.0)  # (BN, BLK)
+    tl.store(out, tl.dot(Ci.to(DOT), BjT.to(DOT)))  # (BLK, BLK) fp32
+
+
+@triton.jit
+def _state_fwd_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, dtb_ptr, seq_ptr, init_ptr,
+    dtp_ptr, acs_ptr, states_ptr, final_ptr,
+    L, H, P, N, R, NCHUNKS, lo, hi,
+    sx_b, sx_l, sx_h, sx_p,
+    sdt_b, sdt_l, sdt_h,
+    sB_b, sB_l, sB_g, sB_n,
+    sseq_b, sseq_l,
+    si_b, si_h, si_p, si_n,
+    CHUNK: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
+    HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr, DOT: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    b = pid_bh // H
+    h = pid_bh % H
+    g = h // R
+    b64 = b.to(tl.int64)
+    offs_p = pid_p * BP + tl.arange(0, BP)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mp = offs_p < P
+    mn = offs_n < N
+    mpn = mp[:, None] & mn[None, :]
+    A = tl.load(A_ptr + h).to(tl.float32)
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(dtb_ptr + h).to(tl.float32)
+    dt_base = dt_ptr + b64 * sdt_b + h * sdt_h
+    x_base = x_ptr + b64 * sx_b + h * sx_h
+    B_base = B_ptr + b64 * sB_b + g * sB_g
+    seq_base = seq_ptr + b64 * sseq_b
+
+    if HAS_INIT:
+        S = tl.load(init_ptr + b64 * si_b + h * si_h + offs_p[:, None] * si_p + offs_n[None, :] * si_n,
+                    mask=mpn, other=0.0).to(tl.float32)  # (BP, BN)
+    else:
+        S = tl.zeros((BP, BN), dtype=tl.float32)
+    if HAS_SEQ:
+        prev_seq = tl.load(seq_base)  # the initial state belongs to the document at position 0
+    offs_q = tl.arange(0, CHUNK)
+    for c in range(NCHUNKS):
+        t0 = c * CHUNK  # int32 scalar; the time offsets below are int64 tensors
+        # Whole-chunk dt and its cumsum: the decay to the chunk end needs the chunk total first.
+        tq = t0 + offs_q.to(tl.int64)
+        vq = tq < L
+        raw = tl.load(dt_base + tq * sdt_l, mask=vq, other=0.0).to(tl.float32)
+        dtq = tl.where(vq, process_dt(raw, bias, HAS_BIAS, SOFTPLUS, HAS_LIMIT, lo, hi), 0.0)  # (Q)
+        dAq = dtq * A
+        total = tl.sum(dAq, 0)
+        if (pid_p == 0) & (pid_n == 0):
+            row = ((b64 * H + h) * NCHUNKS + c) * CHUNK
+            tl.store(dtp_ptr + row + offs_q, dtq)
+            tl.store(acs_ptr + row + offs_q, tl.cumsum(dAq, 0))
+        if HAS_SEQ:
+            seq_last = tl.load(seq_base + (tl.minimum(t0 + CHUNK, L) - 1) * sseq_l)
+
+        # The chunk's own state: sum_j exp(total - acs_j) dt_j x_j (outer) B_j, K-blocked over j.
+        acc = tl.zeros((BP, BN), dtype=tl.float32)
+        run = total * 0.0
+        for k in range(0, CHUNK, BK):
+            tk = t0 + k + tl.arange(0, BK).to(tl.int64)
+            vk = tk < L
+            rawk = tl.load(dt_base + tk * sdt_l, mask=vk, other=0.0).to(tl.float32)
+            dtk = tl.where(vk, process_dt(rawk, bias, HAS_BIAS, SOFTPLUS, HAS_LIMIT, lo, hi), 0.0)  # (BK)
+            dAk = dtk * A
+            acsk = run + tl.cumsum(dAk, 0)
+            run += tl.sum(dAk, 0)
+            wk = tl.exp(total - acsk) * dtk
+            if HAS_SEQ:
+                seqk = tl.load(seq_base + tk * sseq_l, mask=vk, other=0)
+                wk = tl.where(seqk == seq_last, wk, 0.0)  # only the last token's document carries on
+            xk = tl.load(x_base + tk[:, None] * sx_l + offs_p[None, :] * sx_p,
+                         mask=vk[:, None] & mp[None, :], other=0.0)  # (BK, BP)
+            Bk = tl.load(B_base + tk[:, None] * sB_l + offs_n[None, :] * sB_n,
+                         mask=vk[:, None] & mn[None, :], other=0.0)  # (BK, BN)
+            xs = (xk.to(tl.float32) * wk[:, None]).to(DOT)
+            acc += tl.dot(tl.trans(xs), Bk.to(DOT))  # (BP, BN)
+
+        st = ((b64 * NCHUNKS + c) * H + h) * P * N
+        tl.store(states_ptr + st + offs_p[:, None] * N + offs_n[None, :],
+                 S.to(states_ptr.dtype.element_ty), mask=mpn)
+        decay = tl.exp(total)
+        if HAS_SEQ:
+            # The carried state survives the chunk only if the chunk ends in the document it entered.
+            decay = tl.where(seq_last == prev_seq, decay, 0.0)
+            prev_seq = seq_last
+        S = S * decay + acc
+    tl.store(final_ptr + (b64 * H + h) * P * N + offs_p[:, None] * N + offs_n[None, :], S, mask=mpn)
+
+
+@triton.jit
+def _scan_fwd_kernel(
+    x_ptr, z_ptr, C_ptr, D_ptr, seq_ptr, dtp_ptr, acs_ptr, cb_ptr, states_ptr, out_ptr, ypre_ptr,
+    L, H, P, N, R, G, NCHUNKS,
+    sx_b, sx_l, sx_h, sx_p,
+    sz_b, sz_l, sz_h, sz_p,
+    sC_b, sC_l, sC_g, sC_n,
+    sseq_b, sseq_l,
+    so_b, so_l, so_h, so_p,
+    CHUNK: tl.constexpr, BM: tl.constexpr, BLK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    HB: tl.constexpr, HAS_D: tl.constexpr, D_HP: tl.constexpr, HAS_Z: tl.constexpr,
+    STORE_YPRE: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr,
+):
+    # One program: HB heads of one group, one chunk, one block of BM rows. The heads run one after
+    # the other so that the group's C rows and CB tiles, loaded by the first, come from L1/L2 after.
+    pid = tl.program_id(0)  # (((b * NCHUNKS) + c) * G + g) * (R // HB) + head block
+    m = tl.program_id(1)
+    nhb = R // HB
+    hb = pid % nhb
+    g = (pid // nhb) % G
+    c = (pid // (nhb * G)) % NCHUNKS
+    b = pid // (nhb * G * NCHUNKS)
+    b64 = b.to(tl.int64)
+    t0 = c.to(tl.int64) * CHUNK
+    offs_m = m * BM + tl.arange(0, BM)
+    offs_p = tl.arange(0, BP)
+    offs_n = tl.arange(0, BN)
+    tm = t0 + offs_m
+    vm = tm < L
+    mp = offs_p < P
+    mn = offs_n < N
+    mrow = vm[:, None] & mp[None, :]
+    seq_base = seq_ptr + b64 * sseq_b
+    Cm = tl.load(C_ptr + b64 * sC_b + g * sC_g + tm[:, None] * sC_l + offs_n[None, :] * sC_n,
+                 mask=vm[:, None] & mn[None, :], other=0.0).to(DOT)  # (BM, BN), shared by the heads
+    if HAS_SEQ:
+        seq_m = tl.load(seq_base + tm * sseq_l, mask=vm, other=-1)
+        prev_seq = tl.load(seq_base + tl.maximum(t0 - 1, 0) * sseq_l)
+    cb_row = cb_ptr + ((((b64 * NCHUNKS + c) * G + g) * CHUNK + offs_m) * CHUNK)[:, None]
+
+    for hh in range(HB):
+        h = g * R + hb * HB + hh
+        row = ((b64 * H + h) * NCHUNKS + c) * CHUNK
+        acs_m = tl.load(acs_ptr + row + offs_m)  # (BM)
+        x_base = x_ptr + b64 * sx_b + h * sx_h
+
+        # Incoming state: exp(acs_i) C_i . S_in, for rows still in the document the state came from.
+        st = ((b64 * NCHUNKS + c) * H + h) * P * N
+        SinT = tl.load(states_ptr + st + offs_n[:, None] + offs_p[None, :] * N,
+                       mask=mn[:, None] & mp[None, :], other=0.0)  # (BN, BP)
+        acc = tl.dot(Cm, SinT.to(DOT))  # (BM, BP)
+        e = tl.exp(acs_m)
+        if HAS_SEQ:
+            e = tl.where(seq_m == prev_seq, e, 0.0)
+        acc = acc * e[:, None]
+
+        # Intra-chunk: causal tiles j <= i only.
+        for j0 in range(0, (m + 1) * BM, BLK):
+            offs_j = j0 + tl.arange(0, BLK)
+            tj = t0 + offs_j
+            vj = tj < L
+            cb = tl.load(cb_row + offs_j[None, :])  # (BM, BLK)
+            acs_j = tl.load(acs_ptr + row + offs_j)
+            dt_j = tl.load(dtp_ptr + row + offs_j)
+            mask = offs_j[None, :] <= offs_m[:, None]
+            if HAS_SEQ:
+                seq_j = tl.load(seq_base + tj * sseq_l, mask=vj, other=-2)
+                mask = mask & (seq_m[:, None] == seq_j[None, :])
+            # exp of -inf where masked: no inf * 0, and no overflow above the diagonal
+            sc = cb * tl.exp(tl.where(mask, acs_m[:, None] - acs_j[None, :], float("-inf")))
+            xj = tl.load(x_base + tj[:, None] * sx_l + offs_p[None, :] * sx_p,
+                         mask=vj[:, None] & mp[None, :], other=0.0)  # (BLK, BP)
+            xdt = (xj.to(tl.float32) * dt_j[:, None]).to(DOT)
+            acc += tl.dot(sc.to(DOT), xdt)
+
+        if HAS_D:
+            xm = tl.load(x_base + tm[:, None] * sx_l + offs_p[None, :] * sx_p, mask=mrow, other=0.0).to(tl.float32)
+            if D_HP:
+                Dv = tl.load(D_ptr + h * P + offs_p, mask=mp, other=0.0).to(tl.float32)
+                acc += xm * Dv[None, :]
+            else:
+                acc += xm * tl.load(D_ptr + h).to(tl.float32)
+        o_off = b64 * so_b + h * so_h + tm[:, None] * so_l + offs_p[None, :] * so_p
+        if HAS_Z:
+            if STORE_YPRE:  # kept for the z-gate gradient
+                tl.store(ypre_ptr + o_off, acc.to(ypre_ptr.dtype.element_ty), mask=mrow)
+            zm = tl.load(z_ptr + b64 * sz_b + h * sz_h + tm[:, None] * sz_l + offs_p[None, :] * sz_p,
+                         mask=mrow, other=0.0).to(tl.float32)
+            acc = acc * zm * tl.sigmoid(zm)
+        tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=mrow)
+
+
+def _seq_args(seq_idx, x):
+    if seq_idx is None:
+        return x, 0, 0  # any pointer; never read (HAS_SEQ=False)
+    return seq_idx, seq_idx.stride(0), seq_idx.stride(1)
+
+
+def ssd_blocks(chunk: int, p: int, n: int) -> tuple[int, int, int]:
+    """(BLK, BP, BN): row/column tile inside a chunk, padded head dim and state dim."""
+    return min(LAUNCH["ssd_blk"], chunk), pow2_at_least_16(p), pow2_at_least_16(n)
+
+
+def heads_per_program(heads_per_group: int, want: int) -> int:
+    """Largest divisor of heads_per_group that is <= want."""
+    return max(d for d in range(1, min(want, heads_per_group) + 1) if heads_per_group % d == 0)
+
+
+def state_blocks(bp: int, bn: int, key: str = "state_blocks") -> tuple[int, int]:
+    """(p block, n block) of the sequential state kernels.
+
+    They walk the chunks in order, one program per (batch, head, p block, n block): small blocks
+    make many small programs, so that enough of them are resident per SM to hide each step's latency.
+    """
+    return min(bp, LAUNCH[key]["bp"]), min(bn, LAUNCH[key]["bn"])
+
+
+def chunk_states_fwd(x, dt, A, B, dt_bias, dt_softplus, dt_limit, seq_idx, initial_states, chunk):
+    """Launches the state kernel. Returns (dtp, acs, states, final).
+
+    dtp, acs: (b, h, c, Q) fp32 processed dt and its in-chunk cumsum of dt * A (0 / flat past l);
+    states: (b, c, h, p, n) entering each chunk, in x's dtype; final: (b, h, p, n) fp32.
+    """
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    nc = triton.cdiv(l, chunk)
+    BLK, BP, BN = ssd_blocks(chunk, p, n)
+    dev = x.device
+    dtp = torch.empty(b, h, nc, chunk, device=dev, dtype=torch.float32)
+    acs = torch.empty_like(dtp)
+    states = torch.empty(b, nc, h, p, n, device=dev, dtype=x.dtype)
+    final = torch.empty(b, h, p, n, device=dev, dtype=torch.float32)
+    DOT = dot_dtype(x.dtype)
+    lo, hi = float(dt_limit[0]), float(dt_limit[1])
+    has_limit = (lo, hi) != (0.0, float("inf"))
+    seq, ss_b, ss_l = _seq_args(seq_idx, x)
+    init = initial_states if initial_states is not None else x
+    si = initial_states.stride() if initial_states is not None else (0, 0, 0, 0)
+    bp, bn = state_blocks(BP, BN)
+    _state_fwd_kernel[(b * h, triton.cdiv(p, bp), triton.cdiv(n, bn))](
+        x, dt, A, B, dt_bias if dt_bias is not None else A, seq, init,
+        dtp, acs, states, final,
+        l, h, p, n, h // g, nc, lo, hi if hi != float("inf") else 3.0e38,
+        *x.stride(), *dt.stride(), *B.stride(), ss_b, ss_l, *si,
+        CHUNK=chunk, BK=BLK, BP=bp, BN=bn,
+        HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_LIMIT=has_limit,
+        HAS_SEQ=seq_idx is not None, HAS_INIT=initial_states is not None, DOT=DOT,
+        **launch("state_fwd"),
+    )
+    return dtp, acs, states, final
+
+
+def chunk_cb(B, C, chunk):
+    """CB = C B^T per chunk and group: (b, c, g, Q, Q) fp32."""
+    b, l, g, n = B.shape
+    nc = triton.cdiv(l, chunk)
+    BLK, _, BN = ssd_blocks(chunk, 16, n)
+    cb = torch.empty(b, nc, g, chunk, chunk, device=B.device, dtype=torch.float32)
+    nb = chunk // BLK
+    _cb_kernel[(b * nc * g, nb, nb)](
+        B, C, cb, l, g, n, nc, *B.stride(), *C.stride(),
+        CHUNK=chunk, BLK=BLK, BN=BN, DOT=dot_dtype(B.dtype), **launch("cb"),
+    )
+    return cb
+
+
+def ssd_fwd(x, dt, A, B, C, chunk, D, z, dt_bias, dt_softplus, dt_limit, seq_idx, initial_states,
+            store_ypre):
+    """Forward pass. Returns (out (b, l, h, p) x.dtype, final (b, h, p, n) fp32, ypre or None).
+
+    ypre is y before the z gate, kept only when z is given and ``store_ypre``.
+    """
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    nc = triton.cdiv(l, chunk)
+    BLK, BP, BN = ssd_blocks(chunk, p, n)
+    dtp, acs, states, final = chunk_states_fwd(x, dt, A, B, dt_bias, dt_softplus, dt_limit, seq_idx,
+                                               initial_states, chunk)
+    cb = chunk_cb(B, C, chunk)
+    out = torch.empty(b, l, h, p, device=x.device, dtype=x.dtype)
+    ypre = torch.empty_like(out) if (z is not None and store_ypre) else None
+    seq, ss_b, ss_l = _seq_args(seq_idx, x)
+    zz = z if z is not None else x
+    BM = min(LAUNCH["scan_fwd"]["BM"], chunk)
+    HB = heads_per_program(h // g, LAUNCH["scan_fwd"]["HB"])
+    _scan_fwd_kernel[(b * nc * h // HB, chunk // BM)](
+        x, zz, C, D if D is not None else A, seq, dtp, acs, cb, states, out,
+        ypre if ypre is not None else out,
+        l, h, p, n, h // g, g, nc,
+        *x.stride(), *zz.stride(), *C.stride(), ss_b, ss_l, *out.stride(),
+        CHUNK=chunk, BM=BM, BLK=BLK, BP=BP, BN=BN, HB=HB,
+        HAS_D=D is not None, D_HP=D is not None and D.dim() == 2, HAS_Z=z is not None,
+        STORE_YPRE=ypre is not None, HAS_SEQ=seq_idx is not None, DOT=dot_dtype(x.dtype),
+        **launch("scan_fwd"),
+    )
+    return out, final, ypre

@@ -1,0 +1,219 @@
+"""The Triton kernels on CPU through Triton's interpreter, against the PyTorch references.
+
+Runs only in a process started with TRITON_INTERPRET=1 and HYBRID_TRAIN_KERNELS=triton (set before
+triton is imported): tests/test_kernels.py starts one. Collected elsewhere, it skips.
+Shapes are small (the interpreter runs every program in numpy) but cover what the GPU shapes use:
+several row/column tiles per chunk, documents (seq_idx) crossing chunk and tile boundaries,
+one-token documents, ragged lengths, n_groups > 1, initial and final states, D per head and per
+channel, the z gate, dt bias / softplus / limit.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+
+if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") or os.environ.get("HYBRID_TRAIN_KERNELS") != "triton":
+    pytest.skip("run by tests/test_kernels.py under TRITON_INTERPRET=1", allow_module_level=True)
+
+import torch  # noqa: E402
+
+from hybrid_train.ops import causal_conv1d, deterministic, gated_rms_norm, kernels_mode  # noqa: E402
+from hybrid_train.ops.conv1d import causal_conv1d_torch  # noqa: E402
+from hybrid_train.ops.cross_entropy import fused_linear_cross_entropy  # noqa: E402
+from hybrid_train.ops.norm import gated_rms_norm_torch  # noqa: E402
+from hybrid_train.ops.ssd import ssd_chunk_scan, ssd_chunk_scan_torch  # noqa: E402
+from hybrid_train.ops.triton.common import LAUNCH  # noqa: E402
+from test_ssd import grads_of, make_inputs, seq_from_starts  # noqa: E402
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def small_tiles():
+    # 16-row tiles, so that a 64-token chunk has 4 x 4 tiles (the off-diagonal paths run too), and
+    # 16 x 16 state blocks, so that the state kernels split n as they do on the GPU.
+    saved = {k: LAUNCH[k] for k in ("ssd_blk", "state_blocks", "state_bwd_blocks")}
+    LAUNCH.update(ssd_blk=16, state_blocks=dict(bp=16, bn=16), state_bwd_blocks=dict(bp=16, bn=16))
+    yield
+    LAUNCH.update(saved)
+
+
+def rel(a, ref):
+    return ((a.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def test_env_forces_triton():
+    assert kernels_mode() == "triton"
+
+
+SSD_CASES = {
+    # name: (l, chunk, b, h, p, g, n, seq starts per row or None, options)
+    # boundaries on a chunk boundary (64), on tile boundaries (16, 48), a one-token document (64),
+    # a document ending in the padded last chunk; 4 x 4 tiles per chunk
+    "documents_tiles": (100, 64, 2, 4, 16, 2, 32, [[0, 16, 64, 65, 90], [0, 5, 48, 99]],
+                        dict(D="hp", z=True, softplus=True, dt_bias=True, init=True, dt_limit=(0.05, 0.8))),
+    # one head per group, head and state dims padded to 16, 2 tiles per chunk, ragged length
+    "ragged_groups": (45, 32, 2, 4, 8, 4, 8, None, dict(D="h", init=True)),
+    # shorter than one chunk; unclamped negative dt passes through
+    "short_negative_dt": (7, 16, 1, 2, 4, 1, 6, None, dict(signed_dt=True)),
+}
+
+
+@pytest.mark.parametrize("name", list(SSD_CASES))
+def test_ssd_matches_reference(name):
+    l, chunk, b, h, p, g, n, starts, opts = SSD_CASES[name]
+    opts = dict(opts)
+    dt_limit = opts.pop("dt_limit", (0.0, math.inf))
+    softplus = opts.get("softplus", False)
+    seed = sum(map(ord, name))
+    t = make_inputs(seed, b, l, h, p, g, n, dtype=torch.float32, **opts)
+    seq_idx = None if starts is None else seq_from_starts(l, starts)
+    extra = {k: v for k, v in t.items() if k not in ("x", "dt", "A", "B", "C")}
+    y, final = ssd_chunk_scan(t["x"], t["dt"], t["A"], t["B"], t["C"], chunk, dt_softplus=softplus,
+                              dt_limit=dt_limit, seq_idx=seq_idx, return_final_states=True, **extra)
+    t64 = {k: v.detach().double().requires_grad_(True) for k, v in t.items()}
+    extra64 = {k: v for k, v in t64.items() if k not in ("x", "dt", "A", "B", "C")}
+    y64, f64 = ssd_chunk_scan_torch(t64["x"], t64["dt"], t64["A"], t64["B"], t64["C"], chunk,
+                                    dt_softplus=softplus, dt_limit=dt_limit, seq_idx=seq_idx,
+                                    return_final_states=True, **extra64)
+    assert y.dtype == torch.float32 and final.dtype == torch.float32
+    assert rel(y, y64) < 1e-5 and rel(final, f64) < 1e-5
+    g32 = grads_of((y, final), list(t.values()), seed + 1)
+    g64 = grads_of((y64, f64), list(t64.values()), seed + 1)
+    for key, a, r in zip(t, g32, g64):
+        assert a.dtype == t[key].dtype
+        assert rel(a, r) < 1e-4, f"grad {key}: {rel(a, r):.2e}"
+
+
+def test_ssd_bf16_inputs_and_deterministic_backward():
+    l, b, h, p, g, n = 64, 1, 2, 16, 1, 16
+    t = make_inputs(5, b, l, h, p, g, n, D="h", dt_bias=True, softplus=True, init=True, dtype=torch.bfloat16)
+    for key in ("A", "D", "dt_bias", "initial_states"):  # parameters stay fp32, as in the model
+        t[key] = t[key].detach().float().requires_grad_(True)
+    seq_idx = seq_from_starts(l, [[0, 20, 40]])
+    extra = {k: v for k, v in t.items() if k not in ("x", "dt", "A", "B", "C")}
+    deterministic(True)
+    try:
+        runs = []
+        for _ in range(2):
+            y, final = ssd_chunk_scan(t["x"], t["dt"], t["A"], t["B"], t["C"], 32, dt_softplus=True,
+                                      seq_idx=seq_idx, return_final_states=True, **extra)
+            runs.append((y, final, grads_of((y, final), list(t.values()), 3)))
+    finally:
+        deterministic(False)
+    y, final, grads = runs[0]
+    assert y.dtype == torch.bfloat16
+    for a, b_ in zip(grads, runs[1][2]):
+        assert torch.equal(a, b_), "backward is not bitwise reproducible"
+    t64 = {k: v.detach().double().requires_grad_(True) for k, v in t.items()}
+    extra64 = {k: v for k, v in t64.items() if k not in ("x", "dt", "A", "B", "C")}
+    y64, f64 = ssd_chunk_scan_torch(t64["x"], t64["dt"], t64["A"], t64["B"], t64["C"], 32, dt_softplus=True,
+                                    seq_idx=seq_idx, return_final_states=True, **extra64)
+    assert rel(y, y64) < 1e-2 and rel(final, f64) < 1e-2
+    for key, a, r in zip(t, grads, grads_of((y64, f64), list(t64.values()), 3)):
+        assert rel(a, r) < 2e-2, f"grad {key}: {rel(a, r):.2e}"
+
+
+def test_ssd_strong_decay_is_finite():
+    """Log decays of -1e3 inside a chunk: masked entries never produce inf * 0."""
+    gen = torch.Generator().manual_seed(4)
+    b, l, h, p, n = 1, 64, 2, 16, 16
+    x = torch.randn(b, l, h, p, generator=gen).requires_grad_(True)
+    dt = (torch.randn(b, l, h, generator=gen) + 3.0).requires_grad_(True)
+    A = torch.tensor([-40.0, -0.5]).requires_grad_(True)
+    B = torch.randn(b, l, 1, n, generator=gen).requires_grad_(True)
+    C = torch.randn(b, l, 1, n, generator=gen).requires_grad_(True)
+    y = ssd_chunk_scan(x, dt, A, B, C, 64, dt_softplus=True)
+    leaves64 = [v.detach().double().requires_grad_(True) for v in (x, dt, A, B, C)]
+    y64 = ssd_chunk_scan_torch(*leaves64, 64, dt_softplus=True)
+    assert torch.isfinite(y).all() and rel(y, y64) < 1e-5
+    grads = torch.autograd.grad(y.sum(), [x, dt, A, B, C])
+    grads64 = torch.autograd.grad(y64.sum(), leaves64)
+    for a, r in zip(grads, grads64):
+        assert torch.isfinite(a).all() and rel(a, r) < 1e-4
+
+
+def test_ssd_unsupported_chunk_raises_under_triton():
+    t = make_inputs(1, 1, 8, 2, 4, 1, 4, dtype=torch.float32)
+    with pytest.raises(ValueError, match="chunk_size"):
+        ssd_chunk_scan(t["x"], t["dt"], t["A"], t["B"], t["C"], 12)
+
+
+@pytest.mark.parametrize("with_seq", [True, False])
+def test_conv1d_matches_reference(with_seq):
+    gen = torch.Generator().manual_seed(7)
+    b, l, c, k = 2, 45, 150, 4
+    seq_idx = seq_from_starts(l, [[0, 5, 6, 30], [0, 40]]) if with_seq else None
+    x = torch.randn(b, l, c, generator=gen).requires_grad_(True)
+    w = torch.randn(c, 1, k, generator=gen).requires_grad_(True)
+    bias = torch.randn(c, generator=gen).requires_grad_(True) if with_seq else None
+    act = "silu" if with_seq else None
+    leaves = [v for v in (x, w, bias) if v is not None]
+    y = causal_conv1d(x, w, bias, seq_idx, act)
+    dy = torch.randn(y.shape, generator=gen)
+    grads = torch.autograd.grad(y, leaves, dy)
+    l64 = [v.detach().double().requires_grad_(True) for v in leaves]
+    y64 = causal_conv1d_torch(l64[0], l64[1], l64[2] if bias is not None else None, seq_idx, act)
+    assert rel(y, y64) < 1e-5
+    for a, r in zip(grads, torch.autograd.grad(y64, l64, dy.double())):
+        assert rel(a, r) < 1e-5
+
+
+@pytest.mark.parametrize("with_z", [True, False])
+def test_gated_norm_matches_reference(with_z):
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 37, 96, generator=gen).requires_grad_(True)
+    z = torch.randn(2, 37, 96, generator=gen).requires_grad_(True) if with_z else None
+    w = (1 + 0.1 * torch.randn(96, generator=gen)).requires_grad_(True)
+    leaves = [v for v in (x, z, w) if v is not None]
+    y = gated_rms_norm(x, z, w, 1e-5, 32 if with_z else None)
+    dy = torch.randn(y.shape, generator=gen)
+    grads = torch.autograd.grad(y, leaves, dy)
+    l64 = [v.detach().double().requires_grad_(True) for v in leaves]
+    y64 = gated_rms_norm_torch(l64[0], l64[1] if with_z else None, l64[-1], 1e-5, 32 if with_z else None)
+    assert rel(y, y64) < 1e-5
+    for a, r in zip(grads, torch.autograd.grad(y64, l64, dy.double())):
+        assert rel(a, r) < 1e-5
+
+
+def test_fused_linear_cross_entropy_matches_lm_loss():
+    from hybrid_train.train.loss import lm_loss
+
+    gen = torch.Generator().manual_seed(9)
+    t, d, v = 50, 32, 1000
+    h = torch.randn(t, d, generator=gen, dtype=F64)
+    w = torch.randn(v, d, generator=gen, dtype=F64) * 0.3
+    labels = torch.randint(0, v, (t,), generator=gen)
+    labels[3] = -100
+    h32, w32 = h.float().requires_grad_(True), w.float().requires_grad_(True)
+    loss, ce = fused_linear_cross_entropy(h32, w32, labels, z_loss=1e-2, vocab_chunk=300)  # 4 chunks, ragged
+    loss.backward()
+    h64, w64 = h.requires_grad_(True), w.requires_grad_(True)
+    ref, ce_ref = lm_loss((h64 @ w64.T)[None], labels[None], 1e-2)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 1e-5 and abs(ce.item() - ce_ref.item()) < 1e-5
+    assert rel(h32.grad, h64.grad) < 1e-5 and rel(w32.grad, w64.grad) < 1e-5
+
+
+def test_compile_traces_custom_ops_without_graph_breaks():
+    """fullgraph=True fails on any graph break; aot_eager also traces the backward."""
+    t = make_inputs(2, 1, 40, 2, 16, 1, 16, D="h", dt_bias=True, softplus=True, dtype=torch.float32)
+    w = torch.randn(32, 1, 4)
+    nw = torch.ones(32)
+    seq_idx = seq_from_starts(40, [[0, 17]])
+
+    def mixer(x, dt, A, B, C, D, dt_bias):
+        xc = causal_conv1d(x.flatten(2), w, None, seq_idx, "silu").view_as(x)
+        y = ssd_chunk_scan(xc, dt, A, B, C, 32, D=D, dt_bias=dt_bias, dt_softplus=True, seq_idx=seq_idx)
+        return gated_rms_norm(y.flatten(2), x.flatten(2), nw, 1e-5, 16)
+
+    args = [t[k] for k in ("x", "dt", "A", "B", "C", "D", "dt_bias")]
+    eager = mixer(*args)
+    compiled = torch.compile(mixer, fullgraph=True, backend="aot_eager")(*args)
+    assert rel(compiled, eager) < 1e-6
+    for a, b_ in zip(torch.autograd.grad(compiled.square().sum(), args),
+                     torch.autograd.grad(eager.square().sum(), args)):
+        assert rel(a, b_) < 1e-5
