@@ -18,6 +18,11 @@ def test_flex_document_attention_matches_dense_mask():
     ref = causal_attention(q.cpu().double(), k.cpu().double(), v.cpu().double(), seq_idx.cpu())  # dense mask
     err = (out.double().cpu() - ref).norm() / ref.norm()
     assert err < 1e-2, err
+    # A new batch's documents get a new mask (the block mask is cached per seq_idx tensor only).
+    other = torch.bucketize(torch.arange(t, device="cuda"), bounds[:2], right=True).int().expand(b, t).contiguous()
+    out2 = causal_attention(q, k, v, other)
+    ref2 = causal_attention(q.cpu().double(), k.cpu().double(), v.cpu().double(), other.cpu())
+    assert (out2.double().cpu() - ref2).norm() / ref2.norm() < 1e-2
 
 
 def test_train_steps_on_gpu(compose, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -36,13 +37,27 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def _flex_document_attention(q, k, v, seq_idx, gqa):
+# The block mask depends only on seq_idx, which every attention layer of a forward shares: build it
+# once per seq_idx tensor (a weak reference, so a new batch never sees a stale mask).
+_last_mask: tuple[weakref.ref, object] | None = None
+
+
+def _document_block_mask(seq_idx: torch.Tensor):
+    global _last_mask
+    if _last_mask is not None and _last_mask[0]() is seq_idx:
+        return _last_mask[1]
     from torch.nn.attention.flex_attention import create_block_mask
 
-    b, _, t, _ = q.shape
+    b, t = seq_idx.shape
 
     def document_causal(batch, head, q_idx, kv_idx):
         return (q_idx >= kv_idx) & (seq_idx[batch, q_idx] == seq_idx[batch, kv_idx])
 
-    block_mask = create_block_mask(document_causal, B=b, H=None, Q_LEN=t, KV_LEN=t, device=q.device)
+    block_mask = create_block_mask(document_causal, B=b, H=None, Q_LEN=t, KV_LEN=t, device=seq_idx.device)
+    _last_mask = (weakref.ref(seq_idx), block_mask)
+    return block_mask
+
+
+def _flex_document_attention(q, k, v, seq_idx, gqa):
+    block_mask = _document_block_mask(seq_idx)
     return _compiled_flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=gqa)

