@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 from hydra.errors import ConfigCompositionException
-from omegaconf.errors import ConfigKeyError, ValidationError
+from omegaconf.errors import ValidationError
 
 from hybrid_train.config import to_yaml
 from hybrid_train.model import ModelConfig

@@ -1,7 +1,7 @@
 """Kernel dispatch, and the Triton kernels under the CPU interpreter (in a subprocess).
 
 TRITON_INTERPRET must be set before triton is first imported, and this process may import triton
-for other reasons (torch.compile); so tests/test_kernels_interp.py runs in a fresh interpreter with
+for other reasons (torch.compile); so tests/kernels_interp_cases.py runs in a fresh interpreter with
 TRITON_INTERPRET=1 and HYBRID_TRAIN_KERNELS=triton, which leaves the other tests untouched.
 """
 
@@ -27,7 +27,7 @@ def test_triton_kernels_under_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", HYBRID_TRAIN_KERNELS="triton", PYTHONPATH=os.pathsep.join(
         [str(TESTS.parent), str(TESTS), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(TESTS / "test_kernels_interp.py")],
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(TESTS / "kernels_interp_cases.py")],
         cwd=TESTS.parent, env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]

@@ -16,9 +16,7 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
 from hybrid_train.model import HybridLM, ModelConfig, build_model
 
@@ -146,24 +144,23 @@ def iter_model_tensors(ckpt: str | os.PathLike, names: list[str] | None = None):
         yield name, state["model"][name]
 
 
+def weights_only_meta(model_cfg: ModelConfig, meta: dict | None = None) -> dict:
+    """meta.json of a checkpoint that holds weights only (an import or a merge): no optimizer or data."""
+    return {"step": 0, "tokens": 0, "code_version": code_version(), **(meta or {}),
+            "model_config": dataclasses.asdict(model_cfg), "weights_only": True}
+
+
 def write_model_checkpoint(path: str | os.PathLike, model_state: dict[str, torch.Tensor], model_cfg: ModelConfig,
                            meta: dict | None = None) -> Path:
     """A weights-only checkpoint (no optimizer or data state) in the native layout, e.g. from an import
     or a merge; it can be loaded by load_model and used as checkpoint.init_from."""
     path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path} already exists; refusing to overwrite it")
     tmp = path.with_name(f".tmp_{path.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     dcp.save({"model": model_state}, checkpoint_id=str(tmp))
-    full_meta = {"step": 0, "tokens": 0, "code_version": code_version(), **(meta or {}),
-                 "model_config": dataclasses.asdict(model_cfg), "weights_only": True}
-    (tmp / META).write_text(json.dumps(full_meta, indent=2))
-    if path.exists():
-        raise FileExistsError(f"{path} already exists; refusing to overwrite it")
+    (tmp / META).write_text(json.dumps(weights_only_meta(model_cfg, meta), indent=2))
     os.replace(tmp, path)
     return path
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()

@@ -27,8 +27,8 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 from hybrid_train.model import HybridLM, ModelConfig, build_model
 from hybrid_train.model.hf import SAFE_INDEX, HFCheckpoint, hf_bamba_config, hf_layout, is_hf_dir
-from hybrid_train.train.checkpoint import (META, code_version, model_config_from_meta, model_tensor_metadata,
-                                           read_meta, resolve_checkpoint)
+from hybrid_train.train.checkpoint import (META, model_config_from_meta, model_tensor_metadata,
+                                           read_meta, resolve_checkpoint, weights_only_meta)
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -344,8 +344,7 @@ def write_native_checkpoint(path: str | os.PathLike, source, meta: dict | None =
     extra = {"hf_token_ids": {k: v for k, v in ids.items() if v is not None}}
     if tokenizer == "byte":
         extra["tokenizer"] = "byte"
-    full_meta = {"step": 0, "tokens": 0, "code_version": code_version(), **extra, **(meta or {}),
-                 "model_config": dataclasses.asdict(source.model_config), "weights_only": True}
+    full_meta = weights_only_meta(source.model_config, {**extra, **(meta or {})})
     with _staging(path) as tmp:
         writer = dcp.FileSystemWriter(str(tmp), single_file_per_rank=False)  # one file per tensor
         dcp.save({"model": placeholders}, storage_writer=writer, planner=_LazySavePlanner(produce))

@@ -1,7 +1,8 @@
 """The Triton kernels on CPU through Triton's interpreter, against the PyTorch references.
 
 Runs only in a process started with TRITON_INTERPRET=1 and HYBRID_TRAIN_KERNELS=triton (set before
-triton is imported): tests/test_kernels.py starts one. Collected elsewhere, it skips.
+triton is imported): tests/test_kernels.py starts one, naming this file (its name keeps it out of the
+default collection).
 Shapes are small (the interpreter runs every program in numpy) but cover what the GPU shapes use:
 several row/column tiles per chunk, documents (seq_idx) crossing chunk and tile boundaries,
 one-token documents, ragged lengths, n_groups > 1, initial and final states, D per head and per
@@ -16,7 +17,7 @@ import os
 import pytest
 
 if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") or os.environ.get("HYBRID_TRAIN_KERNELS") != "triton":
-    pytest.skip("run by tests/test_kernels.py under TRITON_INTERPRET=1", allow_module_level=True)
+    raise RuntimeError("run these cases through tests/test_kernels.py (TRITON_INTERPRET=1, HYBRID_TRAIN_KERNELS=triton)")
 
 import torch  # noqa: E402
 
