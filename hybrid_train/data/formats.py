@@ -254,7 +254,7 @@ class TokenReader:
         return self.count
 
     def close(self) -> None:
-        pass
+        """Nothing to release: the token file is memory-mapped and closes with its last reference."""
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ def code_version() -> str:
         if out.returncode == 0:
             return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        pass
+        ...  # no git here (an installed copy): fall back to the package version
     from importlib.metadata import PackageNotFoundError, version
 
     try:

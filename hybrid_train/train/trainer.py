@@ -26,7 +26,7 @@ from hybrid_train.train.preemption import StopRequest
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """The loss or gradient norm became inf/NaN; raised before the optimizer step writes any weight."""
 
 
 @dataclasses.dataclass
