@@ -92,8 +92,11 @@ def test_time_limit_warning_checkpoints_requeues_and_resumes(cluster):
     # What SLURM does ten minutes before the time limit (--signal=B:USR1@600): signal the batch shell.
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True)
     _wait(lambda: _job_state(env, job) == "PENDING", "the job to requeue itself")
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)  # skip the requeue delay
-    _wait(lambda: _job_state(env, job) == "", "the requeued job to finish")
+    # SLURM holds a requeued job back for a while (BeginTime); shorten that, but not to zero: a start
+    # before the old run's credential is cleaned up is refused ("Job credential revoked").
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+15"], env=env, check=True)
+    final = run_dir / "checkpoints" / "step_00000060"
+    _wait(lambda: final.is_dir() and _job_state(env, job) == "", "the requeued job to finish")
     text = log.read_text()
     assert "asking the trainer to checkpoint and stop" in text and "requeueing job" in text
     assert "resumed from" in text
