@@ -2,7 +2,7 @@
 
 A checkpoint directory holds
   - DCP shards of {"model", "optim"}: sharded tensors, loadable under any world size or layout;
-  - rank_XXXXX.pt per rank: that rank's data-loader position, RNG states and the LR-scheduler state;
+  - rank_<rank>.pt per rank (five digits): that rank's data-loader position, RNG states and the LR-scheduler state;
   - meta.json: counters, stage, model config, resolved job config, code version, world size.
 It is written under a temporary name and renamed when every part is on disk; `latest` moves after.
 
