@@ -125,33 +125,50 @@ def profile_ssd(b, l, h, p, g, n, chunk, docs=1, iters=5) -> list[str]:
     return [f"{us:8.1f} us x{cnt:<3d} {name[:90]}" for us, cnt, name in rows[:25]] + [f"{total:8.1f} us total"]
 
 
-# Launch variants tried by --sweep, each on top of the defaults: (label, {kernel: {option: value}})
+# Launch variants tried by --sweep, each on top of the defaults: (label, {LAUNCH key: value}); a dict
+# value updates that kernel's options, anything else replaces the entry.
 SWEEP = [
     ("default", {}),
-    ("state bwd 64x128", {"state_bwd_blocks": dict(bp=64, bn=128)}),
-    ("dcb w8", {"dcb": dict(num_warps=8)}),
+    ("cb in fp32", {"cb_dtype": "fp32"}),
+    ("dcb w4 s3", {"dcb": dict(num_warps=4, num_stages=3)}),
+    ("state fwd s2", {"state_fwd": dict(num_stages=2)}),
 ]
 
 
 def sweep_ssd(results) -> None:
     import copy
 
+    from hybrid_train.ops.ssd import ssd_chunk_scan_torch
     from hybrid_train.ops.triton.common import LAUNCH
 
+    t, _ = ssd_inputs(**{k: ANCHOR[k] for k in ("b", "l", "h", "p", "g", "n")}, grad=False, seed=11)
+    t64 = {k: v.double() for k, v in t.items()}
+    with torch.no_grad():
+        y64 = ssd_chunk_scan_torch(t64["x"], t64["dt"], t64["A"], t64["B"], t64["C"], ANCHOR["chunk"],
+                                   D=t64["D"], dt_bias=t64["dt_bias"], dt_softplus=True)
     base = copy.deepcopy(LAUNCH)
     for label, change in SWEEP:
         LAUNCH.clear()
         LAUNCH.update(copy.deepcopy(base))
         for k, v in change.items():
-            LAUNCH[k].update(v)
+            if isinstance(v, dict):
+                LAUNCH[k].update(v)
+            else:
+                LAUNCH[k] = v
         try:
+            set_kernels("triton")
+            with torch.no_grad():
+                y = ssd_call(t, ANCHOR["chunk"], None)
+            err = ((y.double() - y64).norm() / y64.norm()).item()
             r = bench_ssd(**ANCHOR)
         except Exception as e:  # a variant that does not compile or fit is reported, not fatal
             print(f"sweep {label}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
             continue
         r["variant"] = label
+        r["fwd_rel_err"] = err
         results.append(r)
-        print(f"sweep {label:16s} fwd {r['fwd_ms']:.3f} ms  fwd+bwd {r['fwd_bwd_ms']:.3f} ms", flush=True)
+        print(f"sweep {label:18s} fwd {r['fwd_ms']:.3f} ms  fwd+bwd {r['fwd_bwd_ms']:.3f} ms  fwd rel err {err:.1e}",
+              flush=True)
     LAUNCH.clear()
     LAUNCH.update(base)
 
@@ -250,6 +267,35 @@ def bench_ssd_overhead(b, l, h, p, g, n, chunk) -> dict:
     return {"op": "ssd_overhead", "b": b, "l": l, "g": g, "eager_ms": eager, "graph_ms": replay, "host_ms": host}
 
 
+def host_profile_ssd(b, l, h, p, g, n, chunk, iters=20) -> list[str]:
+    """Where the host time of an eager SSD forward+backward goes (cProfile, top functions by own time)."""
+    import cProfile
+    import io
+    import pstats
+
+    set_kernels("triton")
+    t, seq_idx = ssd_inputs(b, l, h, p, g, n)
+    dy = torch.randn(b, l, h, p, device="cuda", dtype=torch.bfloat16)
+    leaves = list(t.values())
+
+    def step():
+        torch.autograd.grad(ssd_call(t, chunk, seq_idx), leaves, dy)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(iters):
+        step()
+    prof.disable()
+    torch.cuda.synchronize()
+    set_kernels("auto")
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(18)
+    return out.getvalue().splitlines()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", default=["ssd", "ce", "conv", "norm"])
@@ -257,12 +303,16 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="per-kernel times of the SSD at the anchor shape")
     parser.add_argument("--sweep", action="store_true", help="try the launch variants in SWEEP at the anchor")
     parser.add_argument("--graph", action="store_true", help="SSD fwd+bwd: eager vs CUDA-graph replay, host time")
+    parser.add_argument("--host-profile", action="store_true", help="cProfile of eager SSD fwd+bwd host time")
     parser.add_argument("--json", help="append results as JSON lines to this file")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     results: list[dict] = []
     if args.profile:
         for line in profile_ssd(**ANCHOR):
+            print(line, flush=True)
+    if args.host_profile:
+        for line in host_profile_ssd(**ANCHOR):
             print(line, flush=True)
     if args.sweep:
         sweep_ssd(results)

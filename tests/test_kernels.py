@@ -17,7 +17,8 @@ import torch
 
 from hybrid_train.model import ModelConfig
 from hybrid_train.ops import kernels_mode, set_kernels
-from hybrid_train.ops.dispatch import ENV_VAR, use_triton
+from hybrid_train.ops import dispatch
+from hybrid_train.ops.dispatch import ENV_VAR, OPS, TORCH_OPS_ENV_VAR, torch_ops, use_triton
 from hybrid_train.ops.ssd import ssd_chunk_scan, ssd_chunk_scan_torch
 
 TESTS = Path(__file__).resolve().parent
@@ -52,6 +53,38 @@ def test_set_kernels_validates_and_env_wins(monkeypatch):
         set_kernels("auto")
 
 
+def test_per_op_switches_force_the_reference(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.delenv(TORCH_OPS_ENV_VAR, raising=False)
+    monkeypatch.setattr(dispatch, "interpreting", lambda: True)  # kernels=triton accepts CPU tensors; none run
+    x = torch.zeros(1)
+    try:
+        set_kernels("triton", torch_ops=("ssd", "mixer"))
+        assert torch_ops() == {"ssd", "mixer"}
+        assert not use_triton(x, op="ssd") and not use_triton(x, op="mixer")
+        assert use_triton(x, op="conv1d") and use_triton(x)  # no op name: the mode alone decides
+        monkeypatch.setenv(TORCH_OPS_ENV_VAR, " conv1d, gated_norm")  # adds to set_kernels' list
+        assert torch_ops() == {"ssd", "mixer", "conv1d", "gated_norm"}
+        assert not use_triton(x, op="gated_norm") and use_triton(x, op="cross_entropy")
+        set_kernels("triton")  # a new call replaces its own list; the env var's stays
+        assert torch_ops() == {"conv1d", "gated_norm"}
+        set_kernels("triton", torch_ops=OPS)
+        assert not any(use_triton(x, op=op) for op in OPS)
+        monkeypatch.setenv(TORCH_OPS_ENV_VAR, "ssd,flash")
+        with pytest.raises(ValueError, match=f"{TORCH_OPS_ENV_VAR}: unknown op 'flash'"):
+            use_triton(x, op="conv1d")
+        monkeypatch.delenv(TORCH_OPS_ENV_VAR)
+        with pytest.raises(ValueError, match="torch_ops: unknown op 'conv'"):
+            set_kernels("auto", torch_ops=("conv",))
+        with pytest.raises(TypeError, match="torch_ops"):
+            set_kernels("auto", torch_ops="ssd")
+        with pytest.raises(ValueError, match="use_triton: unknown op 'norm'"):
+            use_triton(x, op="norm")
+    finally:
+        set_kernels("auto")
+    assert torch_ops() == frozenset()
+
+
 def test_auto_runs_the_reference_on_cpu(monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
     assert not use_triton(torch.zeros(1))
@@ -65,3 +98,18 @@ def test_model_config_kernels_field():
     assert ModelConfig().validate().kernels == "auto"
     with pytest.raises(ValueError, match="model.kernels"):
         ModelConfig(kernels="fast").validate()
+
+
+def test_kernel_ops_take_the_custom_op_only_when_traced():
+    """Eager calls skip the dispatcher; anything traced (fake tensors, dispatch modes) gets the custom op."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from hybrid_train.ops.library import _tracing
+
+    plain = torch.ones(2)
+    assert not _tracing((plain, torch.nn.Parameter(torch.ones(1)), None, 3, 0.5))
+    with FakeTensorMode() as mode:
+        fake = torch.ones(2)
+    assert _tracing((plain, fake))
+    with mode:  # a dispatch mode is active: tracing even with no tensor argument
+        assert _tracing((3,))

@@ -1,7 +1,7 @@
 """Depthwise causal conv1d over (b, l, c) activations, with document masking for packed sequences.
 
 ``causal_conv1d_torch`` is the reference and CPU path; ``causal_conv1d`` dispatches to the Triton
-kernels (hybrid_train/ops/triton/conv1d.py), registered as torch.library custom ops.
+kernels (hybrid_train/ops/triton/conv1d.py), registered as custom ops (hybrid_train/ops/library.py).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from hybrid_train.ops.dispatch import use_triton
+from hybrid_train.ops.library import kernel_op
 
 __all__ = ["causal_conv1d", "causal_conv1d_torch"]
 
@@ -32,7 +33,7 @@ def causal_conv1d(
     """
     if activation not in (None, "silu"):
         raise ValueError(f"activation must be None or 'silu', got {activation!r}")
-    if x.dtype in _DTYPES and use_triton(x):
+    if x.dtype in _DTYPES and use_triton(x, op="conv1d"):
         w = weight.squeeze(1) if weight.dim() == 3 else weight
         assert w.shape == (x.shape[-1], w.shape[-1]), "weight must be (c, k) or (c, 1, k)"
         xin = x if x.stride(-1) == 1 else x.contiguous()
@@ -40,29 +41,10 @@ def causal_conv1d(
     return causal_conv1d_torch(x, weight, bias, seq_idx, activation)
 
 
-@torch.library.custom_op("hybrid_train::causal_conv1d_fwd", mutates_args=())
-def _conv1d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-               seq_idx: Optional[torch.Tensor], silu: bool) -> torch.Tensor:
-    from hybrid_train.ops.triton.conv1d import conv1d_fwd
-
-    return conv1d_fwd(x, weight, bias, seq_idx, silu)
-
-
-@_conv1d_op.register_fake
 def _conv1d_fake(x, weight, bias, seq_idx, silu):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("hybrid_train::causal_conv1d_bwd", mutates_args=())
-def _conv1d_bwd_op(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                   seq_idx: Optional[torch.Tensor], silu: bool) -> list[torch.Tensor]:
-    from hybrid_train.ops.triton.conv1d import conv1d_bwd
-
-    dx, dw, db = conv1d_bwd(dout if dout.stride(-1) == 1 else dout.contiguous(), x, weight, bias, seq_idx, silu)
-    return [dx, dw.to(weight.dtype), db.to(bias.dtype) if db is not None else x.new_empty(0)]
-
-
-@_conv1d_bwd_op.register_fake
 def _conv1d_bwd_fake(dout, x, weight, bias, seq_idx, silu):
     return [x.new_empty(x.shape), torch.empty_like(weight),
             torch.empty_like(bias) if bias is not None else x.new_empty(0)]
@@ -80,7 +62,21 @@ def _conv1d_backward(ctx, dout):
     return dx, dw, (db if bias is not None else None), None, None
 
 
-_conv1d_op.register_autograd(_conv1d_backward, setup_context=_conv1d_setup)
+@kernel_op("hybrid_train::causal_conv1d_fwd", _conv1d_fake, _conv1d_setup, _conv1d_backward)
+def _conv1d_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+               seq_idx: Optional[torch.Tensor], silu: bool) -> torch.Tensor:
+    from hybrid_train.ops.triton.conv1d import conv1d_fwd
+
+    return conv1d_fwd(x, weight, bias, seq_idx, silu)
+
+
+@kernel_op("hybrid_train::causal_conv1d_bwd", _conv1d_bwd_fake)
+def _conv1d_bwd_op(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   seq_idx: Optional[torch.Tensor], silu: bool) -> list[torch.Tensor]:
+    from hybrid_train.ops.triton.conv1d import conv1d_bwd
+
+    dx, dw, db = conv1d_bwd(dout if dout.stride(-1) == 1 else dout.contiguous(), x, weight, bias, seq_idx, silu)
+    return [dx, dw.to(weight.dtype), db.to(bias.dtype) if db is not None else x.new_empty(0)]
 
 
 def causal_conv1d_torch(

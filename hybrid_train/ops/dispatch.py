@@ -8,6 +8,11 @@ The environment variable ``HYBRID_TRAIN_KERNELS`` forces a mode process-wide: wh
 ``triton`` or ``torch`` it wins over :func:`set_kernels` (a run's ``model.kernels``), so a test or a
 debugging run can switch every op without touching configs. Unset or ``auto`` defers to
 :func:`set_kernels`.
+
+Per op, the reference can be forced whatever the mode: ``set_kernels(mode, torch_ops=("ssd",))`` or
+the environment variable ``HYBRID_TRAIN_TORCH_OPS=ssd,conv1d`` (the two add up). A benchmark switches
+the kernels on one at a time this way. Op names are those in ``OPS``; ``mixer`` is the fused causal
+conv1d + SSD scan of the Mamba-2 mixer (hybrid_train/ops/conv_ssd.py).
 """
 
 from __future__ import annotations
@@ -17,9 +22,12 @@ import os
 import torch
 
 MODES = ("auto", "triton", "torch")
+OPS = ("ssd", "conv1d", "gated_norm", "mixer", "cross_entropy")
 ENV_VAR = "HYBRID_TRAIN_KERNELS"
+TORCH_OPS_ENV_VAR = "HYBRID_TRAIN_TORCH_OPS"
 
 _mode = "auto"
+_torch_ops: frozenset[str] = frozenset()
 _deterministic = False
 
 
@@ -30,10 +38,29 @@ def _check(mode: str, where: str) -> str:
     return mode
 
 
-def set_kernels(mode: str) -> None:
-    """Select the implementation for this process: auto | triton | torch (env var still wins)."""
-    global _mode
+def _check_op(op: str, where: str) -> str:
+    if op not in OPS:
+        raise ValueError(f"{where}: unknown op {op!r}; expected one of {', '.join(OPS)}")
+    return op
+
+
+def set_kernels(mode: str, torch_ops: tuple[str, ...] | list[str] = ()) -> None:
+    """Select the implementation for this process: auto | triton | torch (env var still wins), and
+    the ops (names in ``OPS``) that run the PyTorch reference whatever the mode."""
+    global _mode, _torch_ops
+    if isinstance(torch_ops, str):
+        raise TypeError(f"torch_ops must be a sequence of op names, got the string {torch_ops!r}")
+    ops = frozenset(_check_op(op, "torch_ops") for op in torch_ops)
     _mode = _check(mode, "kernels")
+    _torch_ops = ops
+
+
+def torch_ops() -> frozenset[str]:
+    """Ops forced to the reference: set_kernels' ``torch_ops`` plus the env var's list."""
+    env = os.environ.get(TORCH_OPS_ENV_VAR, "")
+    if not env.strip():
+        return _torch_ops
+    return _torch_ops | {_check_op(op.strip(), TORCH_OPS_ENV_VAR) for op in env.split(",") if op.strip()}
 
 
 def kernels_mode() -> str:
@@ -80,8 +107,11 @@ def triton_available() -> bool:
     return _triton_ok
 
 
-def use_triton(*tensors: torch.Tensor | None) -> bool:
-    """Whether an op over these tensors should run the Triton kernels under the current mode."""
+def use_triton(*tensors: torch.Tensor | None, op: str | None = None) -> bool:
+    """Whether an op over these tensors should run the Triton kernels under the current mode;
+    ``op`` (a name in ``OPS``) also consults the per-op switches."""
+    if op is not None and _check_op(op, "use_triton") in torch_ops():
+        return False
     mode = kernels_mode()
     if mode == "torch":
         return False

@@ -1,7 +1,7 @@
 """Gated RMSNorm of the Mamba-2 mixer output (mamba_ssm RMSNormGated, norm_before_gate=False).
 
 ``gated_rms_norm_torch`` is the reference and CPU path; ``gated_rms_norm`` dispatches to the Triton
-kernels (hybrid_train/ops/triton/norm.py), registered as torch.library custom ops.
+kernels (hybrid_train/ops/triton/norm.py), registered as custom ops (hybrid_train/ops/library.py).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from hybrid_train.ops.dispatch import use_triton
+from hybrid_train.ops.library import kernel_op
 
 __all__ = ["gated_rms_norm", "gated_rms_norm_torch"]
 
@@ -28,7 +29,7 @@ def gated_rms_norm(
     """rmsnorm(x * silu(z)) * weight per group; arguments and result as ``gated_rms_norm_torch``."""
     d = x.shape[-1]
     gs = d if group_size is None else group_size
-    if x.dtype in _DTYPES and gs <= 65536 and use_triton(x):
+    if x.dtype in _DTYPES and gs <= 65536 and use_triton(x, op="gated_norm"):
         assert d % gs == 0, "group_size must divide the last dim"
         x2 = x.reshape(-1, d).contiguous()
         z2 = z.reshape(-1, d).contiguous() if z is not None else None
@@ -37,30 +38,10 @@ def gated_rms_norm(
     return gated_rms_norm_torch(x, z, weight, eps, group_size)
 
 
-@torch.library.custom_op("hybrid_train::gated_rms_norm_fwd", mutates_args=())
-def _gated_norm_op(x: torch.Tensor, z: Optional[torch.Tensor], weight: torch.Tensor, eps: float,
-                   group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out (m, d), 1/rms (m, groups) fp32)."""
-    from hybrid_train.ops.triton.norm import gated_norm_fwd
-
-    return gated_norm_fwd(x, z, weight, eps, group_size)
-
-
-@_gated_norm_op.register_fake
 def _gated_norm_fake(x, z, weight, eps, group_size):
     return x.new_empty(x.shape), x.new_empty(x.shape[0], x.shape[1] // group_size, dtype=torch.float32)
 
 
-@torch.library.custom_op("hybrid_train::gated_rms_norm_bwd", mutates_args=())
-def _gated_norm_bwd_op(dout: torch.Tensor, x: torch.Tensor, z: Optional[torch.Tensor], weight: torch.Tensor,
-                       rstd: torch.Tensor, eps: float, group_size: int) -> list[torch.Tensor]:
-    from hybrid_train.ops.triton.norm import gated_norm_bwd
-
-    dx, dz, dw = gated_norm_bwd(dout.contiguous(), x, z, weight, rstd, eps, group_size)
-    return [dx, dz if dz is not None else x.new_empty(0), dw]
-
-
-@_gated_norm_bwd_op.register_fake
 def _gated_norm_bwd_fake(dout, x, z, weight, rstd, eps, group_size):
     return [x.new_empty(x.shape), x.new_empty(x.shape) if z is not None else x.new_empty(0), torch.empty_like(weight)]
 
@@ -77,7 +58,22 @@ def _gated_norm_backward(ctx, dout, _drstd):
     return dx, (dz if z is not None else None), dw, None, None
 
 
-_gated_norm_op.register_autograd(_gated_norm_backward, setup_context=_gated_norm_setup)
+@kernel_op("hybrid_train::gated_rms_norm_fwd", _gated_norm_fake, _gated_norm_setup, _gated_norm_backward)
+def _gated_norm_op(x: torch.Tensor, z: Optional[torch.Tensor], weight: torch.Tensor, eps: float,
+                   group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (m, d), 1/rms (m, groups) fp32)."""
+    from hybrid_train.ops.triton.norm import gated_norm_fwd
+
+    return gated_norm_fwd(x, z, weight, eps, group_size)
+
+
+@kernel_op("hybrid_train::gated_rms_norm_bwd", _gated_norm_bwd_fake)
+def _gated_norm_bwd_op(dout: torch.Tensor, x: torch.Tensor, z: Optional[torch.Tensor], weight: torch.Tensor,
+                       rstd: torch.Tensor, eps: float, group_size: int) -> list[torch.Tensor]:
+    from hybrid_train.ops.triton.norm import gated_norm_bwd
+
+    dx, dz, dw = gated_norm_bwd(dout.contiguous(), x, z, weight, rstd, eps, group_size)
+    return [dx, dz if dz is not None else x.new_empty(0), dw]
 
 
 def gated_rms_norm_torch(

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from hybrid_train.ops.dispatch import kernels_mode, use_triton
+from hybrid_train.ops.library import kernel_op
 
 __all__ = ["ssd_chunk_scan", "ssd_chunk_scan_torch"]
 
@@ -119,7 +120,7 @@ def ssd_chunk_scan(
         y (b, l, h, p) in x's dtype; with ``return_final_states`` also the final state
         (b, h, p, n) in fp32 (fp64 when x is fp64).
     """
-    if use_triton(x):
+    if use_triton(x, op="ssd"):
         reason = _triton_unsupported(x, B, chunk_size)
         if reason is None:
             return _ssd_triton(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, seq_idx,
@@ -228,7 +229,7 @@ def _ssd_reference(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_li
     return y
 
 
-# ---- Triton path: torch.library custom ops, so torch.compile traces through without graph breaks ----
+# ---- Triton path: custom ops (hybrid_train/ops/library.py), so torch.compile traces through without graph breaks ----
 
 _SSD_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -246,22 +247,6 @@ def _triton_unsupported(x: torch.Tensor, B: torch.Tensor, chunk_size: int) -> st
     return None
 
 
-@torch.library.custom_op("hybrid_train::ssd_chunk_scan_fwd", mutates_args=())
-def _ssd_fwd_op(
-    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-    chunk_size: int, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
-    dt_bias: Optional[torch.Tensor], dt_softplus: bool, dt_lo: float, dt_hi: float,
-    seq_idx: Optional[torch.Tensor], initial_states: Optional[torch.Tensor], store_ypre: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out (b, l, h, p), final state (b, h, p, n) fp32, y before the z gate or an empty tensor)."""
-    from hybrid_train.ops.triton.ssd_fwd import ssd_fwd
-
-    out, final, ypre = ssd_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, (dt_lo, dt_hi),
-                               seq_idx, initial_states, store_ypre)
-    return out, final, ypre if ypre is not None else x.new_empty(0)
-
-
-@_ssd_fwd_op.register_fake
 def _ssd_fwd_fake(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_lo, dt_hi, seq_idx,
                   initial_states, store_ypre):
     b, l, h, p = x.shape
@@ -270,23 +255,6 @@ def _ssd_fwd_fake(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_lo,
     return x.new_empty(x.shape), final, ypre
 
 
-@torch.library.custom_op("hybrid_train::ssd_chunk_scan_bwd", mutates_args=())
-def _ssd_bwd_op(
-    dout: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-    C: torch.Tensor, chunk_size: int, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
-    dt_bias: Optional[torch.Tensor], dt_softplus: bool, dt_lo: float, dt_hi: float,
-    seq_idx: Optional[torch.Tensor], initial_states: Optional[torch.Tensor],
-    ypre: Optional[torch.Tensor], dfinal: Optional[torch.Tensor],
-) -> list[torch.Tensor]:
-    """[dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit]; empty tensors for absent inputs."""
-    from hybrid_train.ops.triton.ssd_bwd import ssd_bwd
-
-    grads = ssd_bwd(dout, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, (dt_lo, dt_hi),
-                    seq_idx, initial_states, ypre, dfinal)
-    return [g if g is not None else x.new_empty(0) for g in grads]
-
-
-@_ssd_bwd_op.register_fake
 def _ssd_bwd_fake(dout, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_lo, dt_hi, seq_idx,
                   initial_states, ypre, dfinal):
     like = [x, dt, A, B, C, D, z, dt_bias, initial_states]
@@ -316,7 +284,35 @@ def _ssd_backward(ctx, dout, dfinal, _dypre):
             None, None, None, None, present(dinit, initial_states), None)
 
 
-_ssd_fwd_op.register_autograd(_ssd_backward, setup_context=_ssd_setup_context)
+@kernel_op("hybrid_train::ssd_chunk_scan_fwd", _ssd_fwd_fake, _ssd_setup_context, _ssd_backward)
+def _ssd_fwd_op(
+    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+    chunk_size: int, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
+    dt_bias: Optional[torch.Tensor], dt_softplus: bool, dt_lo: float, dt_hi: float,
+    seq_idx: Optional[torch.Tensor], initial_states: Optional[torch.Tensor], store_ypre: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out (b, l, h, p), final state (b, h, p, n) fp32, y before the z gate or an empty tensor)."""
+    from hybrid_train.ops.triton.ssd_fwd import ssd_fwd
+
+    out, final, ypre = ssd_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, (dt_lo, dt_hi),
+                               seq_idx, initial_states, store_ypre)
+    return out, final, ypre if ypre is not None else x.new_empty(0)
+
+
+@kernel_op("hybrid_train::ssd_chunk_scan_bwd", _ssd_bwd_fake)
+def _ssd_bwd_op(
+    dout: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+    C: torch.Tensor, chunk_size: int, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
+    dt_bias: Optional[torch.Tensor], dt_softplus: bool, dt_lo: float, dt_hi: float,
+    seq_idx: Optional[torch.Tensor], initial_states: Optional[torch.Tensor],
+    ypre: Optional[torch.Tensor], dfinal: Optional[torch.Tensor],
+) -> list[torch.Tensor]:
+    """[dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit]; empty tensors for absent inputs."""
+    from hybrid_train.ops.triton.ssd_bwd import ssd_bwd
+
+    grads = ssd_bwd(dout, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, (dt_lo, dt_hi),
+                    seq_idx, initial_states, ypre, dfinal)
+    return [g if g is not None else x.new_empty(0) for g in grads]
 
 
 def _ssd_triton(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, seq_idx,
@@ -334,9 +330,8 @@ def _ssd_triton(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit
         assert seq_idx.shape == (b, l), "seq_idx must be (b, l)"
     # y before the z gate is only worth keeping when a backward can follow.
     store_ypre = z is not None and torch.is_grad_enabled()
-    out, final, _ = _ssd_fwd_op(x, dt, A.contiguous(), B, C, int(chunk_size), D, z, dt_bias,
-                                bool(dt_softplus), float(dt_limit[0]), float(dt_limit[1]), seq_idx,
-                                initial_states, store_ypre)
+    out, final, _ = _ssd_fwd_op(x, dt, A.contiguous(), B, C, int(chunk_size), D, z, dt_bias, bool(dt_softplus),
+                                float(dt_limit[0]), float(dt_limit[1]), seq_idx, initial_states, store_ypre)
     if return_final_states:
         return out, final
     return out

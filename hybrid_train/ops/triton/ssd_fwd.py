@@ -41,7 +41,7 @@ def _cb_kernel(
     offs_j = jb * BLK + tl.arange(0, BLK)
     out = cb_ptr + (pid.to(tl.int64) * CHUNK) * CHUNK + offs_i[:, None] * CHUNK + offs_j[None, :]
     if jb > ib:  # above the diagonal: masked by causality, but defined (readers mask by multiplying)
-        tl.store(out, tl.zeros((BLK, BLK), dtype=tl.float32))
+        tl.store(out, tl.zeros((BLK, BLK), dtype=cb_ptr.dtype.element_ty))
         return
     g = pid % G
     c = (pid // G) % NCHUNKS
@@ -56,7 +56,7 @@ def _cb_kernel(
                  mask=(ti < L)[:, None] & mn[None, :], other=0.0)  # (BLK, BN)
     BjT = tl.load(B_ptr + b64 * sB_b + g * sB_g + tj[None, :] * sB_l + offs_n[:, None] * sB_n,
                   mask=(tj < L)[None, :] & mn[:, None], other=0.0)  # (BN, BLK)
-    tl.store(out, tl.dot(Ci.to(DOT), BjT.to(DOT)))  # (BLK, BLK) fp32
+    tl.store(out, tl.dot(Ci.to(DOT), BjT.to(DOT)).to(cb_ptr.dtype.element_ty))  # (BLK, BLK), fp32 accumulation
 
 
 @triton.jit
@@ -305,11 +305,15 @@ def chunk_states_fwd(x, dt, A, B, dt_bias, dt_softplus, dt_limit, seq_idx, initi
 
 
 def chunk_cb(B, C, chunk):
-    """CB = C B^T per chunk and group: (b, c, g, Q, Q) fp32."""
+    """CB = C B^T per chunk and group: (b, c, g, Q, Q), fp32 or B's dtype (LAUNCH["cb_dtype"]).
+
+    Every head of the group reads it (128 heads per group at Bamba's shape): in bf16 that traffic halves,
+    and its readers round the scores to the dot dtype anyway."""
     b, l, g, n = B.shape
     nc = triton.cdiv(l, chunk)
     BLK, _, BN = ssd_blocks(chunk, 16, n)
-    cb = torch.empty(b, nc, g, chunk, chunk, device=B.device, dtype=torch.float32)
+    dtype = B.dtype if LAUNCH["cb_dtype"] == "input" else torch.float32
+    cb = torch.empty(b, nc, g, chunk, chunk, device=B.device, dtype=dtype)
     nb = chunk // BLK
     _cb_kernel[(b * nc * g, nb, nb)](
         B, C, cb, l, g, n, nc, *B.stride(), *C.stride(),
