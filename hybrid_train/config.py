@@ -54,7 +54,14 @@ class JobConfig:
         if self.stage.end_tokens and (self.train.max_tokens or self.train.max_steps):
             raise ValueError(f"stage.end_tokens={self.stage.end_tokens} sets the run length; leave train.max_tokens "
                              f"({self.train.max_tokens}) and train.max_steps ({self.train.max_steps}) at 0")
+        if self.train.loss_impl == "fused" and self.parallel.tp > 1:
+            raise ValueError(f"train.loss_impl='fused' needs the whole LM head but parallel.tp={self.parallel.tp} "
+                             "shards it over the vocabulary; use train.loss_impl=logits (or auto)")
         return self
+
+    def fused_loss(self) -> bool:
+        """train.loss_impl resolved: auto is fused unless tensor parallel."""
+        return self.train.loss_impl == "fused" or (self.train.loss_impl == "auto" and self.parallel.tp == 1)
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "schedule": ScheduleConfig,

@@ -6,13 +6,16 @@ default collection).
 Shapes are small (the interpreter runs every program in numpy) but cover what the GPU shapes use:
 several row/column tiles per chunk, documents (seq_idx) crossing chunk and tile boundaries,
 one-token documents, ragged lengths, n_groups > 1, initial and final states, D per head and per
-channel, the z gate, dt bias / softplus / limit.
+channel, the z gate, dt bias / softplus / limit; and the fused conv1d + SSD mixer op, alone and in a
+model, with what it saves for backward.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
+from pathlib import Path
 
 import pytest
 
@@ -21,9 +24,12 @@ if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") or os.environ.get("HYBRI
 
 import torch  # noqa: E402
 
-from hybrid_train.ops import causal_conv1d, deterministic, gated_rms_norm, kernels_mode  # noqa: E402
+from hybrid_train.model import ModelConfig, build_model  # noqa: E402
+from hybrid_train.model.hybrid import Mamba2Mixer  # noqa: E402
+from hybrid_train.ops import causal_conv1d, conv_ssd_scan, deterministic, gated_rms_norm, kernels_mode  # noqa: E402
 from hybrid_train.ops.conv1d import causal_conv1d_torch  # noqa: E402
 from hybrid_train.ops.cross_entropy import fused_linear_cross_entropy  # noqa: E402
+from hybrid_train.ops.dispatch import set_kernels  # noqa: E402
 from hybrid_train.ops.norm import gated_rms_norm_torch  # noqa: E402
 from hybrid_train.ops.ssd import ssd_chunk_scan, ssd_chunk_scan_torch  # noqa: E402
 from hybrid_train.ops.triton.common import LAUNCH  # noqa: E402
@@ -218,3 +224,167 @@ def test_compile_traces_custom_ops_without_graph_breaks():
     for a, b_ in zip(torch.autograd.grad(compiled.square().sum(), args),
                      torch.autograd.grad(eager.square().sum(), args)):
         assert rel(a, b_) < 1e-5
+
+
+# ---- the fused Mamba-2 mixer op (conv1d + SiLU on x, B, C, then the SSD scan) ----
+
+MIXER_CASES = {
+    # name: (l, chunk, b, h, p, g, n, k, seq starts per row or None, conv bias, options)
+    # documents crossing chunk and tile boundaries, a one-token document, two groups, ragged length
+    "documents_groups": (45, 32, 2, 4, 8, 2, 16, 4, [[0, 5, 6, 30], [0, 40]], True,
+                         dict(D=True, dt_bias=True, dt_limit=(0.05, 0.8))),
+    # one group, a 3-tap conv without bias, no D or dt_bias, ragged
+    "plain": (37, 16, 1, 2, 16, 1, 8, 3, None, False, {}),
+}
+
+
+@pytest.fixture
+def unfused_mixer():
+    """The mixer's conv1d and SSD kernels, called one after the other (the fused op switched off)."""
+    set_kernels("auto", torch_ops=("mixer",))
+    yield
+    set_kernels("auto")
+
+
+def mixer_inputs(seed, b, l, h, p, g, n, k, bias, D=False, dt_bias=False, **_):
+    gen = torch.Generator().manual_seed(seed)
+    t = {"x": torch.randn(b, l, h * p, generator=gen), "B": torch.randn(b, l, g * n, generator=gen) * 0.5,
+         "C": torch.randn(b, l, g * n, generator=gen) * 0.5}
+    for name in ("x", "B", "C"):
+        t["w" + name] = torch.randn(t[name].shape[-1], 1, k, generator=gen) * 0.5
+        if bias:
+            t["b" + name] = torch.randn(t[name].shape[-1], generator=gen) * 0.1
+    t["dt"] = torch.randn(b, l, h, generator=gen) * 0.7 - 1.0
+    t["A"] = -torch.empty(h).uniform_(0.3, 4.0, generator=gen)
+    if D:
+        t["D"] = torch.randn(h, generator=gen)
+    if dt_bias:
+        t["dt_bias"] = torch.randn(h, generator=gen) * 0.5
+    return {key: v.requires_grad_(True) for key, v in t.items()}
+
+
+def conv_ssd_call(t, chunk, p, n, seq_idx, dt_limit, reference=False):
+    """conv_ssd_scan on the inputs t, or (reference) the unfused PyTorch reference ops."""
+    names = ("x", "B", "C")
+    weights, biases = [t["w" + c] for c in names], [t.get("b" + c) for c in names]
+    opts = dict(D=t.get("D"), dt_bias=t.get("dt_bias"), dt_softplus=True, dt_limit=dt_limit, seq_idx=seq_idx)
+    if not reference:
+        return conv_ssd_scan(t["x"], t["B"], t["C"], weights, biases, t["dt"], t["A"], chunk, p, n, **opts)
+    xc, Bc, Cc = (causal_conv1d_torch(t[c], w, bias, seq_idx, "silu") for c, w, bias in zip(names, weights, biases))
+    b, l, _ = xc.shape
+    y = ssd_chunk_scan_torch(xc.view(b, l, -1, p), t["dt"], t["A"], Bc.view(b, l, -1, n), Cc.view(b, l, -1, n),
+                             chunk, **opts)
+    return y.reshape(b, l, -1)
+
+
+@pytest.mark.parametrize("name", list(MIXER_CASES))
+def test_conv_ssd_matches_reference(name):
+    l, chunk, b, h, p, g, n, k, starts, bias, opts = MIXER_CASES[name]
+    dt_limit = opts.get("dt_limit", (0.0, math.inf))
+    seq_idx = None if starts is None else seq_from_starts(l, starts)
+    seed = sum(map(ord, name))
+    t = mixer_inputs(seed, b, l, h, p, g, n, k, bias, **opts)
+    saved = SavedBytes()
+    with saved:
+        y = conv_ssd_call(t, chunk, p, n, seq_idx, dt_limit)
+    # the fused op keeps its inputs (the pre-conv x, B, C, the conv weights, dt, A, ...) and no conv output
+    inputs = [*t.values(), *([seq_idx] if seq_idx is not None else [])]
+    assert saved.bytes == sum(v.untyped_storage().nbytes() for v in inputs)
+    t64 = {key: v.detach().double().requires_grad_(True) for key, v in t.items()}
+    y64 = conv_ssd_call(t64, chunk, p, n, seq_idx, dt_limit, reference=True)
+    assert y.dtype == torch.float32 and y.shape == (b, l, h * p)
+    assert rel(y, y64) < 1e-5
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1))
+    for key, a, r in zip(t, torch.autograd.grad(y, list(t.values()), dy),
+                         torch.autograd.grad(y64, list(t64.values()), dy.double())):
+        assert a.dtype == t[key].dtype and a.shape == t[key].shape
+        assert rel(a, r) < 1e-4, f"grad {key}: {rel(a, r):.2e}"
+
+
+def test_compile_traces_conv_ssd_without_graph_breaks():
+    l, chunk, b, h, p, g, n, k, starts, bias, opts = MIXER_CASES["documents_groups"]
+    t = mixer_inputs(1, b, l, h, p, g, n, k, bias, **opts)
+    seq_idx = seq_from_starts(l, starts)
+
+    def fn(*leaves):
+        return conv_ssd_call(dict(zip(t, leaves)), chunk, p, n, seq_idx, (0.0, math.inf))
+
+    args = list(t.values())
+    eager = fn(*args)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(*args)
+    assert rel(compiled, eager) < 1e-6
+    for a, b_ in zip(torch.autograd.grad(compiled.square().sum(), args),
+                     torch.autograd.grad(eager.square().sum(), args)):
+        assert rel(a, b_) < 1e-5
+
+
+def mixer_cfg(**overrides) -> ModelConfig:
+    base = dict(name="t", vocab_size=61, d_model=32, n_layers=2, attn_layer_indices=[1], mlp_hidden=48,
+                n_heads=2, n_kv_heads=1, head_dim=16, ssm_d_state=16, ssm_head_dim=16, ssm_n_groups=2,
+                ssm_chunk_size=16)
+    base.update(overrides)
+    return ModelConfig(**base).validate()
+
+
+def test_model_with_fused_mixer_matches_unfused():
+    cfg = mixer_cfg()
+    torch.manual_seed(3)
+    model = build_model(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 37))  # ragged: 3 chunks, the last one partial
+    seq_idx = seq_from_starts(37, [[0, 10, 16, 17], [0, 30]])
+    position_ids = torch.arange(37).expand(2, 37)  # positions do not matter for the comparison
+
+    def run(torch_ops):
+        set_kernels("auto", torch_ops=torch_ops)
+        try:
+            logits = model(ids, position_ids, seq_idx)
+            logits.square().mean().backward()
+        finally:
+            set_kernels("auto")
+        grads = {name: p.grad for name, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        return logits.detach(), grads
+
+    fused, g_fused = run(())
+    unfused, g_unfused = run(("mixer",))
+    assert rel(fused, unfused) < 1e-6
+    for name, grad in g_fused.items():
+        assert grad is not None and rel(grad, g_unfused[name]) < 1e-5, name
+
+
+@pytest.mark.parametrize("with_seq", [True, False])
+def test_fused_mixer_saves_no_conv_outputs(with_seq):
+    """Per token, the fused mixer saves exactly the conv outputs (x, B, C channels) less than the unfused one."""
+    cfg = mixer_cfg()
+    torch.manual_seed(4)
+    mixer = Mamba2Mixer(cfg)
+    mixer.init_weights(0.02, 0.02)
+    mixer.to(torch.bfloat16)
+    b, l = 2, 40
+    u = torch.randn(b, l, cfg.d_model, dtype=torch.bfloat16, requires_grad=True)
+    seq_idx = seq_from_starts(l, [[0, 7], [0, 20]]) if with_seq else None
+
+    def saved_bytes(torch_ops):
+        set_kernels("auto", torch_ops=torch_ops)
+        try:
+            with SavedBytes(mixer.parameters()) as saved:
+                y = mixer(u, None, seq_idx)
+            return saved.bytes, y
+        finally:
+            set_kernels("auto")
+
+    fused, y_fused = saved_bytes(())
+    unfused, y_unfused = saved_bytes(("mixer",))
+    conv_channels = cfg.d_inner + 2 * cfg.ssm_n_groups * cfg.ssm_d_state
+    assert (unfused - fused) / (b * l) == conv_channels * 2  # bf16
+    assert torch.equal(y_fused, y_unfused)
+
+
+def _bench_script():
+    spec = importlib.util.spec_from_file_location("bench_script", Path(__file__).parents[1] / "scripts" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SavedBytes = _bench_script().SavedBytes

@@ -74,10 +74,19 @@ def test_wrong_type_fails(compose):
     (["checkpoint.init_from=a", "checkpoint.resume_from=b"], "set one of them"),
     (["optim.lr=-1"], "optim.lr must be positive"),
     (["train.precision=fp8"], "train.precision='fp8'"),
+    (["train.loss_impl=chunked"], "train.loss_impl='chunked' must be one of auto, fused, logits"),
+    (["parallel.tp=2", "train.loss_impl=fused"], "train.loss_impl='fused' needs the whole LM head but parallel.tp=2"),
 ])
 def test_cross_field_validation_names_fields(compose, overrides, message):
     with pytest.raises(ValueError, match=message):
         compose(overrides)
+
+
+def test_loss_impl_auto_is_fused_unless_tensor_parallel(compose):
+    assert compose([]).fused_loss()
+    assert not compose(["parallel.tp=2"]).fused_loss()
+    assert not compose(["train.loss_impl=logits"]).fused_loss()
+    assert not compose(["parallel=fsdp_tp", "train.loss_impl=logits"]).fused_loss()
 
 
 def test_pattern_and_indices_agree(compose):

@@ -1,4 +1,5 @@
-"""Model: parameter counts on meta, packed-document isolation, attention masking, parity with transformers."""
+"""Model: parameter counts on meta, packed-document isolation, attention masking, the fused head loss, parity
+with transformers."""
 
 import math
 
@@ -8,7 +9,8 @@ import torch.nn.functional as F
 
 from hybrid_train.model import ModelConfig, build_model, count_params
 from hybrid_train.model.hf import hf_bamba_config, to_hf_tensors
-from hybrid_train.ops import causal_attention
+from hybrid_train.ops import causal_attention, fused_linear_cross_entropy
+from hybrid_train.train.loss import lm_loss
 
 
 def tiny_cfg(**overrides) -> ModelConfig:
@@ -38,6 +40,46 @@ def test_logits_shape_and_dtype():
     logits = model(ids)
     assert logits.shape == (2, 21, 97) and logits.dtype == torch.float32
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_fused_head_loss_and_gradients_match_logits_path(tied):
+    """With labels the head returns lm_loss of its logits, computed fused: the same loss and cross
+    entropy, and the same gradient of every parameter (tied: the one matrix's embedding + head gradient)."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(tie_embeddings=tied, init_std=0.1))  # logits of order 1, not near 0
+    ids, labels = torch.randint(0, 97, (2, 2, 21))
+    labels[0, :3] = -100  # ignored by both (F.cross_entropy's default ignore_index)
+    z_loss = 1e-2
+    loss, ce = lm_loss(model(ids), labels, z_loss)
+    loss.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    fused, fused_ce = model(ids, labels=labels, z_loss=z_loss)
+    fused.backward()
+    torch.testing.assert_close(fused, loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(fused_ce, ce, rtol=1e-6, atol=0)
+    assert fused_ce < fused  # the z-loss term is in the loss, not in the cross entropy
+    for name, p in model.named_parameters():
+        g = expected[name]
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-5 * float(g.abs().max()), msg=name)
+
+
+def test_fused_loss_under_autocast_is_the_fused_loss_of_autocast_dtype_operands():
+    """Under autocast (the trainer's bf16) the fused loss casts hidden and weight as an nn.Linear head
+    would, and its backward, which autocast never reaches, recomputes the logits in that dtype too."""
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(40, 32, generator=gen, requires_grad=True)
+    w = (0.3 * torch.randn(300, 32, generator=gen)).requires_grad_(True)
+    labels = torch.randint(0, 300, (40,), generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = fused_linear_cross_entropy(h, w, labels, z_loss=1e-2, vocab_chunk=128)
+    loss.backward()
+    h16, w16 = (t.detach().bfloat16().requires_grad_(True) for t in (h, w))
+    expected, _ = fused_linear_cross_entropy(h16, w16, labels, z_loss=1e-2, vocab_chunk=128)
+    expected.backward()
+    assert loss.item() == expected.item()
+    assert torch.equal(h.grad, h16.grad.float()) and torch.equal(w.grad, w16.grad.float())
 
 
 @pytest.mark.parametrize("layout", [dict(attn_layer_indices=[1]), dict(attn_layer_indices=None, layer_pattern="AMMA")])

@@ -1,6 +1,7 @@
 """End-to-end training on the bundled sample: a few steps in-process, via the CLI and via torchrun."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -50,6 +51,20 @@ def test_same_seed_same_losses(compose, tmp_path):
     job = compose(SMALL + [f"run.dir={tmp_path / 'other'}", "train.max_steps=4", "logging.log_every=1", "train.seed=1"])
     train(job)
     assert [r["loss"] for r in read_metrics(tmp_path / "other")] != losses[0]
+
+
+def test_fused_and_logits_loss_train_alike(compose, tmp_path):
+    """train.loss_impl=fused (the default on one process) and logits log the same losses (cross entropy
+    without the z-loss term) and gradient norms, with gradient accumulation and z-loss on."""
+    metrics = {}
+    for impl in ("fused", "logits"):
+        train(compose(SMALL + [f"run.dir={tmp_path / impl}", "train.max_steps=3", "logging.log_every=1",
+                               "train.global_batch_tokens=512", "train.z_loss=1e-2", f"train.loss_impl={impl}"]))
+        metrics[impl] = read_metrics(tmp_path / impl)
+    fused, logits = metrics["fused"], metrics["logits"]
+    assert [r["loss"] for r in fused] == pytest.approx([r["loss"] for r in logits], rel=1e-5)
+    assert [r["grad_norm"] for r in fused] == pytest.approx([r["grad_norm"] for r in logits], rel=1e-5)
+    assert fused[0]["loss"] == pytest.approx(math.log(258), rel=0.05)  # the cross entropy of a fresh model
 
 
 def test_non_finite_loss_stops_before_writing_weights(compose, tmp_path):

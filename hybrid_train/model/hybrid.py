@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hybrid_train.model.config import ATTENTION, ModelConfig
-from hybrid_train.ops import causal_attention, causal_conv1d, gated_rms_norm, ssd_chunk_scan
+from hybrid_train.ops import causal_attention, conv_ssd_scan, fused_linear_cross_entropy, gated_rms_norm
 
 
 def _local(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -127,31 +127,28 @@ class Mamba2Mixer(nn.Module):
         self.norm = RMSNorm(d_inner, cfg.norm_eps)  # weight of the gated, grouped norm
         self.out_proj = nn.Linear(d_inner, d, bias=cfg.ssm_proj_bias)
 
-    def _conv(self, name: str, u: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
-        conv = self.conv1d[name]
-        return causal_conv1d(u, _local(conv.weight), _local(conv.bias), seq_idx=seq_idx, activation="silu")
-
     def forward(self, u: torch.Tensor, position_ids: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
-        b, t, _ = u.shape
         z = self.in_proj["z"](u)  # (b, t, d_inner)
-        x = self._conv("x", self.in_proj["x"](u), seq_idx)  # (b, t, d_inner)
-        B = self._conv("B", self.in_proj["B"](u), seq_idx)  # (b, t, g*n)
-        C = self._conv("C", self.in_proj["C"](u), seq_idx)
-        dt = self.in_proj["dt"](u)  # (b, t, h)
-        y = ssd_chunk_scan(
-            x.view(b, t, -1, self.head_dim),  # (b, t, h, p)
-            dt,
+        convs = [self.conv1d[name] for name in ("x", "B", "C")]
+        # conv1d + SiLU on x, B, C, then the SSD scan: one op that keeps only the conv inputs for backward
+        y = conv_ssd_scan(
+            self.in_proj["x"](u),  # (b, t, d_inner)
+            self.in_proj["B"](u),  # (b, t, g*n)
+            self.in_proj["C"](u),
+            [_local(conv.weight) for conv in convs],
+            [_local(conv.bias) for conv in convs],
+            self.in_proj["dt"](u),  # (b, t, h)
             -torch.exp(_local(self.A_log).float()),
-            B.view(b, t, -1, self.d_state),  # (b, t, g, n)
-            C.view(b, t, -1, self.d_state),
             self.chunk_size,
+            self.head_dim,
+            self.d_state,
             D=_local(self.D),
             dt_bias=_local(self.dt_bias),
             dt_softplus=True,
             dt_limit=self.dt_limit,
             seq_idx=seq_idx,
-        )
-        y = gated_rms_norm(y.reshape(b, t, -1), z, _local(self.norm.weight), self.norm.eps, self.norm_group_size)
+        )  # (b, t, d_inner)
+        y = gated_rms_norm(y, z, _local(self.norm.weight), self.norm.eps, self.norm_group_size)
         return self.out_proj(y)
 
     @torch.no_grad()
@@ -202,6 +199,21 @@ class Block(nn.Module):
             self.mlp.init_weights(std, out_std)
 
 
+class LMHead(nn.Linear):
+    """The output projection; given labels it returns the loss instead of the logits.
+
+    The loss is computed inside this forward because FSDP gathers the head's weight only while this
+    module runs (outside it the weight is a shard). The fused loss never holds the (tokens x vocab)
+    logits; it needs the whole head, so a vocabulary-sharded head (tensor parallel) returns logits."""
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None,
+                z_loss: float = 0.0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """x (b, t, d) -> logits (b, t, vocab); with labels (b, t): (loss, cross entropy) as lm_loss."""
+        if labels is None:
+            return super().forward(x)
+        return fused_linear_cross_entropy(x, self.weight, labels, z_loss)
+
+
 class HybridLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -210,7 +222,7 @@ class HybridLM(nn.Module):
         # Keyed by layer index so parameter names are stable across stages, checkpoints and export.
         self.layers = nn.ModuleDict({str(i): Block(cfg, kind) for i, kind in enumerate(cfg.layer_types)})
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.d_model, cfg.vocab_size, bias=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -219,8 +231,12 @@ class HybridLM(nn.Module):
             self.lm_head.weight = self.embed.weight
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                seq_idx: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids (b, t) -> logits (b, t, vocab). seq_idx (b, t) separates packed documents."""
+                seq_idx: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                z_loss: float = 0.0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """input_ids (b, t) -> logits (b, t, vocab). seq_idx (b, t) separates packed documents.
+
+        With labels (b, t): (loss, cross entropy) of the fused head instead, equal to
+        `lm_loss(logits, labels, z_loss)` without materializing the logits."""
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         if not self.cfg.doc_masking:
@@ -228,7 +244,10 @@ class HybridLM(nn.Module):
         h = self.embed(input_ids)  # (b, t, d)
         for block in self.layers.values():
             h = block(h, position_ids, seq_idx)
-        return self.lm_head(self.norm(h))
+        h = self.norm(h)
+        if labels is None:
+            return self.lm_head(h)
+        return self.lm_head(h, labels, z_loss)
 
     @torch.no_grad()
     def init_weights(self) -> None:

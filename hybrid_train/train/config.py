@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 SCHEDULES = ("constant", "cosine", "linear", "wsd")
+LOSS_IMPLS = ("auto", "fused", "logits")
 
 
 @dataclass
@@ -73,6 +74,9 @@ class TrainConfig:
     """Clip the global gradient norm to this; 0 disables."""
     z_loss: float = 0.0
     """Coefficient of the z-loss, mean(logsumexp(logits)^2)."""
+    loss_impl: str = "auto"
+    """LM head + loss: fused (chunked over the vocabulary, no full logits), logits, or auto (fused unless
+    parallel.tp > 1, whose vocabulary-sharded head needs logits)."""
     precision: str = "auto"
     """Compute precision: auto (bf16 autocast on GPU, fp32 on CPU), bf16 or fp32."""
     device: str = "auto"
@@ -88,6 +92,8 @@ class TrainConfig:
             raise ValueError(f"train.precision={self.precision!r} must be auto, bf16 or fp32")
         if self.device not in ("auto", "cuda", "cpu"):
             raise ValueError(f"train.device={self.device!r} must be auto, cuda or cpu")
+        if self.loss_impl not in LOSS_IMPLS:
+            raise ValueError(f"train.loss_impl={self.loss_impl!r} must be one of {', '.join(LOSS_IMPLS)}")
         if self.global_batch_tokens < 0 or self.grad_clip < 0 or self.z_loss < 0:
             raise ValueError("train.global_batch_tokens, train.grad_clip and train.z_loss must be >= 0")
 

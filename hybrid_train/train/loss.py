@@ -1,4 +1,5 @@
-"""Language-modelling loss, computed outside the model."""
+"""Language-modelling loss from the logits, outside the model: the path under tensor parallelism (and
+train.loss_impl=logits). Otherwise the model's head computes the same loss fused (`LMHead`)."""
 
 from __future__ import annotations
 

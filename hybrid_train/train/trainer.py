@@ -133,10 +133,12 @@ def train(job: JobConfig) -> TrainResult:
     peak = device_peak_flops(env.device, job.logging.peak_tflops)
     logger = MetricsLogger(job.logging, run_dir, job.run.name, env.is_main, plan.total_steps, state.step,
                            dataclasses.asdict(job))
+    fused_loss = job.fused_loss()
     logger.info(f"model {job.model.name}: {n_params / 1e6:.2f}M parameters ({n_embedding / 1e6:.2f}M embedding), "
                 f"{''.join(job.model.layer_types)}; {env.world_size} process(es) on {device_type}; stage "
                 f"{job.stage.name}: {plan.total_steps} steps x {plan.tokens_per_step} tokens (grad accumulation "
-                f"{plan.grad_accum}), from {stage_start_total:,} total tokens"
+                f"{plan.grad_accum}), from {stage_start_total:,} total tokens; "
+                f"{'fused head + loss' if fused_loss else 'loss from full logits'}"
                 + (f"; resumed from {resume_from} at step {state.step}" if resume_from else ""))
     autocast = (torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
@@ -157,11 +159,7 @@ def train(job: JobConfig) -> TrainResult:
                 raise DataExhausted(exhausted)
             for batch in batches:
                 batch = {k: v.to(env.device, non_blocking=True) for k, v in batch.items()}
-                with autocast:
-                    logits = model(batch["input_ids"], batch["position_ids"], batch["seq_idx"])
-                with loss_context(env):  # vocabulary-parallel cross entropy when parallel.loss_parallel
-                    loss, ce = lm_loss(logits, batch["labels"], job.train.z_loss)
-                    (loss / plan.grad_accum).backward()
+                ce = forward_backward(model, batch, job.train.z_loss, fused_loss, plan.grad_accum, autocast, env)
                 loss_sum += full_tensor(ce) / plan.grad_accum
             grad_norm = clip_grad_norm_(model.parameters(), job.train.grad_clip)
             loss_value = all_reduce_mean(loss_sum).item()
@@ -210,6 +208,22 @@ def train(job: JobConfig) -> TrainResult:
         logger.close()
         destroy()
     return TrainResult(path, model, state, stopped)
+
+
+def forward_backward(model, batch: dict, z_loss: float, fused: bool, grad_accum: int, autocast, env) -> torch.Tensor:
+    """Forward and backward of one micro-batch (its loss divided by grad_accum); returns its cross entropy."""
+    inputs = (batch["input_ids"], batch["position_ids"], batch["seq_idx"])
+    if fused:  # the head computes the loss in its forward, while FSDP holds its weight gathered
+        with autocast:
+            loss, ce = model(*inputs, labels=batch["labels"], z_loss=z_loss)
+        (loss / grad_accum).backward()
+        return ce
+    with autocast:
+        logits = model(*inputs)
+    with loss_context(env):  # vocabulary-parallel cross entropy when parallel.loss_parallel
+        loss, ce = lm_loss(logits, batch["labels"], z_loss)
+        (loss / grad_accum).backward()
+    return ce
 
 
 def start_state(job: JobConfig, checkpointer: Checkpointer, model, optimizer) -> tuple[TrainState, object]:

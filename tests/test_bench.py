@@ -1,0 +1,57 @@
+"""scripts/bench.py: the saved-tensor byte count it reports, and a CPU smoke run of the kernel ladder."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+from hybrid_train.ops.dispatch import OPS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_script", REPO / "scripts" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_saved_bytes_counts_each_storage_once_and_skips_parameters():
+    bench = load_bench()
+    w = torch.nn.Parameter(torch.randn(8, 8))
+    u = torch.randn(4, 8)
+    with bench.SavedBytes([w]) as saved:
+        h = u @ w  # saves u (for w's gradient) and w, a parameter
+        out = h.sin() + h[:2].cos().sum()  # both save h's storage, one a view of it
+        dropped = (h * 3).exp()  # saves its output, freed with the branch below
+        del dropped
+    assert saved.bytes == u.nbytes + h.nbytes
+    out.sum().backward()
+
+
+def test_bench_ladder_smoke_on_cpu(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    out = tmp_path / "bench.jsonl"
+    results = load_bench().main(["--device", "cpu", "--tiny", "--ladder", "--layers", "2", "--attn", "1",
+                                 "--seq-len", "32", "--steps", "1", "--warmup", "0", "--documents", "2",
+                                 "--json", str(out)])
+    assert [r["variant"] for r in results] == ["reference", "+ssd", "+conv1d", "+gated_norm", "+mixer"]
+    assert results[0]["torch_ops"] == list(OPS) and results[-1]["torch_ops"] == ["cross_entropy"]
+    # on CPU without the interpreter every variant runs the reference: the same bytes saved
+    assert len({r["act_bytes_per_token"] for r in results}) == 1 and results[0]["act_bytes_per_token"] > 0
+    assert all(r["tokens_per_s"] > 0 and r["act_alloc_bytes_per_token"] is None for r in results)
+    assert [json.loads(line)["variant"] for line in out.read_text().splitlines()] == [r["variant"] for r in results]
+
+
+def test_bench_fused_loss_adds_the_cross_entropy_step(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    bench = load_bench()
+    assert [name for name, _ in bench.variants(True, True)][-2:] == ["+mixer", "+cross_entropy"]
+    assert bench.variants(True, True)[-1][1] == ()
+    results = bench.main(["--device", "cpu", "--tiny", "--layers", "1", "--attn", "--seq-len", "16",
+                          "--steps", "1", "--warmup", "0", "--fused-loss"])
+    assert [r["variant"] for r in results] == ["kernels"] and results[0]["fused_loss"]
