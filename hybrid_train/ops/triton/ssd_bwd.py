@@ -43,16 +43,18 @@ from hybrid_train.ops.triton.ssd_fwd import (
 @triton.jit
 def _state_bwd_kernel(
     dy_ptr, C_ptr, seq_ptr, acs_ptr, states_ptr, dfinal_ptr, dstates_ptr, ddec_ptr, dinit_ptr,
-    L, H, P, N, R, NCHUNKS, NPB,
+    L, H, P, N, R, NCHUNKS, NPB, NPBP,
     sdy_b, sdy_l, sdy_h, sdy_p,
     sC_b, sC_l, sC_g, sC_n,
     sseq_b, sseq_l,
     CHUNK: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_DFINAL: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    pid_p = tl.program_id(1)
-    pid_n = tl.program_id(2)
+    # 1-D grid, (p, n) blocks fastest: the blocks of one head walk its chunks side by side
+    NNB = NPB // NPBP
+    pid_bh = tl.program_id(0) // NPB
+    pid_p = (tl.program_id(0) // NNB) % NPBP
+    pid_n = tl.program_id(0) % NNB
     b = pid_bh // H
     h = pid_bh % H
     g = h // R
@@ -84,7 +86,7 @@ def _state_bwd_kernel(
         # run is dS_out(c) here
         tl.store(dstates_ptr + bhc * P * N + pn, run.to(dstates_ptr.dtype.element_ty), mask=mpn)
         Sin = tl.load(states_ptr + bhc * P * N + pn, mask=mpn, other=0.0).to(tl.float32)
-        tl.store(ddec_ptr + bhc * NPB + pid_p * tl.num_programs(2) + pid_n, tl.sum(tl.sum(run * Sin, 1), 0) * decay)
+        tl.store(ddec_ptr + bhc * NPB + tl.program_id(0) % NPB, tl.sum(tl.sum(run * Sin, 1), 0) * decay)
         acc = tl.zeros((BP, BN), dtype=tl.float32)
         for k in range(0, CHUNK, BK):
             offs_k = k + tl.arange(0, BK)
@@ -119,8 +121,9 @@ def _dx_kernel(
 ):
     # One program: one head, one chunk, one block of columns j (the sources).
     NBLK: tl.constexpr = CHUNK // BLK
-    pid = tl.program_id(0)  # ((b * NCHUNKS) + c) * H + h
-    jb = tl.program_id(1)
+    # 1-D grid, column blocks fastest: the blocks of one chunk and head share dy and dS in L2
+    pid = tl.program_id(0) // NBLK  # ((b * NCHUNKS) + c) * H + h
+    jb = tl.program_id(0) % NBLK
     h = pid % H
     c = (pid // H) % NCHUNKS
     b = pid // (H * NCHUNKS)
@@ -232,9 +235,11 @@ def _dcb_kernel(
 ):
     # One program: one causal tile (rows I, columns J) of one chunk and group, a split of its heads:
     # dCB_ij = sum_h L_ij (dy_i . dt_j x_j).
-    pid = tl.program_id(0)  # (((b * NCHUNKS) + c) * G + g) * NSPLIT + s
-    ib = tl.program_id(1)
-    jb = tl.program_id(2)
+    # 1-D grid, tiles fastest: the tiles of one chunk and head split share dy and x in L2
+    NB: tl.constexpr = CHUNK // BLK
+    pid = tl.program_id(0) // (NB * NB)  # (((b * NCHUNKS) + c) * G + g) * NSPLIT + s
+    ib = (tl.program_id(0) // NB) % NB
+    jb = tl.program_id(0) % NB
     s = pid % NSPLIT
     bcg = pid // NSPLIT
     g = bcg % G
@@ -244,7 +249,7 @@ def _dcb_kernel(
     offs_i = ib * BLK + tl.arange(0, BLK)
     offs_j = jb * BLK + tl.arange(0, BLK)
     # dcb: (NSPLIT, b, c, g, Q, Q); tiles above the diagonal are zeros (the matmuls read them)
-    out = dcb_ptr + ((s.to(tl.int64) * (tl.num_programs(0) // NSPLIT) + bcg) * CHUNK) * CHUNK \
+    out = dcb_ptr + ((s.to(tl.int64) * (tl.num_programs(0) // (NB * NB * NSPLIT)) + bcg) * CHUNK) * CHUNK \
         + offs_i[:, None] * CHUNK + offs_j[None, :]
     if jb > ib:
         tl.store(out, tl.zeros((BLK, BLK), dtype=tl.float32))
@@ -293,8 +298,10 @@ def _dbc_state_kernel(
     CHUNK: tl.constexpr, BLK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_SEQ: tl.constexpr, DOT: tl.constexpr,
 ):
-    pid = tl.program_id(0)  # (((b * NCHUNKS) + c) * G + g) * NSPLIT + s
-    ib = tl.program_id(1)
+    # 1-D grid, row blocks fastest: the row blocks of one chunk share its states S_in and dS_out in L2
+    NBLK: tl.constexpr = CHUNK // BLK
+    pid = tl.program_id(0) // NBLK  # (((b * NCHUNKS) + c) * G + g) * NSPLIT + s
+    ib = tl.program_id(0) % NBLK
     s = pid % NSPLIT
     bcg = pid // NSPLIT
     g = bcg % G
@@ -453,9 +460,9 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk, D, z, dt_bias, dt_softplus, dt_limit, s
     ddec = torch.empty(b, nc, h, npb, device=dev, dtype=f32)
     dinit = torch.empty(b, h, p, n, device=dev, dtype=f32)
     dfin = dfinal.float().contiguous() if dfinal is not None else x
-    _state_bwd_kernel[(b * h, triton.cdiv(p, bp), triton.cdiv(n, bn))](
+    _state_bwd_kernel[(b * h * npb,)](
         dy, C, seq, acs, states, dfin, dstates, ddec, dinit,
-        l, h, p, n, R, nc, npb, *dy.stride(), *C.stride(), ss_b, ss_l,
+        l, h, p, n, R, nc, npb, triton.cdiv(p, bp), *dy.stride(), *C.stride(), ss_b, ss_l,
         CHUNK=chunk, BK=BLK, BP=bp, BN=bn, HAS_DFINAL=dfinal is not None,
         HAS_SEQ=seq_idx is not None, DOT=DOT, **launch("state_bwd"),
     )
@@ -467,7 +474,7 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk, D, z, dt_bias, dt_softplus, dt_limit, s
     cross = torch.empty(b, nc, h, nblk, chunk, device=dev, dtype=f32)
     d_hp = D is not None and D.dim() == 2
     dDp = torch.empty((b, nc, h, nblk, p) if d_hp else (b, nc, h, nblk), device=dev, dtype=f32)
-    _dx_kernel[(b * nc * h, nblk)](
+    _dx_kernel[(b * nc * h * nblk,)](
         x, dy, B, D if D is not None else A, seq, dtp, acs, cb, dstates,
         dx, ddtp, W, cross, dDp,
         l, h, p, n, R, g, nc,
@@ -479,7 +486,7 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk, D, z, dt_bias, dt_softplus, dt_limit, s
     # 3. dCB summed over the heads of each group
     hps, nsplit = _head_split(b * nc * g * nblk * (nblk + 1) // 2, R)
     dcb = torch.empty(nsplit, b, nc, g, chunk, chunk, device=dev, dtype=f32)
-    _dcb_kernel[(b * nc * g * nsplit, nblk, nblk)](
+    _dcb_kernel[(b * nc * g * nsplit * nblk * nblk,)](
         x, dy, seq, dtp, acs, dcb,
         l, h, p, R, g, nc, hps, nsplit,
         *x.stride(), *dy.stride(), ss_b, ss_l,
@@ -491,7 +498,7 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk, D, z, dt_bias, dt_softplus, dt_limit, s
     dCp = torch.empty(nsplit2, b, nc * chunk, g, n, device=dev, dtype=f32)
     dBp = torch.empty_like(dCp)
     dacs = torch.empty(b, h, nc, chunk, device=dev, dtype=f32)
-    _dbc_state_kernel[(b * nc * g * nsplit2, nblk)](
+    _dbc_state_kernel[(b * nc * g * nsplit2 * nblk,)](
         x, dy, C, seq, dtp, acs, states, dstates, dCp, dBp, dacs,
         b, l, h, p, n, R, g, nc, hps2, nsplit2,
         *x.stride(), *dy.stride(), *C.stride(), ss_b, ss_l,

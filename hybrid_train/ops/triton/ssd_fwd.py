@@ -34,9 +34,11 @@ def _cb_kernel(
     sC_b, sC_l, sC_g, sC_n,
     CHUNK: tl.constexpr, BLK: tl.constexpr, BN: tl.constexpr, DOT: tl.constexpr,
 ):
-    pid = tl.program_id(0)  # ((b * NCHUNKS) + c) * G + g
-    ib = tl.program_id(1)
-    jb = tl.program_id(2)
+    # 1-D grid, tiles fastest: the tiles of one chunk run side by side and share its B, C in L2
+    NB: tl.constexpr = CHUNK // BLK
+    pid = tl.program_id(0) // (NB * NB)  # ((b * NCHUNKS) + c) * G + g
+    ib = (tl.program_id(0) // NB) % NB
+    jb = tl.program_id(0) % NB
     offs_i = ib * BLK + tl.arange(0, BLK)
     offs_j = jb * BLK + tl.arange(0, BLK)
     out = cb_ptr + (pid.to(tl.int64) * CHUNK) * CHUNK + offs_i[:, None] * CHUNK + offs_j[None, :]
@@ -63,7 +65,7 @@ def _cb_kernel(
 def _state_fwd_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, dtb_ptr, seq_ptr, init_ptr,
     dtp_ptr, acs_ptr, states_ptr, final_ptr,
-    L, H, P, N, R, NCHUNKS, lo, hi,
+    L, H, P, N, R, NCHUNKS, NPB, NNB, lo, hi,
     sx_b, sx_l, sx_h, sx_p,
     sdt_b, sdt_l, sdt_h,
     sB_b, sB_l, sB_g, sB_n,
@@ -73,9 +75,10 @@ def _state_fwd_kernel(
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
     HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr, DOT: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    pid_p = tl.program_id(1)
-    pid_n = tl.program_id(2)
+    # 1-D grid, (p, n) blocks fastest: the blocks of one head walk its chunks side by side
+    pid_bh = tl.program_id(0) // (NPB * NNB)
+    pid_p = (tl.program_id(0) // NNB) % NPB
+    pid_n = tl.program_id(0) % NNB
     b = pid_bh // H
     h = pid_bh % H
     g = h // R
@@ -167,8 +170,10 @@ def _scan_fwd_kernel(
 ):
     # One program: HB heads of one group, one chunk, one block of BM rows. The heads run one after
     # the other so that the group's C rows and CB tiles, loaded by the first, come from L1/L2 after.
-    pid = tl.program_id(0)  # (((b * NCHUNKS) + c) * G + g) * (R // HB) + head block
-    m = tl.program_id(1)
+    # 1-D grid, row blocks fastest: the row blocks of one chunk and head share its x and state in L2
+    NM: tl.constexpr = CHUNK // BM
+    pid = tl.program_id(0) // NM  # (((b * NCHUNKS) + c) * G + g) * (R // HB) + head block
+    m = tl.program_id(0) % NM
     nhb = R // HB
     hb = pid % nhb
     g = (pid // nhb) % G
@@ -291,10 +296,11 @@ def chunk_states_fwd(x, dt, A, B, dt_bias, dt_softplus, dt_limit, seq_idx, initi
     init = initial_states if initial_states is not None else x
     si = initial_states.stride() if initial_states is not None else (0, 0, 0, 0)
     bp, bn = state_blocks(BP, BN)
-    _state_fwd_kernel[(b * h, triton.cdiv(p, bp), triton.cdiv(n, bn))](
+    npb, nnb = triton.cdiv(p, bp), triton.cdiv(n, bn)
+    _state_fwd_kernel[(b * h * npb * nnb,)](
         x, dt, A, B, dt_bias if dt_bias is not None else A, seq, init,
         dtp, acs, states, final,
-        l, h, p, n, h // g, nc, lo, hi if hi != float("inf") else 3.0e38,
+        l, h, p, n, h // g, nc, npb, nnb, lo, hi if hi != float("inf") else 3.0e38,
         *x.stride(), *dt.stride(), *B.stride(), ss_b, ss_l, *si,
         CHUNK=chunk, BK=BLK, BP=bp, BN=bn,
         HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_LIMIT=has_limit,
@@ -315,7 +321,7 @@ def chunk_cb(B, C, chunk):
     dtype = B.dtype if LAUNCH["cb_dtype"] == "input" else torch.float32
     cb = torch.empty(b, nc, g, chunk, chunk, device=B.device, dtype=dtype)
     nb = chunk // BLK
-    _cb_kernel[(b * nc * g, nb, nb)](
+    _cb_kernel[(b * nc * g * nb * nb,)](
         B, C, cb, l, g, n, nc, *B.stride(), *C.stride(),
         CHUNK=chunk, BLK=BLK, BN=BN, DOT=dot_dtype(B.dtype), **launch("cb"),
     )
@@ -341,7 +347,7 @@ def ssd_fwd(x, dt, A, B, C, chunk, D, z, dt_bias, dt_softplus, dt_limit, seq_idx
     zz = z if z is not None else x
     BM = min(LAUNCH["scan_fwd"]["BM"], chunk)
     HB = heads_per_program(h // g, LAUNCH["scan_fwd"]["HB"])
-    _scan_fwd_kernel[(b * nc * h // HB, chunk // BM)](
+    _scan_fwd_kernel[(b * nc * h // HB * (chunk // BM),)](
         x, zz, C, D if D is not None else A, seq, dtp, acs, cb, states, out,
         ypre if ypre is not None else out,
         l, h, p, n, h // g, g, nc,
