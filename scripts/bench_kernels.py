@@ -129,13 +129,9 @@ def profile_ssd(b, l, h, p, g, n, chunk, docs=1, iters=5) -> list[str]:
 # value updates that kernel's options, anything else replaces the entry.
 SWEEP = [
     ("default", {}),
-    ("state fwd s2", {"state_fwd": dict(num_stages=2)}),
-    ("dx w8", {"dx": dict(num_warps=8)}),
-    ("dx w8 s1", {"dx": dict(num_warps=8, num_stages=1)}),
-    ("dx w4 s1", {"dx": dict(num_warps=4, num_stages=1)}),
-    ("scan w8", {"scan_fwd": dict(num_warps=8)}),
-    ("dbc_state w4", {"dbc_state": dict(num_warps=4)}),
-    ("state bwd 32x128", {"state_bwd_blocks": dict(bp=32, bn=128)}),
+    ("dcb s2", {"dcb": dict(num_stages=2)}),
+    ("state fwd s1", {"state_fwd": dict(num_stages=1)}),
+    ("dx s3", {"dx": dict(num_stages=3)}),
 ]
 
 

@@ -13,12 +13,12 @@ from hybrid_train.ops.dispatch import interpreting
 LAUNCH: dict = {
     "ssd_blk": 64,  # tile of rows / columns inside an SSD chunk (tests lower it to get several per chunk)
     "cb": dict(num_warps=4),
-    "state_fwd": dict(num_warps=4),
+    "state_fwd": dict(num_warps=4, num_stages=2),
     "scan_fwd": dict(num_warps=4, BM=64, HB=1),
     "cb_dtype": "input",  # C.B per chunk kept in the inputs' dtype ("input") or in "fp32"
     "state_bwd": dict(num_warps=4),
-    "dx": dict(num_warps=4),
-    "dcb": dict(num_warps=8, num_stages=2),
+    "dx": dict(num_warps=4, num_stages=1),
+    "dcb": dict(num_warps=8, num_stages=1),
     "dbc_state": dict(num_warps=8),
     "dt_bwd": dict(num_warps=4),
     "state_blocks": dict(bp=64, bn=128),  # forward
