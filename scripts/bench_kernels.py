@@ -95,21 +95,27 @@ def ssd_sweep(results, with_reference=False):
         print(json.dumps(results[-1]), flush=True)
 
 
-def profile_ssd(b, l, h, p, g, n, chunk, docs=1, iters=5) -> list[str]:
-    """Per-kernel GPU time of one forward+backward (torch.profiler), largest first."""
-    from torch.profiler import ProfilerActivity, profile
-
+def warm_ssd_step(b, l, h, p, g, n, chunk, docs=1):
+    """An eager SSD forward+backward at this shape (Triton kernels), compiled and warmed up."""
     set_kernels("triton")
     t, seq_idx = ssd_inputs(b, l, h, p, g, n, docs=docs)
     dy = torch.randn(b, l, h, p, device="cuda", dtype=torch.bfloat16)
     leaves = list(t.values())
 
     def step():
-        torch.autograd.grad(ssd_call(t, chunk, seq_idx), leaves, dy)
+        return torch.autograd.grad(ssd_call(t, chunk, seq_idx), leaves, dy)
 
     for _ in range(3):
         step()
     torch.cuda.synchronize()
+    return step
+
+
+def profile_ssd(b, l, h, p, g, n, chunk, docs=1, iters=5) -> list[str]:
+    """Per-kernel GPU time of one forward+backward (torch.profiler), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = warm_ssd_step(b, l, h, p, g, n, chunk, docs)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
             step()
@@ -239,14 +245,7 @@ def bench_conv_norm(b=2, l=4096) -> list[dict]:
 
 def bench_ssd_overhead(b, l, h, p, g, n, chunk) -> dict:
     """Eager forward+backward against its CUDA-graph replay (GPU time alone) and the host time per call."""
-    set_kernels("triton")
-    t, seq_idx = ssd_inputs(b, l, h, p, g, n)
-    dy = torch.randn(b, l, h, p, device="cuda", dtype=torch.bfloat16)
-    leaves = list(t.values())
-
-    def fwd_bwd():
-        return torch.autograd.grad(ssd_call(t, chunk, seq_idx), leaves, dy)
-
+    fwd_bwd = warm_ssd_step(b, l, h, p, g, n, chunk)
     eager = bench(fwd_bwd)
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -274,17 +273,7 @@ def host_profile_ssd(b, l, h, p, g, n, chunk, iters=20) -> list[str]:
     import io
     import pstats
 
-    set_kernels("triton")
-    t, seq_idx = ssd_inputs(b, l, h, p, g, n)
-    dy = torch.randn(b, l, h, p, device="cuda", dtype=torch.bfloat16)
-    leaves = list(t.values())
-
-    def step():
-        torch.autograd.grad(ssd_call(t, chunk, seq_idx), leaves, dy)
-
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
+    step = warm_ssd_step(b, l, h, p, g, n, chunk)
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(iters):

@@ -206,7 +206,6 @@ def test_fused_linear_cross_entropy_matches_lm_loss():
 
 
 def test_compile_traces_custom_ops_without_graph_breaks():
-    """fullgraph=True fails on any graph break; aot_eager also traces the backward."""
     t = make_inputs(2, 1, 40, 2, 16, 1, 16, D="h", dt_bias=True, softplus=True, dtype=torch.float32)
     w = torch.randn(32, 1, 4)
     nw = torch.ones(32)
@@ -217,9 +216,13 @@ def test_compile_traces_custom_ops_without_graph_breaks():
         y = ssd_chunk_scan(xc, dt, A, B, C, 32, D=D, dt_bias=dt_bias, dt_softplus=True, seq_idx=seq_idx)
         return gated_rms_norm(y.flatten(2), x.flatten(2), nw, 1e-5, 16)
 
-    args = [t[k] for k in ("x", "dt", "A", "B", "C", "D", "dt_bias")]
-    eager = mixer(*args)
-    compiled = torch.compile(mixer, fullgraph=True, backend="aot_eager")(*args)
+    assert_compiled_matches_eager(mixer, [t[k] for k in ("x", "dt", "A", "B", "C", "D", "dt_bias")])
+
+
+def assert_compiled_matches_eager(fn, args):
+    """fullgraph=True fails on any graph break; aot_eager also traces the backward."""
+    eager = fn(*args)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(*args)
     assert rel(compiled, eager) < 1e-6
     for a, b_ in zip(torch.autograd.grad(compiled.square().sum(), args),
                      torch.autograd.grad(eager.square().sum(), args)):
@@ -309,13 +312,7 @@ def test_compile_traces_conv_ssd_without_graph_breaks():
     def fn(*leaves):
         return conv_ssd_call(dict(zip(t, leaves)), chunk, p, n, seq_idx, (0.0, math.inf))
 
-    args = list(t.values())
-    eager = fn(*args)
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(*args)
-    assert rel(compiled, eager) < 1e-6
-    for a, b_ in zip(torch.autograd.grad(compiled.square().sum(), args),
-                     torch.autograd.grad(eager.square().sum(), args)):
-        assert rel(a, b_) < 1e-5
+    assert_compiled_matches_eager(fn, list(t.values()))
 
 
 def mixer_cfg(**overrides) -> ModelConfig:
