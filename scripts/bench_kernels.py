@@ -135,9 +135,7 @@ def profile_ssd(b, l, h, p, g, n, chunk, docs=1, iters=5) -> list[str]:
 # value updates that kernel's options, anything else replaces the entry.
 SWEEP = [
     ("default", {}),
-    ("dcb s2", {"dcb": dict(num_stages=2)}),
-    ("state fwd s1", {"state_fwd": dict(num_stages=1)}),
-    ("dx s3", {"dx": dict(num_stages=3)}),
+    ("dcb 32x132 programs, 2 stages", {"dcb_programs": 32 * 132, "dcb": dict(num_stages=2)}),
 ]
 
 

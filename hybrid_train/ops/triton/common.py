@@ -18,7 +18,8 @@ LAUNCH: dict = {
     "cb_dtype": "input",  # C.B per chunk kept in the inputs' dtype ("input") or in "fp32"
     "state_bwd": dict(num_warps=4),
     "dx": dict(num_warps=4, num_stages=1),
-    "dcb": dict(num_warps=8, num_stages=1),
+    "dcb": dict(num_warps=4, num_stages=1),
+    "dcb_programs": 8 * 132,  # the dCB kernel splits each group's heads until about this many programs
     "dbc_state": dict(num_warps=8),
     "dt_bwd": dict(num_warps=4),
     "state_blocks": dict(bp=64, bn=128),  # forward

@@ -6,10 +6,11 @@ the forward's three launches), then:
 1. ``_state_bwd_kernel`` (per batch, head, block of p; chunks in reverse): dS_out of each chunk, the
    gradient of the chunk decay, and d initial_states. dS_in(c) = (dy o e)^T C + decay_c dS_out(c).
 2. ``_dx_kernel`` (per batch, chunk, head, block of columns j): dx, dt's direct gradient
-   x_j . d(dt_j x_j), the decay-to-end term W_j, dD, and the "straddling sums" that give the
-   gradient of the log decays in the stable form (below).
+   x_j . d(dt_j x_j), the decay-to-end term W_j and dD.
 3. ``_dcb_kernel`` (per batch, chunk, group, split of the group's heads, causal tile): dCB summed
-   over the heads of the group, so dC += dCB B and dB += dCB^T C are one small matmul per group.
+   over the heads of the group, so dC += dCB B and dB += dCB^T C are one small matmul per group;
+   and per head the tile sums of T (below) that the log-decay gradient needs. It forms
+   dy_i . dt_j x_j per head anyway, so T costs it one product and two reductions.
 4. ``_dbc_state_kernel`` (per batch, chunk, group, head split, row block): the state parts of dB and
    dC, summed over heads, and the incoming-state term of the log-decay gradient.
 5. ``_dt_bwd_kernel`` (per batch, chunk, head): assembles d(dt * A), then dt, A, dt_bias gradients.
@@ -17,8 +18,9 @@ the forward's three launches), then:
 Log-decay gradient, stable form. With T_ij = CB_ij L_ij (dy_i . dt_j x_j) the intra-chunk term
 (L_ij = exp(acs_i - acs_j)), the gradient w.r.t. dA_k (= dt_k A) is the sum of T over the pairs
 that straddle k: sum_{i >= k > j} T_ij. Summing those directly, rather than forming per-row and
-per-column totals and differencing their cumsums, never subtracts large nearly equal numbers. The
-column-block owner (``_dx_kernel``) walks its row blocks last-first with a running total. The other
+per-column totals and differencing their cumsums, never subtracts large nearly equal numbers. Per
+tile below the diagonal the dCB kernel writes T's row and column sums, per diagonal tile the pairs
+inside it; ``_dt_bwd_kernel`` assembles each block of k from them (scans within the block only). The other
 terms: the incoming state e_i = exp(acs_i) gives a reverse cumsum of e_i dy_i . (S_in C_i); the
 decay to the chunk end w_j = exp(acs_Q - acs_j) gives sum_{j<k} W_j; the chunk decay exp(acs_Q)
 gives a constant.
@@ -34,7 +36,7 @@ import triton
 import triton.language as tl
 
 from hybrid_train.ops.dispatch import interpreting
-from hybrid_train.ops.triton.common import dot_dtype, launch, softplus
+from hybrid_train.ops.triton.common import LAUNCH, dot_dtype, launch, softplus
 from hybrid_train.ops.triton.ssd_fwd import (
     _seq_args, chunk_cb, chunk_states_fwd, ssd_blocks, state_blocks,
 )
@@ -109,7 +111,7 @@ def _state_bwd_kernel(
 @triton.jit
 def _dx_kernel(
     x_ptr, dy_ptr, B_ptr, D_ptr, seq_ptr, dtp_ptr, acs_ptr, cb_ptr, dstates_ptr,
-    dx_ptr, ddtp_ptr, W_ptr, cross_ptr, dDp_ptr,
+    dx_ptr, ddtp_ptr, W_ptr, dDp_ptr,
     L, H, P, N, R, G, NCHUNKS,
     sx_b, sx_l, sx_h, sx_p,
     sdy_b, sdy_l, sdy_h, sdy_p,
@@ -161,15 +163,9 @@ def _dx_kernel(
     acc = tl.dot(Bj.to(DOT), dSoT.to(DOT)) * w[:, None]  # (BLK, BP)
     xdt = xj * dt_j[:, None]
     Wv = tl.sum(acc * xdt, 1)  # W_j = w_j xdt_j . (dS_out B_j)
-    xdt_d = xdt.to(DOT)
 
     cb_base = cb_ptr + (((b64 * NCHUNKS + c) * G + g) * CHUNK) * CHUNK
-    cross_base = cross_ptr + (bhc * NBLK + jb) * CHUNK
-    colsum = tl.zeros((BLK,), dtype=tl.float32)
-    carry = total * 0.0
-    # Row blocks strictly below, last first so that `carry` holds sum_{later rows} sum_{j in J} T_ij.
-    for ii in range(NBLK - 1 - jb):
-        ib = NBLK - 1 - ii
+    for ib in range(jb + 1, NBLK):  # row blocks strictly below
         offs_i = ib * BLK + tl.arange(0, BLK)
         ti = t0 + offs_i
         vi = ti < L
@@ -181,30 +177,16 @@ def _dx_kernel(
         if HAS_SEQ:
             seq_i = tl.load(seq_base + ti * sseq_l, mask=vi, other=-2)
             diff = tl.where(seq_i[None, :] == seq_j[:, None], diff, float("-inf"))
-        sT = cbT * tl.exp(diff)  # (BLK_j, BLK_i): scores transposed (all i > j here)
-        acc += tl.dot(sT.to(DOT), dyi)
-        TT = sT * tl.dot(xdt_d, tl.trans(dyi))  # T_ij transposed
-        rs = tl.sum(TT, 0)  # (BLK_i): sum over this j block
-        # k in this row block: sum_{i >= k} sum_{j in J} T_ij
-        tl.store(cross_base + offs_i, tl.cumsum(rs, 0, reverse=True) + carry)
-        carry += tl.sum(rs, 0)
-        colsum += tl.sum(TT, 1)  # (BLK_j): rows of every later block are >= any k in J
+        acc += tl.dot((cbT * tl.exp(diff)).to(DOT), dyi)  # scores transposed (all i > j here)
 
     # Diagonal block (i and j both in J).
     dyj = tl.load(dy_base + tj[:, None] * sdy_l + offs_p[None, :] * sdy_p, mask=mjp, other=0.0)
-    dyj_d = dyj.to(DOT)
     cbT = tl.load(cb_base + offs_j[None, :] * CHUNK + offs_j[:, None])  # [j, i] = CB[i, j]
-    causal = offs_j[None, :] >= offs_j[:, None]  # i >= j
-    mask = causal
+    mask = offs_j[None, :] >= offs_j[:, None]  # i >= j
     if HAS_SEQ:
         mask = mask & (seq_j[None, :] == seq_j[:, None])
     sT = cbT * tl.exp(tl.where(mask, acs_j[None, :] - acs_j[:, None], float("-inf")))
-    acc += tl.dot(sT.to(DOT), dyj_d)
-    TT = sT * tl.dot(xdt_d, tl.trans(dyj_d))  # [j, i]
-    E = tl.cumsum(TT, 0) - TT  # E[k, i] = sum_{j < k} T_ij
-    cross = tl.sum(tl.where(causal, E, 0.0), 1)  # sum over i >= k
-    cross += tl.cumsum(colsum, 0) - colsum  # later row blocks, j < k in J
-    tl.store(cross_base + offs_j, cross)
+    acc += tl.dot(sT.to(DOT), dyj.to(DOT))
 
     # acc = d(dt_j x_j)
     dx = acc * dt_j[:, None]
@@ -225,7 +207,7 @@ def _dx_kernel(
 
 @triton.jit
 def _dcb_kernel(
-    x_ptr, dy_ptr, seq_ptr, dtp_ptr, acs_ptr, dcb_ptr,
+    x_ptr, dy_ptr, seq_ptr, dtp_ptr, acs_ptr, cb_ptr, dcb_ptr, tiles_ptr,
     L, H, P, R, G, NCHUNKS, HPS, NSPLIT,
     sx_b, sx_l, sx_h, sx_p,
     sdy_b, sdy_l, sdy_h, sdy_p,
@@ -268,6 +250,8 @@ def _dcb_kernel(
         seq_j = tl.load(seq_base + tj * sseq_l, mask=vj, other=-2)
         mask = mask & (seq_i[:, None] == seq_j[None, :])
     acc = tl.zeros((BLK, BLK), dtype=tl.float32)
+    cb = tl.load(cb_ptr + (bcg.to(tl.int64) * CHUNK + offs_i[:, None]) * CHUNK + offs_j[None, :]).to(tl.float32)
+    offs_t = tl.arange(0, BLK)
     r0 = s * HPS
     r1 = tl.minimum(r0 + HPS, R)
     for r in range(r0, r1):
@@ -282,7 +266,19 @@ def _dcb_kernel(
                      mask=vj[:, None] & mp[None, :], other=0.0)  # (BLK, BP)
         xdt = (xj.to(tl.float32) * dt_j[:, None]).to(DOT)
         Gm = tl.dot(dyi.to(DOT), tl.trans(xdt))  # (BLK_i, BLK_j): dy_i . dt_j x_j
-        acc += Gm * tl.exp(tl.where(mask, acs_i[:, None] - acs_j[None, :], float("-inf")))
+        GL = Gm * tl.exp(tl.where(mask, acs_i[:, None] - acs_j[None, :], float("-inf")))
+        acc += GL
+        # T_ij = CB_ij L_ij (dy_i . dt_j x_j): what the decay gradient sums over the pairs straddling
+        # each k (see _dt_bwd_kernel). Per head and tile: below the diagonal its row and column sums,
+        # on it the pairs inside the tile: sum_{i >= k > j} T_ij for k in the block.
+        T = cb * GL
+        tile = tiles_ptr + ((((b64 * NCHUNKS + c) * H + h) * NB + ib) * NB + jb) * (2 * BLK)
+        if ib == jb:
+            before = tl.cumsum(T, 1) - T  # [i, k] = sum_{j < k} T_ij
+            tl.store(tile + offs_t, tl.sum(tl.where(offs_i[:, None] >= offs_j[None, :], before, 0.0), 0))
+        else:
+            tl.store(tile + offs_t, tl.sum(T, 1))  # over j: per row i
+            tl.store(tile + BLK + offs_t, tl.sum(T, 0))  # over i: per column j
     tl.store(out, acc)
 
 
@@ -361,7 +357,7 @@ def _dbc_state_kernel(
 
 @triton.jit
 def _dt_bwd_kernel(
-    dt_ptr, A_ptr, dtb_ptr, acs_ptr, dtp_ptr, ddtp_ptr, W_ptr, dacs_ptr, cross_ptr, ddec_ptr,
+    dt_ptr, A_ptr, dtb_ptr, acs_ptr, dtp_ptr, ddtp_ptr, W_ptr, dacs_ptr, tiles_ptr, cross_ptr, ddec_ptr,
     ddt_ptr, dAp_ptr, dbp_ptr,
     L, H, NCHUNKS, NPB, lo, hi,
     sdt_b, sdt_l, sdt_h,
@@ -380,9 +376,25 @@ def _dt_bwd_kernel(
     t = c.to(tl.int64) * CHUNK + offs
     valid = t < L
     row = ((b64 * H + h) * NCHUNKS + c) * CHUNK
-    cross = tl.zeros((CHUNK,), dtype=tl.float32)
-    for jb in range(NBLK):  # column block jb wrote positions from its own block on
-        cross += tl.load(cross_ptr + (bhc * NBLK + jb) * CHUNK + offs, mask=offs >= jb * BLK, other=0.0)
+    # cross_k = sum_{i >= k > j} T_ij from the dCB kernel's per-tile sums, block by block (each block's
+    # scans over its own entries only: no difference of large partial sums), through a scratch row.
+    offs_b = tl.arange(0, BLK)
+    tbase = tiles_ptr + bhc * (NBLK * NBLK * 2 * BLK)
+    for kb in tl.static_range(NBLK):
+        part = tl.load(tbase + (kb * NBLK + kb) * (2 * BLK) + offs_b)  # i and j in block kb
+        rows = tl.zeros((BLK,), dtype=tl.float32)  # i in kb, j in earlier blocks: per row i
+        for jb in tl.static_range(kb):
+            rows += tl.load(tbase + (kb * NBLK + jb) * (2 * BLK) + offs_b)
+        cols = tl.zeros((BLK,), dtype=tl.float32)  # i in later blocks, j in kb: per column j
+        far = tl.zeros((BLK,), dtype=tl.float32)  # i in later blocks, j in earlier blocks
+        for ib in tl.static_range(kb + 1, NBLK):
+            cols += tl.load(tbase + (ib * NBLK + kb) * (2 * BLK) + BLK + offs_b)
+            for jb in tl.static_range(kb):
+                far += tl.load(tbase + (ib * NBLK + jb) * (2 * BLK) + offs_b)
+        part += tl.cumsum(rows, 0, reverse=True) + (tl.cumsum(cols, 0) - cols) + tl.sum(far, 0)
+        tl.store(cross_ptr + row + kb * BLK + offs_b, part)
+    tl.debug_barrier()  # the row is read back whole by other threads of this program
+    cross = tl.load(cross_ptr + row + offs)
     ddec = tl.load(ddec_ptr + bhc * NPB)
     for pb in range(1, NPB):
         ddec += tl.load(ddec_ptr + bhc * NPB + pb)
@@ -409,15 +421,15 @@ def _dt_bwd_kernel(
     tl.store(dbp_ptr + bhc, tl.sum(ddt, 0))
 
 
-def _head_split(groups_programs: int, heads_per_group: int) -> tuple[int, int]:
-    """(heads per split, splits): enough programs to fill the GPU, few partial buffers to sum.
+def _head_split(groups_programs: int, heads_per_group: int, target: int) -> tuple[int, int]:
+    """(heads per split, splits): about ``target`` programs, few partial buffers to sum.
 
     Under the interpreter: two splits where there are two heads, so the partial sums are exercised.
     """
     if interpreting():
         splits = min(2, heads_per_group)
     else:
-        splits = max(1, min(heads_per_group, triton.cdiv(4 * 132, max(1, groups_programs))))
+        splits = max(1, min(heads_per_group, triton.cdiv(target, max(1, groups_programs))))
     hps = triton.cdiv(heads_per_group, splits)
     return hps, triton.cdiv(heads_per_group, hps)
 
@@ -471,12 +483,11 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk, D, z, dt_bias, dt_softplus, dt_limit, s
     dx = torch.empty(b, l, h, p, device=dev, dtype=x.dtype)
     ddtp = torch.empty(b, h, nc, chunk, device=dev, dtype=f32)
     W = torch.empty_like(ddtp)
-    cross = torch.empty(b, nc, h, nblk, chunk, device=dev, dtype=f32)
     d_hp = D is not None and D.dim() == 2
     dDp = torch.empty((b, nc, h, nblk, p) if d_hp else (b, nc, h, nblk), device=dev, dtype=f32)
     _dx_kernel[(b * nc * h * nblk,)](
         x, dy, B, D if D is not None else A, seq, dtp, acs, cb, dstates,
-        dx, ddtp, W, cross, dDp,
+        dx, ddtp, W, dDp,
         l, h, p, n, R, g, nc,
         *x.stride(), *dy.stride(), *B.stride(), ss_b, ss_l, *dx.stride(),
         CHUNK=chunk, BLK=BLK, BP=BP, BN=BN, HAS_D=D is not None, D_HP=d_hp,
@@ -484,17 +495,18 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk, D, z, dt_bias, dt_softplus, dt_limit, s
     )
 
     # 3. dCB summed over the heads of each group
-    hps, nsplit = _head_split(b * nc * g * nblk * (nblk + 1) // 2, R)
+    hps, nsplit = _head_split(b * nc * g * nblk * (nblk + 1) // 2, R, LAUNCH["dcb_programs"])
     dcb = torch.empty(nsplit, b, nc, g, chunk, chunk, device=dev, dtype=f32)
+    tiles = torch.empty(b, nc, h, nblk * nblk * 2 * BLK, device=dev, dtype=f32)  # per-head sums of T
     _dcb_kernel[(b * nc * g * nsplit * nblk * nblk,)](
-        x, dy, seq, dtp, acs, dcb,
+        x, dy, seq, dtp, acs, cb, dcb, tiles,
         l, h, p, R, g, nc, hps, nsplit,
         *x.stride(), *dy.stride(), ss_b, ss_l,
         CHUNK=chunk, BLK=BLK, BP=BP, HAS_SEQ=seq_idx is not None, DOT=DOT, **launch("dcb"),
     )
 
     # 4. state parts of dB and dC; incoming-state part of the log-decay gradient
-    hps2, nsplit2 = _head_split(b * nc * g * nblk, R)
+    hps2, nsplit2 = _head_split(b * nc * g * nblk, R, 4 * 132)
     dCp = torch.empty(nsplit2, b, nc * chunk, g, n, device=dev, dtype=f32)
     dBp = torch.empty_like(dCp)
     dacs = torch.empty(b, h, nc, chunk, device=dev, dtype=f32)
@@ -511,7 +523,7 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk, D, z, dt_bias, dt_softplus, dt_limit, s
     dAp = torch.empty(b, nc, h, device=dev, dtype=f32)
     dbp = torch.empty_like(dAp)
     _dt_bwd_kernel[(b * nc * h,)](
-        dt, A, dt_bias if dt_bias is not None else A, acs, dtp, ddtp, W, dacs, cross, ddec,
+        dt, A, dt_bias if dt_bias is not None else A, acs, dtp, ddtp, W, dacs, tiles, torch.empty_like(acs), ddec,
         ddt, dAp, dbp,
         l, h, nc, npb, lo, hi_arg, *dt.stride(), *ddt.stride(),
         CHUNK=chunk, BLK=BLK, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
