@@ -1,5 +1,6 @@
 """Shared fixtures: Hydra composition of the shipped configs, small helpers."""
 
+import weakref
 from pathlib import Path
 
 import pytest
@@ -25,3 +26,26 @@ def compose_job(overrides: list[str] | None = None, config_dir: Path = CONF) -> 
 @pytest.fixture
 def compose():
     return compose_job
+
+
+class LiveTensors:
+    """Counts the tensors that checkpoint sources (anything with a ``tensor(name)`` reader) have handed
+    out and that are still alive; ``peak`` is the most at once, what a streaming writer must bound."""
+
+    def __init__(self, *sources):
+        self.live = self.peak = 0
+        for source in sources:
+            source.tensor = self._tracked(source.tensor)
+
+    def _tracked(self, read):
+        def tensor(name):
+            t = read(name)
+            self.live += 1
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(t, self._release)
+            return t
+
+        return tensor
+
+    def _release(self) -> None:
+        self.live -= 1

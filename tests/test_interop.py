@@ -4,29 +4,21 @@ import back (identity on every tensor), unsupported configs, the scripts, and he
 import importlib.util
 import json
 import shutil
-import weakref
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import CONF, REPO, compose_job
+from conftest import CONF, REPO, LiveTensors, compose_job
 from hybrid_train import load_model
 from hybrid_train.model import ModelConfig, build_model
 from hybrid_train.model.hf import HFCheckpoint, load_hf_checkpoint, native_shapes
 from hybrid_train.train.checkpoint import write_model_checkpoint
 from hybrid_train.train.export import NativeCheckpoint, export_hf, import_hf, write_native_checkpoint
+from test_model import tiny_cfg
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
-
-
-def tiny_cfg(**overrides) -> ModelConfig:
-    base = dict(name="t", vocab_size=97, d_model=64, n_layers=4, attn_layer_indices=[1], mlp_hidden=96,
-                n_heads=4, n_kv_heads=2, head_dim=16, ssm_d_state=8, ssm_head_dim=16, ssm_n_groups=2,
-                ssm_chunk_size=8)
-    base.update(overrides)
-    return ModelConfig(**base)
 
 
 def saved_model(path: Path, cfg: ModelConfig, seed: int = 0) -> Path:
@@ -92,19 +84,9 @@ def test_import_inverts_export_and_streams(tmp_path):
 
     # The native writer holds about one tensor at a time: count live tensors handed out by the source.
     source = HFCheckpoint(tmp_path / "hf")
-    live, peak = [0], [0]
-    read = source.tensor
-
-    def tracked(name):
-        tensor = read(name)
-        live[0] += 1
-        peak[0] = max(peak[0], live[0])
-        weakref.finalize(tensor, lambda: live.__setitem__(0, live[0] - 1))
-        return tensor
-
-    source.tensor = tracked
+    tracker = LiveTensors(source)
     imported = write_native_checkpoint(tmp_path / "imported", source)
-    assert peak[0] <= 2, peak[0]
+    assert tracker.peak <= 2, tracker.peak
 
     a, b = NativeCheckpoint(ckpt), NativeCheckpoint(imported)
     assert sorted(a.names()) == sorted(b.names())

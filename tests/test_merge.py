@@ -3,13 +3,13 @@ independent computations; YAML configs, mixed native/HF inputs, refusals, stream
 
 import importlib.util
 import math
-import weakref
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import LiveTensors
 from hybrid_train import load_model
 from hybrid_train.model import ModelConfig, build_model
 from hybrid_train.model.hf import HFCheckpoint
@@ -140,19 +140,8 @@ def test_refuses_different_architectures_and_shapes(tmp_path):
 def test_merge_streams_a_few_tensors_at_a_time(tmp_path):
     paths = [saved(tmp_path / f"m{i}", cfg(n_layers=4, attn_layer_indices=[1, 3]), seed=i) for i in range(3)]
     merged = MergedSource(MergeSpec(models=[str(p) for p in paths], weights=[1, 1, 1]))
-    live, peak = [0], [0]
-    for source in merged.sources:
-        read = source.tensor
-
-        def tracked(name, read=read):
-            tensor = read(name)
-            live[0] += 1
-            peak[0] = max(peak[0], live[0])
-            weakref.finalize(tensor, lambda: live.__setitem__(0, live[0] - 1))
-            return tensor
-
-        source.tensor = tracked
+    tracker = LiveTensors(*merged.sources)
     from hybrid_train.train.export import write_native_checkpoint
 
     write_native_checkpoint(tmp_path / "out", merged)
-    assert 3 <= peak[0] <= 4, peak[0]  # the three inputs of the tensor being merged
+    assert 3 <= tracker.peak <= 4, tracker.peak  # the three inputs of the tensor being merged
