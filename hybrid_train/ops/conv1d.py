@@ -11,13 +11,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from hybrid_train.ops.dispatch import use_triton
+from hybrid_train.ops.dispatch import KERNEL_DTYPES, use_triton
 from hybrid_train.ops.library import kernel_op
 
 __all__ = ["causal_conv1d", "causal_conv1d_torch"]
-
-_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
 
 def causal_conv1d(
     x: torch.Tensor,
@@ -33,7 +30,7 @@ def causal_conv1d(
     """
     if activation not in (None, "silu"):
         raise ValueError(f"activation must be None or 'silu', got {activation!r}")
-    if x.dtype in _DTYPES and use_triton(x, op="conv1d"):
+    if x.dtype in KERNEL_DTYPES and use_triton(x, op="conv1d"):
         w = weight.squeeze(1) if weight.dim() == 3 else weight
         assert w.shape == (x.shape[-1], w.shape[-1]), "weight must be (c, k) or (c, 1, k)"
         xin = x if x.stride(-1) == 1 else x.contiguous()

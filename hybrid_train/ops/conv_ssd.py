@@ -19,12 +19,9 @@ import torch
 from hybrid_train.ops.conv1d import causal_conv1d
 from hybrid_train.ops.dispatch import use_triton
 from hybrid_train.ops.library import kernel_op
-from hybrid_train.ops.ssd import _triton_unsupported, ssd_chunk_scan
+from hybrid_train.ops.ssd import ssd_chunk_scan, triton_unsupported
 
 __all__ = ["conv_ssd_scan"]
-
-_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
 
 def conv_ssd_scan(
     x: torch.Tensor,
@@ -62,7 +59,7 @@ def conv_ssd_scan(
     xh = x.unflatten(-1, (-1, head_dim))  # (b, l, h, p)
     Bg = B.unflatten(-1, (-1, d_state))  # (b, l, g, n)
     # The fused op runs the conv1d and SSD kernels: forcing either to the reference turns it off too.
-    if (x.dtype in _DTYPES and _triton_unsupported(xh, Bg, chunk_size) is None
+    if (triton_unsupported(xh, Bg, chunk_size) is None  # dtype, chunk and sizes, as the SSD kernels
             and all(use_triton(x, op=op) for op in ("mixer", "ssd", "conv1d"))):
         ws = [(w.squeeze(1) if w.dim() == 3 else w).contiguous() for w in conv_weights]  # (c, k) each
         return _conv_ssd_op(

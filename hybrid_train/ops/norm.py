@@ -11,13 +11,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from hybrid_train.ops.dispatch import use_triton
+from hybrid_train.ops.dispatch import KERNEL_DTYPES, use_triton
 from hybrid_train.ops.library import kernel_op
 
 __all__ = ["gated_rms_norm", "gated_rms_norm_torch"]
-
-_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
 
 def gated_rms_norm(
     x: torch.Tensor,
@@ -29,7 +26,7 @@ def gated_rms_norm(
     """rmsnorm(x * silu(z)) * weight per group; arguments and result as ``gated_rms_norm_torch``."""
     d = x.shape[-1]
     gs = d if group_size is None else group_size
-    if x.dtype in _DTYPES and gs <= 65536 and use_triton(x, op="gated_norm"):
+    if x.dtype in KERNEL_DTYPES and gs <= 65536 and use_triton(x, op="gated_norm"):
         assert d % gs == 0, "group_size must divide the last dim"
         x2 = x.reshape(-1, d).contiguous()
         z2 = z.reshape(-1, d).contiguous() if z is not None else None

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from hybrid_train.ops.dispatch import kernels_mode, use_triton
+from hybrid_train.ops.dispatch import KERNEL_DTYPES, kernels_mode, use_triton
 from hybrid_train.ops.library import kernel_op
 
 __all__ = ["ssd_chunk_scan", "ssd_chunk_scan_torch"]
@@ -121,7 +121,7 @@ def ssd_chunk_scan(
         (b, h, p, n) in fp32 (fp64 when x is fp64).
     """
     if use_triton(x, op="ssd"):
-        reason = _triton_unsupported(x, B, chunk_size)
+        reason = triton_unsupported(x, B, chunk_size)
         if reason is None:
             return _ssd_triton(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, seq_idx,
                                initial_states, return_final_states)
@@ -231,12 +231,10 @@ def _ssd_reference(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_li
 
 # ---- Triton path: custom ops (hybrid_train/ops/library.py), so torch.compile traces through without graph breaks ----
 
-_SSD_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
-
-def _triton_unsupported(x: torch.Tensor, B: torch.Tensor, chunk_size: int) -> str | None:
+def triton_unsupported(x: torch.Tensor, B: torch.Tensor, chunk_size: int) -> str | None:
     """None when the Triton kernels cover the call, else why not."""
-    if x.dtype not in _SSD_DTYPES:
+    if x.dtype not in KERNEL_DTYPES:
         return f"dtype {x.dtype} (bf16, fp16 and fp32 are covered; fp64 is reference-only)"
     if chunk_size < 16 or chunk_size > 256 or chunk_size & (chunk_size - 1):
         return f"chunk_size={chunk_size} (a power of two in [16, 256] is covered)"
