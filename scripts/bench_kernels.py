@@ -135,7 +135,14 @@ def profile_ssd(b, l, h, p, g, n, chunk, docs=1, iters=5) -> list[str]:
 # value updates that kernel's options, anything else replaces the entry.
 SWEEP = [
     ("default", {}),
-    ("dcb 32x132 programs, 2 stages", {"dcb_programs": 32 * 132, "dcb": dict(num_stages=2)}),
+    ("dcb 2 stages", {"dcb": dict(num_stages=2)}),
+    ("dbc_state 1 stage", {"dbc_state": dict(num_stages=1)}),
+    ("dbc_state 2 stages", {"dbc_state": dict(num_stages=2)}),
+    ("dbc_state 4 warps 2 stages", {"dbc_state": dict(num_warps=4, num_stages=2)}),
+    ("state_bwd bp32", {"state_bwd_blocks": dict(bp=32)}),
+    ("state_bwd bn32", {"state_bwd_blocks": dict(bn=32)}),
+    ("state_bwd 8 warps", {"state_bwd": dict(num_warps=8)}),
+    ("state_fwd bp32", {"state_blocks": dict(bp=32)}),
 ]
 
 

@@ -41,9 +41,11 @@ F64 = torch.float64
 @pytest.fixture(autouse=True)
 def small_tiles():
     # 16-row tiles, so that a 64-token chunk has 4 x 4 tiles (the off-diagonal paths run too), and
-    # 16 x 16 state blocks, so that the state kernels split n as they do on the GPU.
-    saved = {k: LAUNCH[k] for k in ("ssd_blk", "state_blocks", "state_bwd_blocks")}
-    LAUNCH.update(ssd_blk=16, state_blocks=dict(bp=16, bn=16), state_bwd_blocks=dict(bp=16, bn=16))
+    # 16 x 16 state blocks, so that the state kernels split n as they do on the GPU; the forward
+    # scan's 32-row blocks take two tiles, and two heads per scan program where a group has two.
+    saved = {k: LAUNCH[k] for k in ("ssd_blk", "state_blocks", "state_bwd_blocks", "scan_fwd")}
+    LAUNCH.update(ssd_blk=16, state_blocks=dict(bp=16, bn=16), state_bwd_blocks=dict(bp=16, bn=16),
+                  scan_fwd=dict(num_warps=4, BM=32, HB=2))
     yield
     LAUNCH.update(saved)
 
@@ -290,9 +292,12 @@ def test_conv_ssd_matches_reference(name):
     saved = SavedBytes()
     with saved:
         y = conv_ssd_call(t, chunk, p, n, seq_idx, dt_limit)
-    # the fused op keeps its inputs (the pre-conv x, B, C, the conv weights, dt, A, ...) and no conv output
+    # the fused op keeps its inputs (the pre-conv x, B, C, the conv weights, dt, A, ...) and no conv
+    # output; and the scan's per-chunk dt, log-decay cumsum (fp32) and entering states (x's dtype)
     inputs = [*t.values(), *([seq_idx] if seq_idx is not None else [])]
-    assert saved.bytes == sum(v.untyped_storage().nbytes() for v in inputs)
+    nc = -(-l // chunk)
+    chunk_states = 2 * b * h * nc * chunk * 4 + b * nc * h * p * n * t["x"].element_size()
+    assert saved.bytes == sum(v.untyped_storage().nbytes() for v in inputs) + chunk_states
     t64 = {key: v.detach().double().requires_grad_(True) for key, v in t.items()}
     y64 = conv_ssd_call(t64, chunk, p, n, seq_idx, dt_limit, reference=True)
     assert y.dtype == torch.float32 and y.shape == (b, l, h * p)

@@ -19,7 +19,7 @@ import torch
 from hybrid_train.ops.conv1d import causal_conv1d
 from hybrid_train.ops.dispatch import use_triton
 from hybrid_train.ops.library import kernel_op
-from hybrid_train.ops.ssd import ssd_chunk_scan, triton_unsupported
+from hybrid_train.ops.ssd import chunk_states_like, ssd_chunk_scan, triton_unsupported
 
 __all__ = ["conv_ssd_scan"]
 
@@ -67,7 +67,7 @@ def conv_ssd_scan(
             dt, A.contiguous(), D.contiguous() if D is not None else None,
             dt_bias.contiguous() if dt_bias is not None else None, seq_idx,
             int(chunk_size), int(head_dim), int(d_state), bool(dt_softplus), float(dt_limit[0]), float(dt_limit[1]),
-        )
+        )[0]
     xc, Bc, Cc = (causal_conv1d(u, w, bias, seq_idx, "silu")
                   for u, w, bias in zip((x, B, C), conv_weights, conv_biases))
     y = ssd_chunk_scan(
@@ -96,11 +96,13 @@ def _convs(x, B, C, wx, bx, wB, bB, wC, bC, seq_idx):
 
 def _conv_ssd_fake(x, B, C, wx, bx, wB, bB, wC, bC, dt, A, D, dt_bias, seq_idx, chunk_size, head_dim, d_state,
                    dt_softplus, dt_lo, dt_hi):
-    return x.new_empty(x.shape)
+    b, l, _ = x.shape
+    xh = x.new_empty(b, l, x.shape[-1] // head_dim, head_dim)
+    return (x.new_empty(x.shape), *chunk_states_like(xh, B.unflatten(-1, (-1, d_state)), chunk_size))
 
 
 def _conv_ssd_bwd_fake(dy, x, B, C, wx, bx, wB, bB, wC, bC, dt, A, D, dt_bias, seq_idx, chunk_size, head_dim,
-                       d_state, dt_softplus, dt_lo, dt_hi):
+                       d_state, dt_softplus, dt_lo, dt_hi, dtp, acs, states):
     like = [x, B, C, wx, bx, wB, bB, wC, bC, dt, A, D, dt_bias]
     return [torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None else x.new_empty(0)
             for t in like]
@@ -110,13 +112,14 @@ _N_TENSORS = 14  # x, B, C, wx, bx, wB, bB, wC, bC, dt, A, D, dt_bias, seq_idx; 
 
 
 def _conv_ssd_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:_N_TENSORS])  # the conv inputs, never the conv outputs
+    # the conv inputs, never the conv outputs; and the scan's chunk states
+    ctx.save_for_backward(*inputs[:_N_TENSORS], *output[1:])
     ctx.args = inputs[_N_TENSORS:]
 
 
-def _conv_ssd_backward(ctx, dy):
-    saved = ctx.saved_tensors
-    grads = _conv_ssd_bwd_op(dy, *saved, *ctx.args)
+def _conv_ssd_backward(ctx, dy, *_no_grads):
+    saved, chunk_states = ctx.saved_tensors[:_N_TENSORS], ctx.saved_tensors[_N_TENSORS:]
+    grads = _conv_ssd_bwd_op(dy, *saved, *ctx.args, *chunk_states)
     # one gradient per tensor input but seq_idx, in order; None for absent optional inputs
     return (*(g if t is not None else None for g, t in zip(grads, saved)), *(None,) * (1 + len(ctx.args)))
 
@@ -129,15 +132,17 @@ def _conv_ssd_op(
     dt: torch.Tensor, A: torch.Tensor, D: Optional[torch.Tensor], dt_bias: Optional[torch.Tensor],
     seq_idx: Optional[torch.Tensor], chunk_size: int, head_dim: int, d_state: int,
     dt_softplus: bool, dt_lo: float, dt_hi: float,
-) -> torch.Tensor:
-    """y (b, l, h*p); the conv outputs live only inside this call."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y (b, l, h*p), then the scan's dtp, acs, states for the backward); the conv outputs live only
+    inside this call."""
     from hybrid_train.ops.triton.ssd_fwd import ssd_fwd
 
     b, l, _ = x.shape
     xc, Bc, Cc = _convs(x, B, C, wx, bx, wB, bB, wC, bC, seq_idx)
-    y, _, _ = ssd_fwd(xc.view(b, l, -1, head_dim), dt, A, Bc.view(b, l, -1, d_state), Cc.view(b, l, -1, d_state),
-                      chunk_size, D, None, dt_bias, dt_softplus, (dt_lo, dt_hi), seq_idx, None, False)
-    return y.view(b, l, -1)
+    y, _, _, chunk_states = ssd_fwd(xc.view(b, l, -1, head_dim), dt, A, Bc.view(b, l, -1, d_state),
+                                    Cc.view(b, l, -1, d_state), chunk_size, D, None, dt_bias, dt_softplus,
+                                    (dt_lo, dt_hi), seq_idx, None, False)
+    return y.view(b, l, -1), *chunk_states
 
 
 @kernel_op("hybrid_train::conv_ssd_bwd", _conv_ssd_bwd_fake)
@@ -147,7 +152,7 @@ def _conv_ssd_bwd_op(
     wC: torch.Tensor, bC: Optional[torch.Tensor],
     dt: torch.Tensor, A: torch.Tensor, D: Optional[torch.Tensor], dt_bias: Optional[torch.Tensor],
     seq_idx: Optional[torch.Tensor], chunk_size: int, head_dim: int, d_state: int,
-    dt_softplus: bool, dt_lo: float, dt_hi: float,
+    dt_softplus: bool, dt_lo: float, dt_hi: float, dtp: torch.Tensor, acs: torch.Tensor, states: torch.Tensor,
 ) -> list[torch.Tensor]:
     """[dx, dB, dC, dwx, dbx, dwB, dbB, dwC, dbC, ddt, dA, dD, ddt_bias]; empty tensors for absent inputs."""
     from hybrid_train.ops.triton.conv1d import conv1d_bwd
@@ -158,7 +163,7 @@ def _conv_ssd_bwd_op(
     dxc, ddt, dA, dBc, dCc, dD, _, ddt_bias, _ = ssd_bwd(
         dy.reshape(b, l, -1, head_dim), xc.view(b, l, -1, head_dim), dt, A, Bc.view(b, l, -1, d_state),
         Cc.view(b, l, -1, d_state), chunk_size, D, None, dt_bias, dt_softplus, (dt_lo, dt_hi), seq_idx, None, None,
-        None)
+        None, (dtp, acs, states))
     del xc, Bc, Cc  # free the recomputed conv outputs before the conv backward allocates
     d_in, d_conv = [], []
     for dout, u, w, bias in ((dxc, x, wx, bx), (dBc, B, wB, bB), (dCc, C, wC, bC)):

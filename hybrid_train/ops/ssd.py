@@ -250,11 +250,19 @@ def _ssd_fwd_fake(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_lo,
     b, l, h, p = x.shape
     final = x.new_empty(b, h, p, B.shape[-1], dtype=torch.float32)
     ypre = x.new_empty(x.shape) if (z is not None and store_ypre) else x.new_empty(0)
-    return x.new_empty(x.shape), final, ypre
+    return (x.new_empty(x.shape), final, ypre, *chunk_states_like(x, B, chunk_size))
+
+
+def chunk_states_like(x: torch.Tensor, B: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, ...]:
+    """Empty (dtp, acs, states) shaped as the SSD forward saves them for its backward."""
+    b, l, h, p = x.shape
+    nc = -(-l // chunk_size)
+    dtp = x.new_empty(b, h, nc, chunk_size, dtype=torch.float32)
+    return dtp, torch.empty_like(dtp), x.new_empty(b, nc, h, p, B.shape[-1])
 
 
 def _ssd_bwd_fake(dout, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_lo, dt_hi, seq_idx,
-                  initial_states, ypre, dfinal):
+                  initial_states, ypre, dfinal, dtp, acs, states):
     like = [x, dt, A, B, C, D, z, dt_bias, initial_states]
     return [torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None else x.new_empty(0)
             for t in like]
@@ -263,19 +271,19 @@ def _ssd_bwd_fake(dout, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, 
 def _ssd_setup_context(ctx, inputs, output):
     (x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_lo, dt_hi, seq_idx, initial_states,
      store_ypre) = inputs
-    _, _, ypre = output
+    _, _, ypre, dtp, acs, states = output
     ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, seq_idx, initial_states,
-                          ypre if z is not None else None)
+                          ypre if z is not None else None, dtp, acs, states)
     ctx.args = (chunk_size, dt_softplus, dt_lo, dt_hi)
 
 
-def _ssd_backward(ctx, dout, dfinal, _dypre):
-    x, dt, A, B, C, D, z, dt_bias, seq_idx, initial_states, ypre = ctx.saved_tensors
+def _ssd_backward(ctx, dout, dfinal, *_no_grads):
+    x, dt, A, B, C, D, z, dt_bias, seq_idx, initial_states, ypre, dtp, acs, states = ctx.saved_tensors
     chunk_size, dt_softplus, dt_lo, dt_hi = ctx.args
     if dout is None:
         dout = torch.zeros_like(x)
     grads = _ssd_bwd_op(dout, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_lo, dt_hi,
-                        seq_idx, initial_states, ypre, dfinal)
+                        seq_idx, initial_states, ypre, dfinal, dtp, acs, states)
     dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit = grads
     present = lambda g, t: g if t is not None else None  # noqa: E731
     return (dx, ddt, dA, dB, dC, None, present(dD, D), present(dz, z), present(ddt_bias, dt_bias),
@@ -288,13 +296,14 @@ def _ssd_fwd_op(
     chunk_size: int, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
     dt_bias: Optional[torch.Tensor], dt_softplus: bool, dt_lo: float, dt_hi: float,
     seq_idx: Optional[torch.Tensor], initial_states: Optional[torch.Tensor], store_ypre: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out (b, l, h, p), final state (b, h, p, n) fp32, y before the z gate or an empty tensor)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out (b, l, h, p), final state (b, h, p, n) fp32, y before the z gate or an empty tensor,
+    then dtp, acs, states: what the backward takes from the forward)."""
     from hybrid_train.ops.triton.ssd_fwd import ssd_fwd
 
-    out, final, ypre = ssd_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, (dt_lo, dt_hi),
-                               seq_idx, initial_states, store_ypre)
-    return out, final, ypre if ypre is not None else x.new_empty(0)
+    out, final, ypre, chunk_states = ssd_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus,
+                                             (dt_lo, dt_hi), seq_idx, initial_states, store_ypre)
+    return out, final, ypre if ypre is not None else x.new_empty(0), *chunk_states
 
 
 @kernel_op("hybrid_train::ssd_chunk_scan_bwd", _ssd_bwd_fake)
@@ -304,12 +313,13 @@ def _ssd_bwd_op(
     dt_bias: Optional[torch.Tensor], dt_softplus: bool, dt_lo: float, dt_hi: float,
     seq_idx: Optional[torch.Tensor], initial_states: Optional[torch.Tensor],
     ypre: Optional[torch.Tensor], dfinal: Optional[torch.Tensor],
+    dtp: torch.Tensor, acs: torch.Tensor, states: torch.Tensor,
 ) -> list[torch.Tensor]:
     """[dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit]; empty tensors for absent inputs."""
     from hybrid_train.ops.triton.ssd_bwd import ssd_bwd
 
     grads = ssd_bwd(dout, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, (dt_lo, dt_hi),
-                    seq_idx, initial_states, ypre, dfinal)
+                    seq_idx, initial_states, ypre, dfinal, (dtp, acs, states))
     return [g if g is not None else x.new_empty(0) for g in grads]
 
 
@@ -328,7 +338,7 @@ def _ssd_triton(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit
         assert seq_idx.shape == (b, l), "seq_idx must be (b, l)"
     # y before the z gate is only worth keeping when a backward can follow.
     store_ypre = z is not None and torch.is_grad_enabled()
-    out, final, _ = _ssd_fwd_op(x, dt, A.contiguous(), B, C, int(chunk_size), D, z, dt_bias, bool(dt_softplus),
+    out, final, *_ = _ssd_fwd_op(x, dt, A.contiguous(), B, C, int(chunk_size), D, z, dt_bias, bool(dt_softplus),
                                 float(dt_limit[0]), float(dt_limit[1]), seq_idx, initial_states, store_ypre)
     if return_final_states:
         return out, final

@@ -1,16 +1,17 @@
 """SSD chunked scan, backward, in Triton.
 
-Recomputes what the forward threw away (dt, its cumsum, CB, the states entering each chunk: two of
-the forward's three launches), then:
+Takes the forward's processed dt, its cumsum and the states entering each chunk (saved: recomputing
+them costs a sequential state pass, about 7% of forward+backward at Bamba's shape), recomputes CB
+(one cheap launch), then:
 
 1. ``_state_bwd_kernel`` (per batch, head, block of p; chunks in reverse): dS_out of each chunk, the
    gradient of the chunk decay, and d initial_states. dS_in(c) = (dy o e)^T C + decay_c dS_out(c).
 2. ``_dx_kernel`` (per batch, chunk, head, block of columns j): dx, dt's direct gradient
-   x_j . d(dt_j x_j), the decay-to-end term W_j and dD.
+   x_j . d(dt_j x_j), the decay-to-end term W_j, T's column sums below the block (below) and dD.
 3. ``_dcb_kernel`` (per batch, chunk, group, split of the group's heads, causal tile): dCB summed
    over the heads of the group, so dC += dCB B and dB += dCB^T C are one small matmul per group;
    and per head the tile sums of T (below) that the log-decay gradient needs. It forms
-   dy_i . dt_j x_j per head anyway, so T costs it one product and two reductions.
+   dy_i . dt_j x_j per head anyway, so T costs it one product and a reduction along each tile's rows.
 4. ``_dbc_state_kernel`` (per batch, chunk, group, head split, row block): the state parts of dB and
    dC, summed over heads, and the incoming-state term of the log-decay gradient.
 5. ``_dt_bwd_kernel`` (per batch, chunk, head): assembles d(dt * A), then dt, A, dt_bias gradients.
@@ -19,11 +20,20 @@ Log-decay gradient, stable form. With T_ij = CB_ij L_ij (dy_i . dt_j x_j) the in
 (L_ij = exp(acs_i - acs_j)), the gradient w.r.t. dA_k (= dt_k A) is the sum of T over the pairs
 that straddle k: sum_{i >= k > j} T_ij. Summing those directly, rather than forming per-row and
 per-column totals and differencing their cumsums, never subtracts large nearly equal numbers. Per
-tile below the diagonal the dCB kernel writes T's row and column sums, per diagonal tile the pairs
-inside it; ``_dt_bwd_kernel`` assembles each block of k from them (scans within the block only). The other
+tile below the diagonal the dCB kernel writes T's row sums, per diagonal tile the pairs inside it;
+the dx kernel, whose accumulator for column j already holds sum_{i below} CB_ij L_ij dy_i, writes
+T's column sums over the row blocks below j's block (one product with dt_j x_j, reduced along p);
+``_dt_bwd_kernel`` assembles each block of k from them (scans within the block only). The other
 terms: the incoming state e_i = exp(acs_i) gives a reverse cumsum of e_i dy_i . (S_in C_i); the
 decay to the chunk end w_j = exp(acs_Q - acs_j) gives sum_{j<k} W_j; the chunk decay exp(acs_Q)
 gives a constant.
+
+Factored decays. Between a row block I and a column block J strictly before it, every pair (i, j)
+straddles r, the last row of J, so exp(acs_i - acs_j) = exp(acs_i - acs_r) exp(acs_r - acs_j), both
+factors <= 1 (acs falls along the chunk: A < 0, dt >= 0). The dx and dCB kernels fold the factors
+into their operands, so those tiles are plain matmuls with no per-element exp; the document mask
+factors too, since seq_idx never decreases (seq_i == seq_j exactly when both equal seq_r). Only
+the diagonal tiles keep the per-pair form.
 
 No atomics anywhere: every cross-program sum goes through a partial buffer reduced in a fixed
 order, so gradients are bitwise reproducible.
@@ -38,7 +48,7 @@ import triton.language as tl
 from hybrid_train.ops.dispatch import interpreting
 from hybrid_train.ops.triton.common import LAUNCH, dot_dtype, launch, softplus
 from hybrid_train.ops.triton.ssd_fwd import (
-    _seq_args, chunk_cb, chunk_states_fwd, ssd_blocks, state_blocks,
+    _seq_args, chunk_cb, ssd_blocks, state_blocks,
 )
 
 
@@ -111,7 +121,7 @@ def _state_bwd_kernel(
 @triton.jit
 def _dx_kernel(
     x_ptr, dy_ptr, B_ptr, D_ptr, seq_ptr, dtp_ptr, acs_ptr, cb_ptr, dstates_ptr,
-    dx_ptr, ddtp_ptr, W_ptr, dDp_ptr,
+    dx_ptr, ddtp_ptr, W_ptr, below_ptr, dDp_ptr,
     L, H, P, N, R, G, NCHUNKS,
     sx_b, sx_l, sx_h, sx_p,
     sdy_b, sdy_l, sdy_h, sdy_p,
@@ -148,36 +158,51 @@ def _dx_kernel(
     seq_base = seq_ptr + b64 * sseq_b
     x_base = x_ptr + b64 * sx_b + h * sx_h
     dy_base = dy_ptr + b64 * sdy_b + h * sdy_h
-    w = tl.exp(total - acs_j)
+    # Rows wholly below the block (i > r >= j, r = the block's last row) factor through acs_r:
+    # exp(acs_i - acs_j) = exp(acs_i - acs_r) exp(acs_r - acs_j), so do the state part's
+    # decay to the chunk end and (seq_idx never decreasing) the document masks. The column factor v_j
+    # scales the accumulator once; the row factor goes into dy; those tiles are plain matmuls on CB.
+    r_pos = jb * BLK + BLK - 1
+    ref = tl.load(acs_ptr + row + r_pos)
+    v = tl.exp(ref - acs_j)
+    to_end = tl.exp(total - ref)
     if HAS_SEQ:
         seq_j = tl.load(seq_base + tj * sseq_l, mask=vj, other=-1)
+        seq_r = tl.load(seq_base + tl.minimum(t0 + r_pos, L - 1) * sseq_l)
         seq_last = tl.load(seq_base + (tl.minimum(t0 + CHUNK, L) - 1) * sseq_l)
-        w = tl.where(seq_j == seq_last, w, 0.0)
+        v = tl.where(seq_j == seq_r, v, 0.0)
+        to_end = tl.where(seq_r == seq_last, to_end, 0.0)
 
     xj = tl.load(x_base + tj[:, None] * sx_l + offs_p[None, :] * sx_p, mask=mjp, other=0.0).to(tl.float32)
     Bj = tl.load(B_ptr + b64 * sB_b + g * sB_g + tj[:, None] * sB_l + offs_n[None, :] * sB_n,
                  mask=vj[:, None] & mn[None, :], other=0.0)  # (BLK, BN)
     dSoT = tl.load(dstates_ptr + bhc * P * N + offs_n[:, None] + offs_p[None, :] * N,
                    mask=mn[:, None] & mp[None, :], other=0.0)  # (BN, BP)
-    # State part: d(dt_j x_j) += w_j dS_out B_j
-    acc = tl.dot(Bj.to(DOT), dSoT.to(DOT)) * w[:, None]  # (BLK, BP)
     xdt = xj * dt_j[:, None]
-    Wv = tl.sum(acc * xdt, 1)  # W_j = w_j xdt_j . (dS_out B_j)
 
+    acc = tl.zeros((BLK, BP), dtype=tl.float32)
     cb_base = cb_ptr + (((b64 * NCHUNKS + c) * G + g) * CHUNK) * CHUNK
     for ib in range(jb + 1, NBLK):  # row blocks strictly below
         offs_i = ib * BLK + tl.arange(0, BLK)
         ti = t0 + offs_i
         vi = ti < L
-        acs_i = tl.load(acs_ptr + row + offs_i)
-        dyi = tl.load(dy_base + ti[:, None] * sdy_l + offs_p[None, :] * sdy_p,
-                      mask=vi[:, None] & mp[None, :], other=0.0).to(DOT)  # (BLK_i, BP)
-        cbT = tl.load(cb_base + offs_i[None, :] * CHUNK + offs_j[:, None])  # (BLK_j, BLK_i) = CB[i, j]
-        diff = acs_i[None, :] - acs_j[:, None]
+        u = tl.exp(tl.load(acs_ptr + row + offs_i) - ref)
         if HAS_SEQ:
             seq_i = tl.load(seq_base + ti * sseq_l, mask=vi, other=-2)
-            diff = tl.where(seq_i[None, :] == seq_j[:, None], diff, float("-inf"))
-        acc += tl.dot((cbT * tl.exp(diff)).to(DOT), dyi)  # scores transposed (all i > j here)
+            u = tl.where(seq_i == seq_r, u, 0.0)
+        dyi = tl.load(dy_base + ti[:, None] * sdy_l + offs_p[None, :] * sdy_p,
+                      mask=vi[:, None] & mp[None, :], other=0.0)  # (BLK_i, BP)
+        cbT = tl.load(cb_base + offs_i[None, :] * CHUNK + offs_j[:, None])  # (BLK_j, BLK_i) = CB[i, j]
+        acc += tl.dot(cbT.to(DOT), (dyi.to(tl.float32) * u[:, None]).to(DOT))
+    acc = acc * v[:, None]
+    # T's column sums over the rows below the block, for the log-decay gradient:
+    # sum_{i below} T_ij = xdt_j . sum_{i below} CB_ij L_ij dy_i = xdt_j . acc_j
+    tl.store(below_ptr + row + offs_j, tl.sum(acc * xdt, 1))
+
+    # State part: d(dt_j x_j) += w_j dS_out B_j, w_j = exp(total - acs_j) = v_j to_end
+    st = tl.dot(Bj.to(DOT), dSoT.to(DOT)) * (v * to_end)[:, None]  # (BLK, BP)
+    Wv = tl.sum(st * xdt, 1)  # W_j = w_j xdt_j . (dS_out B_j)
+    acc += st
 
     # Diagonal block (i and j both in J).
     dyj = tl.load(dy_base + tj[:, None] * sdy_l + offs_p[None, :] * sdy_p, mask=mjp, other=0.0)
@@ -243,11 +268,15 @@ def _dcb_kernel(
     vj = tj < L
     offs_p = tl.arange(0, BP)
     mp = offs_p < P
+    # Off-diagonal tiles (i > r >= j, r = the last row of block J) factor the decay through acs_r as
+    # in the dx kernel: both factors go into the operands and the tile is one plain matmul.
+    r_pos = jb * BLK + BLK - 1
     mask = offs_j[None, :] <= offs_i[:, None]
     if HAS_SEQ:
         seq_base = seq_ptr + b64 * sseq_b
         seq_i = tl.load(seq_base + ti * sseq_l, mask=vi, other=-1)
         seq_j = tl.load(seq_base + tj * sseq_l, mask=vj, other=-2)
+        seq_r = tl.load(seq_base + tl.minimum(t0 + r_pos, L - 1) * sseq_l)
         mask = mask & (seq_i[:, None] == seq_j[None, :])
     acc = tl.zeros((BLK, BLK), dtype=tl.float32)
     cb = tl.load(cb_ptr + (bcg.to(tl.int64) * CHUNK + offs_i[:, None]) * CHUNK + offs_j[None, :]).to(tl.float32)
@@ -264,21 +293,31 @@ def _dcb_kernel(
                       mask=vi[:, None] & mp[None, :], other=0.0)  # (BLK, BP)
         xj = tl.load(x_ptr + b64 * sx_b + h * sx_h + tj[:, None] * sx_l + offs_p[None, :] * sx_p,
                      mask=vj[:, None] & mp[None, :], other=0.0)  # (BLK, BP)
-        xdt = (xj.to(tl.float32) * dt_j[:, None]).to(DOT)
-        Gm = tl.dot(dyi.to(DOT), tl.trans(xdt))  # (BLK_i, BLK_j): dy_i . dt_j x_j
-        GL = Gm * tl.exp(tl.where(mask, acs_i[:, None] - acs_j[None, :], float("-inf")))
+        # GL_ij = L_ij (dy_i . dt_j x_j)
+        tile = tiles_ptr + ((((b64 * NCHUNKS + c) * H + h) * NB + ib) * NB + jb) * BLK
+        if ib == jb:
+            xdt = (xj.to(tl.float32) * dt_j[:, None]).to(DOT)
+            GL = tl.dot(dyi.to(DOT), tl.trans(xdt))
+            GL = GL * tl.exp(tl.where(mask, acs_i[:, None] - acs_j[None, :], float("-inf")))
+        else:
+            ref = tl.load(acs_ptr + row + r_pos)
+            u = tl.exp(acs_i - ref)
+            v = tl.exp(ref - acs_j) * dt_j
+            if HAS_SEQ:
+                u = tl.where(seq_i == seq_r, u, 0.0)
+                v = tl.where(seq_j == seq_r, v, 0.0)
+            GL = tl.dot((dyi.to(tl.float32) * u[:, None]).to(DOT), tl.trans((xj.to(tl.float32) * v[:, None]).to(DOT)))
         acc += GL
         # T_ij = CB_ij L_ij (dy_i . dt_j x_j): what the decay gradient sums over the pairs straddling
-        # each k (see _dt_bwd_kernel). Per head and tile: below the diagonal its row and column sums,
-        # on it the pairs inside the tile: sum_{i >= k > j} T_ij for k in the block.
+        # each k (see _dt_bwd_kernel). Per head and tile: below the diagonal its row sums (the
+        # column sums come from the dx kernel), on it the pairs inside the tile: sum_{i >= k > j} T_ij
+        # for k in the block.
         T = cb * GL
-        tile = tiles_ptr + ((((b64 * NCHUNKS + c) * H + h) * NB + ib) * NB + jb) * (2 * BLK)
         if ib == jb:
             before = tl.cumsum(T, 1) - T  # [i, k] = sum_{j < k} T_ij
             tl.store(tile + offs_t, tl.sum(tl.where(offs_i[:, None] >= offs_j[None, :], before, 0.0), 0))
         else:
             tl.store(tile + offs_t, tl.sum(T, 1))  # over j: per row i
-            tl.store(tile + BLK + offs_t, tl.sum(T, 0))  # over i: per column j
     tl.store(out, acc)
 
 
@@ -357,7 +396,8 @@ def _dbc_state_kernel(
 
 @triton.jit
 def _dt_bwd_kernel(
-    dt_ptr, A_ptr, dtb_ptr, acs_ptr, dtp_ptr, ddtp_ptr, W_ptr, dacs_ptr, tiles_ptr, cross_ptr, ddec_ptr,
+    dt_ptr, A_ptr, dtb_ptr, acs_ptr, dtp_ptr, ddtp_ptr, W_ptr, dacs_ptr, tiles_ptr, below_ptr, cross_ptr,
+    ddec_ptr,
     ddt_ptr, dAp_ptr, dbp_ptr,
     L, H, NCHUNKS, NPB, lo, hi,
     sdt_b, sdt_l, sdt_h,
@@ -379,18 +419,17 @@ def _dt_bwd_kernel(
     # cross_k = sum_{i >= k > j} T_ij from the dCB kernel's per-tile sums, block by block (each block's
     # scans over its own entries only: no difference of large partial sums), through a scratch row.
     offs_b = tl.arange(0, BLK)
-    tbase = tiles_ptr + bhc * (NBLK * NBLK * 2 * BLK)
+    tbase = tiles_ptr + bhc * (NBLK * NBLK * BLK)
     for kb in tl.static_range(NBLK):
-        part = tl.load(tbase + (kb * NBLK + kb) * (2 * BLK) + offs_b)  # i and j in block kb
+        part = tl.load(tbase + (kb * NBLK + kb) * BLK + offs_b)  # i and j in block kb
         rows = tl.zeros((BLK,), dtype=tl.float32)  # i in kb, j in earlier blocks: per row i
         for jb in tl.static_range(kb):
-            rows += tl.load(tbase + (kb * NBLK + jb) * (2 * BLK) + offs_b)
-        cols = tl.zeros((BLK,), dtype=tl.float32)  # i in later blocks, j in kb: per column j
+            rows += tl.load(tbase + (kb * NBLK + jb) * BLK + offs_b)
+        cols = tl.load(below_ptr + row + kb * BLK + offs_b)  # i in later blocks, j in kb: per column j
         far = tl.zeros((BLK,), dtype=tl.float32)  # i in later blocks, j in earlier blocks
         for ib in tl.static_range(kb + 1, NBLK):
-            cols += tl.load(tbase + (ib * NBLK + kb) * (2 * BLK) + BLK + offs_b)
             for jb in tl.static_range(kb):
-                far += tl.load(tbase + (ib * NBLK + jb) * (2 * BLK) + offs_b)
+                far += tl.load(tbase + (ib * NBLK + jb) * BLK + offs_b)
         part += tl.cumsum(rows, 0, reverse=True) + (tl.cumsum(cols, 0) - cols) + tl.sum(far, 0)
         tl.store(cross_ptr + row + kb * BLK + offs_b, part)
     tl.debug_barrier()  # the row is read back whole by other threads of this program
@@ -435,8 +474,11 @@ def _head_split(groups_programs: int, heads_per_group: int, target: int) -> tupl
 
 
 def ssd_bwd(dout, x, dt, A, B, C, chunk, D, z, dt_bias, dt_softplus, dt_limit, seq_idx,
-            initial_states, ypre, dfinal):
-    """Gradients (dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit); None for absent inputs."""
+            initial_states, ypre, dfinal, chunk_states):
+    """Gradients (dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit); None for absent inputs.
+
+    chunk_states: (dtp, acs, states) from the forward (``ssd_fwd``'s last output).
+    """
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     R = h // g
@@ -460,8 +502,7 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk, D, z, dt_bias, dt_softplus, dt_limit, s
     else:
         dy = dout
 
-    dtp, acs, states, _ = chunk_states_fwd(x, dt, A, B, dt_bias, dt_softplus, dt_limit, seq_idx,
-                                           initial_states, chunk)
+    dtp, acs, states = chunk_states
     cb = chunk_cb(B, C, chunk)
     seq, ss_b, ss_l = _seq_args(seq_idx, x)
 
@@ -483,11 +524,12 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk, D, z, dt_bias, dt_softplus, dt_limit, s
     dx = torch.empty(b, l, h, p, device=dev, dtype=x.dtype)
     ddtp = torch.empty(b, h, nc, chunk, device=dev, dtype=f32)
     W = torch.empty_like(ddtp)
+    below = torch.empty_like(ddtp)  # column sums of T over the row blocks below each column's block
     d_hp = D is not None and D.dim() == 2
     dDp = torch.empty((b, nc, h, nblk, p) if d_hp else (b, nc, h, nblk), device=dev, dtype=f32)
     _dx_kernel[(b * nc * h * nblk,)](
         x, dy, B, D if D is not None else A, seq, dtp, acs, cb, dstates,
-        dx, ddtp, W, dDp,
+        dx, ddtp, W, below, dDp,
         l, h, p, n, R, g, nc,
         *x.stride(), *dy.stride(), *B.stride(), ss_b, ss_l, *dx.stride(),
         CHUNK=chunk, BLK=BLK, BP=BP, BN=BN, HAS_D=D is not None, D_HP=d_hp,
@@ -497,7 +539,7 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk, D, z, dt_bias, dt_softplus, dt_limit, s
     # 3. dCB summed over the heads of each group
     hps, nsplit = _head_split(b * nc * g * nblk * (nblk + 1) // 2, R, LAUNCH["dcb_programs"])
     dcb = torch.empty(nsplit, b, nc, g, chunk, chunk, device=dev, dtype=f32)
-    tiles = torch.empty(b, nc, h, nblk * nblk * 2 * BLK, device=dev, dtype=f32)  # per-head sums of T
+    tiles = torch.empty(b, nc, h, nblk * nblk * BLK, device=dev, dtype=f32)  # per-head row sums of T
     _dcb_kernel[(b * nc * g * nsplit * nblk * nblk,)](
         x, dy, seq, dtp, acs, cb, dcb, tiles,
         l, h, p, R, g, nc, hps, nsplit,
@@ -523,7 +565,8 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk, D, z, dt_bias, dt_softplus, dt_limit, s
     dAp = torch.empty(b, nc, h, device=dev, dtype=f32)
     dbp = torch.empty_like(dAp)
     _dt_bwd_kernel[(b * nc * h,)](
-        dt, A, dt_bias if dt_bias is not None else A, acs, dtp, ddtp, W, dacs, tiles, torch.empty_like(acs), ddec,
+        dt, A, dt_bias if dt_bias is not None else A, acs, dtp, ddtp, W, dacs, tiles, below, torch.empty_like(acs),
+        ddec,
         ddt, dAp, dbp,
         l, h, nc, npb, lo, hi_arg, *dt.stride(), *ddt.stride(),
         CHUNK=chunk, BLK=BLK, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
