@@ -108,12 +108,13 @@ def _state_bwd_kernel(
             if HAS_SEQ:
                 seq_k = tl.load(seq_base + tk * sseq_l, mask=vk, other=-1)
                 e = tl.where(seq_k == prev_seq, e, 0.0)
-            dyk = tl.load(dy_base + tk[:, None] * sdy_l + offs_p[None, :] * sdy_p,
-                          mask=vk[:, None] & mp[None, :], other=0.0)  # (BK, BP)
+            # dy loaded transposed, so the dot's left operand needs no transpose in registers
+            dykT = tl.load(dy_base + tk[None, :] * sdy_l + offs_p[:, None] * sdy_p,
+                           mask=vk[None, :] & mp[:, None], other=0.0)  # (BP, BK)
             Ck = tl.load(C_base + tk[:, None] * sC_l + offs_n[None, :] * sC_n,
                          mask=vk[:, None] & mn[None, :], other=0.0)  # (BK, BN)
-            dye = (dyk.to(tl.float32) * e[:, None]).to(DOT)
-            acc += tl.dot(tl.trans(dye), Ck.to(DOT))  # (BP, BN)
+            dye = (dykT.to(tl.float32) * e[None, :]).to(DOT)
+            acc += tl.dot(dye, Ck.to(DOT))  # (BP, BN)
         run = run * decay + acc  # dS_in(c) = dS_out(c - 1)
     tl.store(dinit_ptr + (b64 * H + h) * P * N + pn, run, mask=mpn)
 

@@ -136,12 +136,13 @@ def _state_fwd_kernel(
             if HAS_SEQ:
                 seqk = tl.load(seq_base + tk * sseq_l, mask=vk, other=0)
                 wk = tl.where(seqk == seq_last, wk, 0.0)  # only the last token's document carries on
-            xk = tl.load(x_base + tk[:, None] * sx_l + offs_p[None, :] * sx_p,
-                         mask=vk[:, None] & mp[None, :], other=0.0)  # (BK, BP)
+            # x loaded transposed, so the dot's left operand needs no transpose in registers
+            xkT = tl.load(x_base + tk[None, :] * sx_l + offs_p[:, None] * sx_p,
+                          mask=vk[None, :] & mp[:, None], other=0.0)  # (BP, BK)
             Bk = tl.load(B_base + tk[:, None] * sB_l + offs_n[None, :] * sB_n,
                          mask=vk[:, None] & mn[None, :], other=0.0)  # (BK, BN)
-            xs = (xk.to(tl.float32) * wk[:, None]).to(DOT)
-            acc += tl.dot(tl.trans(xs), Bk.to(DOT))  # (BP, BN)
+            xs = (xkT.to(tl.float32) * wk[None, :]).to(DOT)
+            acc += tl.dot(xs, Bk.to(DOT))  # (BP, BN)
 
         st = ((b64 * NCHUNKS + c) * H + h) * P * N
         tl.store(states_ptr + st + offs_p[:, None] * N + offs_n[None, :],
