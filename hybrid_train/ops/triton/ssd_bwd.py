@@ -98,7 +98,9 @@ def _state_bwd_kernel(
         # run is dS_out(c) here
         tl.store(dstates_ptr + bhc * P * N + pn, run.to(dstates_ptr.dtype.element_ty), mask=mpn)
         Sin = tl.load(states_ptr + bhc * P * N + pn, mask=mpn, other=0.0).to(tl.float32)
-        tl.store(ddec_ptr + bhc * NPB + tl.program_id(0) % NPB, tl.sum(tl.sum(run * Sin, 1), 0) * decay)
+        # per-row sums only: the sum across warps stays off this serial path (the dt kernel adds them)
+        tl.store(ddec_ptr + (bhc * NPB + tl.program_id(0) % NPB) * BP + tl.arange(0, BP),
+                 tl.sum(run * Sin, 1) * decay)
         acc = tl.zeros((BP, BN), dtype=tl.float32)
         for k in range(0, CHUNK, BK):
             offs_k = k + tl.arange(0, BK)
@@ -403,7 +405,7 @@ def _dt_bwd_kernel(
     L, H, NCHUNKS, NPB, lo, hi,
     sdt_b, sdt_l, sdt_h,
     sddt_b, sddt_l, sddt_h,
-    CHUNK: tl.constexpr, BLK: tl.constexpr,
+    CHUNK: tl.constexpr, BLK: tl.constexpr, DDEC_ROWS: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
 ):
     NBLK: tl.constexpr = CHUNK // BLK
@@ -435,9 +437,9 @@ def _dt_bwd_kernel(
         tl.store(cross_ptr + row + kb * BLK + offs_b, part)
     tl.debug_barrier()  # the row is read back whole by other threads of this program
     cross = tl.load(cross_ptr + row + offs)
-    ddec = tl.load(ddec_ptr + bhc * NPB)
-    for pb in range(1, NPB):
-        ddec += tl.load(ddec_ptr + bhc * NPB + pb)
+    ddec = 0.0
+    for pb in range(NPB):
+        ddec += tl.sum(tl.load(ddec_ptr + (bhc * NPB + pb) * DDEC_ROWS + tl.arange(0, DDEC_ROWS)), 0)
     dacs = tl.load(dacs_ptr + row + offs)
     Wv = tl.load(W_ptr + row + offs)
     ddA = cross + tl.cumsum(dacs, 0, reverse=True) + (tl.cumsum(Wv, 0) - Wv) + ddec  # d(dt_k A)
@@ -511,7 +513,7 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk, D, z, dt_bias, dt_softplus, dt_limit, s
     bp, bn = state_blocks(BP, BN, "state_bwd_blocks")
     npb = triton.cdiv(p, bp) * triton.cdiv(n, bn)  # partial sums of the chunk-decay gradient
     dstates = torch.empty(b, nc, h, p, n, device=dev, dtype=x.dtype)
-    ddec = torch.empty(b, nc, h, npb, device=dev, dtype=f32)
+    ddec = torch.empty(b, nc, h, npb, bp, device=dev, dtype=f32)  # per program, per row of its p block
     dinit = torch.empty(b, h, p, n, device=dev, dtype=f32)
     dfin = dfinal.float().contiguous() if dfinal is not None else x
     _state_bwd_kernel[(b * h * npb,)](
@@ -570,7 +572,7 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk, D, z, dt_bias, dt_softplus, dt_limit, s
         ddec,
         ddt, dAp, dbp,
         l, h, nc, npb, lo, hi_arg, *dt.stride(), *ddt.stride(),
-        CHUNK=chunk, BLK=BLK, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
+        CHUNK=chunk, BLK=BLK, DDEC_ROWS=bp, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
         HAS_LIMIT=has_limit, **launch("dt_bwd"),
     )
 
