@@ -1,13 +1,15 @@
-"""SSD chunked scan, forward, in Triton: three launches.
+"""SSD chunked scan, forward, in Triton: four launches.
 
-1. ``_cb_kernel``: CB[i, j] = C_i . B_j for every chunk and group (b, c, g, Q, Q), fp32 (zeros in
-   the tiles above the diagonal). Shared by the heads of a group: computed once per group.
-2. ``_state_fwd_kernel``: one program per (batch, head, block of p, block of n) walks the chunks in
-   order. Per chunk it finalises dt (bias, softplus, limit) and its cumsum (written for the other kernels),
-   forms the chunk's own state x^T diag(dt * decay-to-end) B on tensor cores, stores the state
-   entering the chunk and carries it on. Fusing "chunk state" with "state passing" keeps the
-   per-chunk states out of HBM (only the entering states, in the input dtype, are written).
-3. ``_scan_fwd_kernel``: one program per (batch, chunk, head(s), block of rows) computes
+1. ``_cb_kernel``: CB[i, j] = C_i . B_j for every chunk and group (b, c, g, Q, Q), in B's dtype
+   (zeros in the tiles above the diagonal). Shared by the heads of a group: computed once per group.
+2. ``_dt_cumsum_kernel``: one program per (batch, head, chunk) finalises dt (bias, softplus, limit)
+   and its in-chunk cumsum of dt * A, written for the other kernels. Kept out of the state kernel:
+   its scans and sums synchronise all warps, which on that kernel's serial chunk loop costs time.
+3. ``_state_fwd_kernel``: one program per (batch, head, block of p, block of n) walks the chunks in
+   order. Per chunk it forms the chunk's own state x^T diag(dt * decay-to-end) B on tensor cores,
+   stores the state entering the chunk and carries it on. Fusing "chunk state" with "state passing"
+   keeps the per-chunk states out of HBM (only the entering states, in the input dtype, are written).
+4. ``_scan_fwd_kernel``: one program per (batch, chunk, head(s), block of rows) computes
    y_i = sum_{j<=i} CB_ij exp(acs_i - acs_j) dt_j x_j  +  exp(acs_i) C_i . S_in  +  D x_i,
    skipping the block tiles above the diagonal, then the optional z gate.
 
@@ -62,17 +64,40 @@ def _cb_kernel(
 
 
 @triton.jit
-def _state_fwd_kernel(
-    x_ptr, dt_ptr, A_ptr, B_ptr, dtb_ptr, seq_ptr, init_ptr,
-    dtp_ptr, acs_ptr, states_ptr, final_ptr,
-    L, H, P, N, R, NCHUNKS, NPB, NNB, lo, hi,
-    sx_b, sx_l, sx_h, sx_p,
+def _dt_cumsum_kernel(
+    dt_ptr, A_ptr, dtb_ptr, dtp_ptr, acs_ptr,
+    L, H, NCHUNKS, lo, hi,
     sdt_b, sdt_l, sdt_h,
+    CHUNK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
+):
+    # One program per (batch, head, chunk): dt finalised (bias, softplus, limit; 0 past l) and the
+    # in-chunk cumsum of dt * A, written for every other kernel.
+    pid = tl.program_id(0)  # ((b * H) + h) * NCHUNKS + c
+    c = pid % NCHUNKS
+    h = (pid // NCHUNKS) % H
+    b64 = (pid // (NCHUNKS * H)).to(tl.int64)
+    offs = tl.arange(0, CHUNK)
+    t = c.to(tl.int64) * CHUNK + offs
+    valid = t < L
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(dtb_ptr + h).to(tl.float32)
+    raw = tl.load(dt_ptr + b64 * sdt_b + h * sdt_h + t * sdt_l, mask=valid, other=0.0).to(tl.float32)
+    dtq = tl.where(valid, process_dt(raw, bias, HAS_BIAS, SOFTPLUS, HAS_LIMIT, lo, hi), 0.0)
+    row = pid.to(tl.int64) * CHUNK
+    tl.store(dtp_ptr + row + offs, dtq)
+    tl.store(acs_ptr + row + offs, tl.cumsum(dtq * tl.load(A_ptr + h).to(tl.float32), 0))
+
+
+@triton.jit
+def _state_fwd_kernel(
+    x_ptr, B_ptr, seq_ptr, init_ptr, dtp_ptr, acs_ptr, states_ptr, final_ptr,
+    L, H, P, N, R, NCHUNKS, NPB, NNB,
+    sx_b, sx_l, sx_h, sx_p,
     sB_b, sB_l, sB_g, sB_n,
     sseq_b, sseq_l,
     si_b, si_h, si_p, si_n,
     CHUNK: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
     HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr, DOT: tl.constexpr,
 ):
     # 1-D grid, (p, n) blocks fastest: the blocks of one head walk its chunks side by side
@@ -88,11 +113,6 @@ def _state_fwd_kernel(
     mp = offs_p < P
     mn = offs_n < N
     mpn = mp[:, None] & mn[None, :]
-    A = tl.load(A_ptr + h).to(tl.float32)
-    bias = 0.0
-    if HAS_BIAS:
-        bias = tl.load(dtb_ptr + h).to(tl.float32)
-    dt_base = dt_ptr + b64 * sdt_b + h * sdt_h
     x_base = x_ptr + b64 * sx_b + h * sx_h
     B_base = B_ptr + b64 * sB_b + g * sB_g
     seq_base = seq_ptr + b64 * sseq_b
@@ -104,35 +124,20 @@ def _state_fwd_kernel(
         S = tl.zeros((BP, BN), dtype=tl.float32)
     if HAS_SEQ:
         prev_seq = tl.load(seq_base)  # the initial state belongs to the document at position 0
-    offs_q = tl.arange(0, CHUNK)
     for c in range(NCHUNKS):
         t0 = c * CHUNK  # int32 scalar; the time offsets below are int64 tensors
-        # Whole-chunk dt and its cumsum: the decay to the chunk end needs the chunk total first.
-        tq = t0 + offs_q.to(tl.int64)
-        vq = tq < L
-        raw = tl.load(dt_base + tq * sdt_l, mask=vq, other=0.0).to(tl.float32)
-        dtq = tl.where(vq, process_dt(raw, bias, HAS_BIAS, SOFTPLUS, HAS_LIMIT, lo, hi), 0.0)  # (Q)
-        dAq = dtq * A
-        total = tl.sum(dAq, 0)
-        if (pid_p == 0) & (pid_n == 0):
-            row = ((b64 * H + h) * NCHUNKS + c) * CHUNK
-            tl.store(dtp_ptr + row + offs_q, dtq)
-            tl.store(acs_ptr + row + offs_q, tl.cumsum(dAq, 0))
+        row = ((b64 * H + h) * NCHUNKS + c) * CHUNK
+        total = tl.load(acs_ptr + row + CHUNK - 1)
         if HAS_SEQ:
             seq_last = tl.load(seq_base + (tl.minimum(t0 + CHUNK, L) - 1) * sseq_l)
 
         # The chunk's own state: sum_j exp(total - acs_j) dt_j x_j (outer) B_j, K-blocked over j.
         acc = tl.zeros((BP, BN), dtype=tl.float32)
-        run = total * 0.0
         for k in range(0, CHUNK, BK):
-            tk = t0 + k + tl.arange(0, BK).to(tl.int64)
+            offs_k = k + tl.arange(0, BK)
+            tk = t0 + offs_k.to(tl.int64)
             vk = tk < L
-            rawk = tl.load(dt_base + tk * sdt_l, mask=vk, other=0.0).to(tl.float32)
-            dtk = tl.where(vk, process_dt(rawk, bias, HAS_BIAS, SOFTPLUS, HAS_LIMIT, lo, hi), 0.0)  # (BK)
-            dAk = dtk * A
-            acsk = run + tl.cumsum(dAk, 0)
-            run += tl.sum(dAk, 0)
-            wk = tl.exp(total - acsk) * dtk
+            wk = tl.exp(total - tl.load(acs_ptr + row + offs_k)) * tl.load(dtp_ptr + row + offs_k)
             if HAS_SEQ:
                 seqk = tl.load(seq_base + tk * sseq_l, mask=vk, other=0)
                 wk = tl.where(seqk == seq_last, wk, 0.0)  # only the last token's document carries on
@@ -276,7 +281,7 @@ def state_blocks(bp: int, bn: int, key: str = "state_blocks") -> tuple[int, int]
 
 
 def chunk_states_fwd(x, dt, A, B, dt_bias, dt_softplus, dt_limit, seq_idx, initial_states, chunk):
-    """Launches the state kernel. Returns (dtp, acs, states, final).
+    """Launches the dt and state kernels. Returns (dtp, acs, states, final).
 
     dtp, acs: (b, h, c, Q) fp32 processed dt and its in-chunk cumsum of dt * A (0 / flat past l);
     states: (b, c, h, p, n) entering each chunk, in x's dtype; final: (b, h, p, n) fp32.
@@ -298,13 +303,16 @@ def chunk_states_fwd(x, dt, A, B, dt_bias, dt_softplus, dt_limit, seq_idx, initi
     si = initial_states.stride() if initial_states is not None else (0, 0, 0, 0)
     bp, bn = state_blocks(BP, BN)
     npb, nnb = triton.cdiv(p, bp), triton.cdiv(n, bn)
+    _dt_cumsum_kernel[(b * h * nc,)](
+        dt, A, dt_bias if dt_bias is not None else A, dtp, acs,
+        l, h, nc, lo, hi if hi != float("inf") else 3.0e38, *dt.stride(),
+        CHUNK=chunk, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_LIMIT=has_limit,
+    )
     _state_fwd_kernel[(b * h * npb * nnb,)](
-        x, dt, A, B, dt_bias if dt_bias is not None else A, seq, init,
-        dtp, acs, states, final,
-        l, h, p, n, h // g, nc, npb, nnb, lo, hi if hi != float("inf") else 3.0e38,
-        *x.stride(), *dt.stride(), *B.stride(), ss_b, ss_l, *si,
+        x, B, seq, init, dtp, acs, states, final,
+        l, h, p, n, h // g, nc, npb, nnb,
+        *x.stride(), *B.stride(), ss_b, ss_l, *si,
         CHUNK=chunk, BK=BLK, BP=bp, BN=bn,
-        HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_LIMIT=has_limit,
         HAS_SEQ=seq_idx is not None, HAS_INIT=initial_states is not None, DOT=DOT,
         **launch("state_fwd"),
     )
