@@ -135,14 +135,9 @@ def profile_ssd(b, l, h, p, g, n, chunk, docs=1, iters=5) -> list[str]:
 # value updates that kernel's options, anything else replaces the entry.
 SWEEP = [
     ("default", {}),
-    ("dcb 2 stages", {"dcb": dict(num_stages=2)}),
-    ("dbc_state 1 stage", {"dbc_state": dict(num_stages=1)}),
-    ("dbc_state 2 stages", {"dbc_state": dict(num_stages=2)}),
-    ("dbc_state 4 warps 2 stages", {"dbc_state": dict(num_warps=4, num_stages=2)}),
-    ("state_bwd bp32", {"state_bwd_blocks": dict(bp=32)}),
-    ("state_bwd bn32", {"state_bwd_blocks": dict(bn=32)}),
-    ("state_bwd 8 warps", {"state_bwd": dict(num_warps=8)}),
-    ("state_fwd bp32", {"state_blocks": dict(bp=32)}),
+    ("dbc 132 programs", {"dbc_programs": 132}),
+    ("dcb 6x132 programs", {"dcb_programs": 6 * 132}),
+    ("dcb 12x132 programs", {"dcb_programs": 12 * 132}),
 ]
 
 

@@ -13,7 +13,7 @@ from hybrid_train.ops.dispatch import interpreting
 LAUNCH: dict = {
     "ssd_blk": 64,  # tile of rows / columns inside an SSD chunk (tests lower it to get several per chunk)
     "cb": dict(num_warps=4),
-    "state_fwd": dict(num_warps=4, num_stages=2),
+    "state_fwd": dict(num_warps=4, num_stages=1),
     "scan_fwd": dict(num_warps=4, BM=64, HB=1),
     "cb_dtype": "input",  # C.B per chunk kept in the inputs' dtype ("input") or in "fp32"
     "state_bwd": dict(num_warps=4),
@@ -21,6 +21,7 @@ LAUNCH: dict = {
     "dcb": dict(num_warps=4, num_stages=1),
     "dcb_programs": 8 * 132,  # the dCB kernel splits each group's heads until about this many programs
     "dbc_state": dict(num_warps=8),
+    "dbc_programs": 2 * 132,  # likewise for the dB/dC-state kernel
     "dt_bwd": dict(num_warps=4),
     "state_blocks": dict(bp=64, bn=128),  # forward
     "state_bwd_blocks": dict(bp=64, bn=64),

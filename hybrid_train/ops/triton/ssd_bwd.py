@@ -551,7 +551,7 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk, D, z, dt_bias, dt_softplus, dt_limit, s
     )
 
     # 4. state parts of dB and dC; incoming-state part of the log-decay gradient
-    hps2, nsplit2 = _head_split(b * nc * g * nblk, R, 4 * 132)
+    hps2, nsplit2 = _head_split(b * nc * g * nblk, R, LAUNCH["dbc_programs"])
     dCp = torch.empty(nsplit2, b, nc * chunk, g, n, device=dev, dtype=f32)
     dBp = torch.empty_like(dCp)
     dacs = torch.empty(b, h, nc, chunk, device=dev, dtype=f32)
