@@ -60,6 +60,7 @@ def test_fused_head_loss_and_gradients_match_logits_path(tied):
     torch.testing.assert_close(fused, loss, rtol=1e-6, atol=0)
     torch.testing.assert_close(fused_ce, ce, rtol=1e-6, atol=0)
     assert fused_ce < fused  # the z-loss term is in the loss, not in the cross entropy
+    assert fused_ce.grad_fn is None and not fused_ce.requires_grad  # a logged value: holds no graph
     for name, p in model.named_parameters():
         g = expected[name]
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-5 * float(g.abs().max()), msg=name)

@@ -102,7 +102,11 @@ class _FusedLinearCE(torch.autograd.Function):
         loss = ce + z_loss * lse.square().mean() if z_loss else ce
         ctx.save_for_backward(hidden, weight, labels, lse, valid, n_valid)
         ctx.z_loss, ctx.vc, ctx.triton_path = z_loss, vc, triton_path
-        return loss, ce.detach()
+        ce = ce.detach()
+        # An autograd.Function attaches every output to its node, detached or not; unmarked, ce would keep
+        # the graph alive in whatever accumulates it (a running loss sum chained every step's graph).
+        ctx.mark_non_differentiable(ce)
+        return loss, ce
 
     @staticmethod
     def backward(ctx, g_loss, _g_ce):

@@ -211,13 +211,16 @@ def train(job: JobConfig) -> TrainResult:
 
 
 def forward_backward(model, batch: dict, z_loss: float, fused: bool, grad_accum: int, autocast, env) -> torch.Tensor:
-    """Forward and backward of one micro-batch (its loss divided by grad_accum); returns its cross entropy."""
+    """Forward and backward of one micro-batch (its loss divided by grad_accum); returns its cross entropy,
+    detached from autograd."""
     inputs = (batch["input_ids"], batch["position_ids"], batch["seq_idx"])
     if fused:  # the head computes the loss in its forward, while FSDP holds its weight gathered
         with autocast:
             loss, ce = model(*inputs, labels=batch["labels"], z_loss=z_loss)
         (loss / grad_accum).backward()
-        return ce
+        # Detached here too: added in place into the loop's loss sum, a ce still attached to the graph
+        # chains every step's graph onto the next (seen: +20 MB of CPU RSS per step).
+        return ce.detach()
     with autocast:
         logits = model(*inputs)
     with loss_context(env):  # vocabulary-parallel cross entropy when parallel.loss_parallel
