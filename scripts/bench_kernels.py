@@ -135,9 +135,8 @@ def profile_ssd(b, l, h, p, g, n, chunk, docs=1, iters=5) -> list[str]:
 # value updates that kernel's options, anything else replaces the entry.
 SWEEP = [
     ("default", {}),
-    ("dbc 132 programs", {"dbc_programs": 132}),
-    ("dcb 6x132 programs", {"dcb_programs": 6 * 132}),
-    ("dcb 12x132 programs", {"dcb_programs": 12 * 132}),
+    ("dcb 8x132 programs", {"dcb_programs": 8 * 132}),
+    ("dbc 2x132 programs", {"dbc_programs": 2 * 132}),
 ]
 
 

@@ -19,9 +19,9 @@ LAUNCH: dict = {
     "state_bwd": dict(num_warps=4),
     "dx": dict(num_warps=4, num_stages=1),
     "dcb": dict(num_warps=4, num_stages=1),
-    "dcb_programs": 8 * 132,  # the dCB kernel splits each group's heads until about this many programs
+    "dcb_programs": 12 * 132,  # the dCB kernel splits each group's heads until about this many programs
     "dbc_state": dict(num_warps=8),
-    "dbc_programs": 2 * 132,  # likewise for the dB/dC-state kernel
+    "dbc_programs": 132,  # likewise for the dB/dC-state kernel
     "dt_bwd": dict(num_warps=4),
     "state_blocks": dict(bp=64, bn=128),  # forward
     "state_bwd_blocks": dict(bp=64, bn=64),
