@@ -135,8 +135,9 @@ def profile_ssd(b, l, h, p, g, n, chunk, docs=1, iters=5) -> list[str]:
 # value updates that kernel's options, anything else replaces the entry.
 SWEEP = [
     ("default", {}),
-    ("dcb 8x132 programs", {"dcb_programs": 8 * 132}),
-    ("dbc 2x132 programs", {"dbc_programs": 2 * 132}),
+    ("scan 1 stage", {"scan_fwd": dict(num_stages=1)}),
+    ("scan 3 stages", {"scan_fwd": dict(num_stages=3)}),
+    ("default again", {}),
 ]
 
 

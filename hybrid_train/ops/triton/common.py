@@ -14,7 +14,7 @@ LAUNCH: dict = {
     "ssd_blk": 64,  # tile of rows / columns inside an SSD chunk (tests lower it to get several per chunk)
     "cb": dict(num_warps=4),
     "state_fwd": dict(num_warps=4, num_stages=1),
-    "scan_fwd": dict(num_warps=4, BM=64, HB=1),
+    "scan_fwd": dict(num_warps=4, num_stages=2, BM=64, HB=1),
     "cb_dtype": "input",  # C.B per chunk kept in the inputs' dtype ("input") or in "fp32"
     "state_bwd": dict(num_warps=4),
     "dx": dict(num_warps=4, num_stages=1),
