@@ -135,9 +135,8 @@ def profile_ssd(b, l, h, p, g, n, chunk, docs=1, iters=5) -> list[str]:
 # value updates that kernel's options, anything else replaces the entry.
 SWEEP = [
     ("default", {}),
-    ("scan 1 stage", {"scan_fwd": dict(num_stages=1)}),
-    ("scan 3 stages", {"scan_fwd": dict(num_stages=3)}),
-    ("default again", {}),
+    ("state bwd without a register cap", {"state_bwd": dict(maxnreg=None)}),
+    ("dB/dC-state heads in two splits", {"dbc_programs": 132}),
 ]
 
 

@@ -16,12 +16,13 @@ LAUNCH: dict = {
     "state_fwd": dict(num_warps=4, num_stages=1),
     "scan_fwd": dict(num_warps=4, num_stages=2, BM=64, HB=1),
     "cb_dtype": "input",  # C.B per chunk kept in the inputs' dtype ("input") or in "fp32"
-    "state_bwd": dict(num_warps=4),
+    # 128 registers (a few spills) let all b x h x 2 programs be resident at once at Bamba's shape
+    "state_bwd": dict(num_warps=4, maxnreg=128),
     "dx": dict(num_warps=4, num_stages=1),
     "dcb": dict(num_warps=4, num_stages=1),
     "dcb_programs": 12 * 132,  # the dCB kernel splits each group's heads until about this many programs
     "dbc_state": dict(num_warps=8),
-    "dbc_programs": 132,  # likewise for the dB/dC-state kernel
+    "dbc_programs": 128,  # likewise for the dB/dC-state kernel (at Bamba's shape: no split)
     "dt_bwd": dict(num_warps=4),
     "state_blocks": dict(bp=64, bn=128),  # forward
     "state_bwd_blocks": dict(bp=64, bn=64),
@@ -29,8 +30,8 @@ LAUNCH: dict = {
 
 
 def launch(name: str) -> dict:
-    """Triton launch options (num_warps, num_stages) for a kernel, from LAUNCH."""
-    return {k: v for k, v in LAUNCH[name].items() if k in ("num_warps", "num_stages")}
+    """Triton launch options (num_warps, num_stages, maxnreg) for a kernel, from LAUNCH."""
+    return {k: v for k, v in LAUNCH[name].items() if k in ("num_warps", "num_stages", "maxnreg")}
 
 
 _TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
