@@ -218,9 +218,7 @@ def forward_backward(model, batch: dict, z_loss: float, fused: bool, grad_accum:
         with autocast:
             loss, ce = model(*inputs, labels=batch["labels"], z_loss=z_loss)
         (loss / grad_accum).backward()
-        # Detached here too: added in place into the loop's loss sum, a ce still attached to the graph
-        # chains every step's graph onto the next (seen: +20 MB of CPU RSS per step).
-        return ce.detach()
+        return ce
     with autocast:
         logits = model(*inputs)
     with loss_context(env):  # vocabulary-parallel cross entropy when parallel.loss_parallel
