@@ -96,9 +96,8 @@ def _convs(x, B, C, wx, bx, wB, bB, wC, bC, seq_idx):
 
 def _conv_ssd_fake(x, B, C, wx, bx, wB, bB, wC, bC, dt, A, D, dt_bias, seq_idx, chunk_size, head_dim, d_state,
                    dt_softplus, dt_lo, dt_hi):
-    b, l, _ = x.shape
-    xh = x.new_empty(b, l, x.shape[-1] // head_dim, head_dim)
-    return (x.new_empty(x.shape), *chunk_states_like(xh, B.unflatten(-1, (-1, d_state)), chunk_size))
+    return (x.new_empty(x.shape),
+            *chunk_states_like(x.unflatten(-1, (-1, head_dim)), B.unflatten(-1, (-1, d_state)), chunk_size))
 
 
 def _conv_ssd_bwd_fake(dy, x, B, C, wx, bx, wB, bB, wC, bC, dt, A, D, dt_bias, seq_idx, chunk_size, head_dim,
