@@ -41,6 +41,8 @@ order, so gradients are bitwise reproducible.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -390,9 +392,8 @@ def _dbc_state_kernel(
         accC += tmp * e[:, None]
         tl.store(dacs_ptr + row + offs_i, e * tl.sum(tmp * Ci, 1))
         accB += tl.dot((xi * w[:, None]).to(DOT), dSo.to(DOT))
-    # (NSPLIT, b, c*Q, g, n) partials
-    off = ((s.to(tl.int64) * BATCH + b) * NCHUNKS * CHUNK + c * CHUNK + offs_i)[:, None] * (G * N) \
-        + g * N + offs_n[None, :]
+    # (NSPLIT, b, c, g, Q, n) partials: the layout of the batched matmuls that add the dCB parts
+    off = ((s.to(tl.int64) * (BATCH * NCHUNKS * G) + bcg) * CHUNK + offs_i)[:, None] * N + offs_n[None, :]
     tl.store(dCp_ptr + off, accC, mask=mn[None, :])
     tl.store(dBp_ptr + off, accB, mask=mn[None, :])
 
@@ -461,6 +462,18 @@ def _dt_bwd_kernel(
     ddt = tl.where(valid, ddt, 0.0)
     tl.store(ddt_ptr + b64 * sddt_b + h * sddt_h + t * sddt_l, ddt.to(ddt_ptr.dtype.element_ty), mask=valid)
     tl.store(dbp_ptr + bhc, tl.sum(ddt, 0))
+
+
+@contextlib.contextmanager
+def _tf32_for(dtype: torch.dtype):
+    """TF32 matmuls for 16-bit inputs, whatever the global flag: their B and C are exact in TF32, and
+    dCB's rounding (2^-11 relative) stays below the 16-bit rounding of the gradients themselves."""
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = prev or dtype in (torch.bfloat16, torch.float16)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
 
 
 def _head_split(groups_programs: int, heads_per_group: int, target: int) -> tuple[int, int]:
@@ -552,7 +565,7 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk, D, z, dt_bias, dt_softplus, dt_limit, s
 
     # 4. state parts of dB and dC; incoming-state part of the log-decay gradient
     hps2, nsplit2 = _head_split(b * nc * g * nblk, R, LAUNCH["dbc_programs"])
-    dCp = torch.empty(nsplit2, b, nc * chunk, g, n, device=dev, dtype=f32)
+    dCp = torch.empty(nsplit2, b, nc, g, chunk, n, device=dev, dtype=f32)
     dBp = torch.empty_like(dCp)
     dacs = torch.empty(b, h, nc, chunk, device=dev, dtype=f32)
     _dbc_state_kernel[(b * nc * g * nsplit2 * nblk,)](
@@ -576,25 +589,31 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk, D, z, dt_bias, dt_softplus, dt_limit, s
         HAS_LIMIT=has_limit, **launch("dt_bwd"),
     )
 
-    # Per group: dC_i += sum_j dCB_ij B_j, dB_j += sum_i dCB_ij C_i (fp32, one batched matmul each).
-    dcb = dcb.sum(0) if nsplit > 1 else dcb[0]  # (b, c, g, Q, Q)
+    # Per group: dC_i += sum_j dCB_ij B_j, dB_j += sum_i dCB_ij C_i, added onto the state parts by two
+    # batched matmuls over (batch, chunk, group).
+    dcb = (dcb.sum(0) if nsplit > 1 else dcb[0]).view(-1, chunk, chunk)
     pad = nc * chunk - l
 
-    def chunked(t):  # (b, l, g, n) -> (b, c, g, Q, n) fp32, zero-padded
-        t = torch.nn.functional.pad(t.float(), (0, 0, 0, 0, 0, pad))
-        return t.view(b, nc, chunk, g, n).transpose(2, 3)
+    def chunked(t):  # (b, l, g, n) -> (b*c*g, Q, n) fp32, zero-padded
+        t = t.float()
+        if pad:
+            t = torch.nn.functional.pad(t, (0, 0, 0, 0, 0, pad))
+        return t.view(b, nc, chunk, g, n).transpose(2, 3).reshape(-1, chunk, n)
 
-    dC = dCp.sum(0) if nsplit2 > 1 else dCp[0]  # (b, c*Q, g, n)
+    def unchunked(t, like):  # (b, c, g, Q, n) fp32 -> (b, l, g, n) in like's dtype
+        return t.transpose(2, 3).reshape(b, nc * chunk, g, n)[:, :l].to(like.dtype)
+
+    dC = dCp.sum(0) if nsplit2 > 1 else dCp[0]  # (b, c, g, Q, n)
     dB = dBp.sum(0) if nsplit2 > 1 else dBp[0]
-    dC = dC + torch.matmul(dcb, chunked(B)).transpose(2, 3).reshape(b, nc * chunk, g, n)
-    dB = dB + torch.matmul(dcb.transpose(-1, -2), chunked(C)).transpose(2, 3).reshape(b, nc * chunk, g, n)
-    dC = dC[:, :l].to(C.dtype)
-    dB = dB[:, :l].to(B.dtype)
+    with _tf32_for(B.dtype):
+        dC.view(-1, chunk, n).baddbmm_(dcb, chunked(B))
+        dB.view(-1, chunk, n).baddbmm_(dcb.transpose(1, 2), chunked(C))
+    dC, dB = unchunked(dC, C), unchunked(dB, B)
 
     dA = dAp.sum((0, 1)).to(A.dtype)
     ddt_bias = dbp.sum((0, 1)).to(dt_bias.dtype) if dt_bias is not None else None
     dD = None
     if D is not None:
-        dD = (dDp.sum((0, 1, 3)) if d_hp else dDp.sum((0, 1, 3))).to(D.dtype)
+        dD = dDp.sum((0, 1, 3)).to(D.dtype)  # (h) or (h, p)
     dinit_out = dinit.to(initial_states.dtype) if initial_states is not None else None
     return dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit_out
