@@ -293,10 +293,12 @@ def test_conv_ssd_matches_reference(name):
     with saved:
         y = conv_ssd_call(t, chunk, p, n, seq_idx, dt_limit)
     # the fused op keeps its inputs (the pre-conv x, B, C, the conv weights, dt, A, ...) and no conv
-    # output; and the scan's per-chunk dt, log-decay cumsum (fp32) and entering states (x's dtype)
+    # output; and the scan's per-chunk dt, log-decay cumsum (fp32), entering states and C.B (both in
+    # x's dtype)
     inputs = [*t.values(), *([seq_idx] if seq_idx is not None else [])]
     nc = -(-l // chunk)
-    chunk_states = 2 * b * h * nc * chunk * 4 + b * nc * h * p * n * t["x"].element_size()
+    chunk_states = (2 * b * h * nc * chunk * 4
+                    + (b * nc * h * p * n + b * nc * g * chunk * chunk) * t["x"].element_size())
     assert saved.bytes == sum(v.untyped_storage().nbytes() for v in inputs) + chunk_states
     t64 = {key: v.detach().double().requires_grad_(True) for key, v in t.items()}
     y64 = conv_ssd_call(t64, chunk, p, n, seq_idx, dt_limit, reference=True)

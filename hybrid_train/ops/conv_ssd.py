@@ -101,7 +101,7 @@ def _conv_ssd_fake(x, B, C, wx, bx, wB, bB, wC, bC, dt, A, D, dt_bias, seq_idx, 
 
 
 def _conv_ssd_bwd_fake(dy, x, B, C, wx, bx, wB, bB, wC, bC, dt, A, D, dt_bias, seq_idx, chunk_size, head_dim,
-                       d_state, dt_softplus, dt_lo, dt_hi, dtp, acs, states):
+                       d_state, dt_softplus, dt_lo, dt_hi, dtp, acs, states, cb):
     like = [x, B, C, wx, bx, wB, bB, wC, bC, dt, A, D, dt_bias]
     return [torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None else x.new_empty(0)
             for t in like]
@@ -131,9 +131,9 @@ def _conv_ssd_op(
     dt: torch.Tensor, A: torch.Tensor, D: Optional[torch.Tensor], dt_bias: Optional[torch.Tensor],
     seq_idx: Optional[torch.Tensor], chunk_size: int, head_dim: int, d_state: int,
     dt_softplus: bool, dt_lo: float, dt_hi: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y (b, l, h*p), then the scan's dtp, acs, states for the backward); the conv outputs live only
-    inside this call."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y (b, l, h*p), then the scan's dtp, acs, states, cb for the backward); the conv outputs live
+    only inside this call."""
     from hybrid_train.ops.triton.ssd_fwd import ssd_fwd
 
     b, l, _ = x.shape
@@ -152,6 +152,7 @@ def _conv_ssd_bwd_op(
     dt: torch.Tensor, A: torch.Tensor, D: Optional[torch.Tensor], dt_bias: Optional[torch.Tensor],
     seq_idx: Optional[torch.Tensor], chunk_size: int, head_dim: int, d_state: int,
     dt_softplus: bool, dt_lo: float, dt_hi: float, dtp: torch.Tensor, acs: torch.Tensor, states: torch.Tensor,
+    cb: torch.Tensor,
 ) -> list[torch.Tensor]:
     """[dx, dB, dC, dwx, dbx, dwB, dbB, dwC, dbC, ddt, dA, dD, ddt_bias]; empty tensors for absent inputs."""
     from hybrid_train.ops.triton.conv1d import conv1d_bwd
@@ -162,7 +163,7 @@ def _conv_ssd_bwd_op(
     dxc, ddt, dA, dBc, dCc, dD, _, ddt_bias, _ = ssd_bwd(
         dy.reshape(b, l, -1, head_dim), xc.view(b, l, -1, head_dim), dt, A, Bc.view(b, l, -1, d_state),
         Cc.view(b, l, -1, d_state), chunk_size, D, None, dt_bias, dt_softplus, (dt_lo, dt_hi), seq_idx, None, None,
-        None, (dtp, acs, states))
+        None, (dtp, acs, states, cb))
     del xc, Bc, Cc  # free the recomputed conv outputs before the conv backward allocates
     d_in, d_conv = [], []
     for dout, u, w, bias in ((dxc, x, wx, bx), (dBc, B, wB, bB), (dCc, C, wC, bC)):

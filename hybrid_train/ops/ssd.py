@@ -254,15 +254,20 @@ def _ssd_fwd_fake(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_lo,
 
 
 def chunk_states_like(x: torch.Tensor, B: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, ...]:
-    """Empty (dtp, acs, states) shaped as the SSD forward saves them for its backward."""
+    """Empty (dtp, acs, states, cb) shaped as the SSD forward saves them for its backward."""
+    from hybrid_train.ops.triton.common import LAUNCH
+
     b, l, h, p = x.shape
+    g = B.shape[-2]
     nc = -(-l // chunk_size)
     dtp = x.new_empty(b, h, nc, chunk_size, dtype=torch.float32)
-    return dtp, torch.empty_like(dtp), x.new_empty(b, nc, h, p, B.shape[-1])
+    cb = B.new_empty(b, nc, g, chunk_size, chunk_size,
+                     dtype=B.dtype if LAUNCH["cb_dtype"] == "input" else torch.float32)
+    return dtp, torch.empty_like(dtp), x.new_empty(b, nc, h, p, B.shape[-1]), cb
 
 
 def _ssd_bwd_fake(dout, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_lo, dt_hi, seq_idx,
-                  initial_states, ypre, dfinal, dtp, acs, states):
+                  initial_states, ypre, dfinal, dtp, acs, states, cb):
     like = [x, dt, A, B, C, D, z, dt_bias, initial_states]
     return [torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None else x.new_empty(0)
             for t in like]
@@ -271,19 +276,19 @@ def _ssd_bwd_fake(dout, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, 
 def _ssd_setup_context(ctx, inputs, output):
     (x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_lo, dt_hi, seq_idx, initial_states,
      store_ypre) = inputs
-    _, _, ypre, dtp, acs, states = output
+    _, _, ypre, *chunk_states = output
     ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, seq_idx, initial_states,
-                          ypre if z is not None else None, dtp, acs, states)
+                          ypre if z is not None else None, *chunk_states)
     ctx.args = (chunk_size, dt_softplus, dt_lo, dt_hi)
 
 
 def _ssd_backward(ctx, dout, dfinal, *_no_grads):
-    x, dt, A, B, C, D, z, dt_bias, seq_idx, initial_states, ypre, dtp, acs, states = ctx.saved_tensors
+    x, dt, A, B, C, D, z, dt_bias, seq_idx, initial_states, ypre, *chunk_states = ctx.saved_tensors
     chunk_size, dt_softplus, dt_lo, dt_hi = ctx.args
     if dout is None:
         dout = torch.zeros_like(x)
     grads = _ssd_bwd_op(dout, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_lo, dt_hi,
-                        seq_idx, initial_states, ypre, dfinal, dtp, acs, states)
+                        seq_idx, initial_states, ypre, dfinal, *chunk_states)
     dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit = grads
     present = lambda g, t: g if t is not None else None  # noqa: E731
     return (dx, ddt, dA, dB, dC, None, present(dD, D), present(dz, z), present(ddt_bias, dt_bias),
@@ -296,9 +301,9 @@ def _ssd_fwd_op(
     chunk_size: int, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
     dt_bias: Optional[torch.Tensor], dt_softplus: bool, dt_lo: float, dt_hi: float,
     seq_idx: Optional[torch.Tensor], initial_states: Optional[torch.Tensor], store_ypre: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out (b, l, h, p), final state (b, h, p, n) fp32, y before the z gate or an empty tensor,
-    then dtp, acs, states: what the backward takes from the forward)."""
+    then dtp, acs, states, cb: what the backward takes from the forward)."""
     from hybrid_train.ops.triton.ssd_fwd import ssd_fwd
 
     out, final, ypre, chunk_states = ssd_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus,
@@ -313,13 +318,13 @@ def _ssd_bwd_op(
     dt_bias: Optional[torch.Tensor], dt_softplus: bool, dt_lo: float, dt_hi: float,
     seq_idx: Optional[torch.Tensor], initial_states: Optional[torch.Tensor],
     ypre: Optional[torch.Tensor], dfinal: Optional[torch.Tensor],
-    dtp: torch.Tensor, acs: torch.Tensor, states: torch.Tensor,
+    dtp: torch.Tensor, acs: torch.Tensor, states: torch.Tensor, cb: torch.Tensor,
 ) -> list[torch.Tensor]:
     """[dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit]; empty tensors for absent inputs."""
     from hybrid_train.ops.triton.ssd_bwd import ssd_bwd
 
     grads = ssd_bwd(dout, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, (dt_lo, dt_hi),
-                    seq_idx, initial_states, ypre, dfinal, (dtp, acs, states))
+                    seq_idx, initial_states, ypre, dfinal, (dtp, acs, states, cb))
     return [g if g is not None else x.new_empty(0) for g in grads]
 
 

@@ -1,8 +1,8 @@
 """SSD chunked scan, backward, in Triton.
 
-Takes the forward's processed dt, its cumsum and the states entering each chunk (saved: recomputing
-them costs a sequential state pass, about 7% of forward+backward at Bamba's shape), recomputes CB
-(one cheap launch), then:
+Takes the forward's processed dt, its cumsum, the states entering each chunk and CB (saved:
+recomputing them costs a sequential state pass, about 7% of forward+backward at Bamba's shape, and
+a launch), then:
 
 1. ``_state_bwd_kernel`` (per batch, head, block of p; chunks in reverse): dS_out of each chunk, the
    gradient of the chunk decay, and d initial_states. dS_in(c) = (dy o e)^T C + decay_c dS_out(c).
@@ -49,9 +49,7 @@ import triton.language as tl
 
 from hybrid_train.ops.dispatch import interpreting
 from hybrid_train.ops.triton.common import LAUNCH, dot_dtype, launch, softplus
-from hybrid_train.ops.triton.ssd_fwd import (
-    _seq_args, chunk_cb, ssd_blocks, state_blocks,
-)
+from hybrid_train.ops.triton.ssd_fwd import _seq_args, ssd_blocks, state_blocks
 
 
 @triton.jit
@@ -493,7 +491,7 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk, D, z, dt_bias, dt_softplus, dt_limit, s
             initial_states, ypre, dfinal, chunk_states):
     """Gradients (dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinit); None for absent inputs.
 
-    chunk_states: (dtp, acs, states) from the forward (``ssd_fwd``'s last output).
+    chunk_states: (dtp, acs, states, cb) from the forward (``ssd_fwd``'s last output).
     """
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
@@ -518,8 +516,7 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk, D, z, dt_bias, dt_softplus, dt_limit, s
     else:
         dy = dout
 
-    dtp, acs, states = chunk_states
-    cb = chunk_cb(B, C, chunk)
+    dtp, acs, states, cb = chunk_states
     seq, ss_b, ss_l = _seq_args(seq_idx, x)
 
     # 1. reverse state passing

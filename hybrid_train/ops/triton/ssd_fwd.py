@@ -342,8 +342,9 @@ def ssd_fwd(x, dt, A, B, C, chunk, D, z, dt_bias, dt_softplus, dt_limit, seq_idx
     """Forward pass. Returns (out (b, l, h, p) x.dtype, final (b, h, p, n) fp32, ypre or None, chunk_states).
 
     ypre is y before the z gate, kept only when z is given and ``store_ypre``. chunk_states =
-    (dtp, acs, states) as ``chunk_states_fwd`` returns them: what the backward would otherwise recompute
-    (at Bamba-9B's shape, 9 KB per token per layer against one state pass's time).
+    (dtp, acs, states, cb): ``chunk_states_fwd``'s first three and ``chunk_cb``'s C.B, what the backward
+    would otherwise recompute (at Bamba-9B's shape 9.5 KB per token per layer, against one state pass's
+    time and a C.B launch).
     """
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
@@ -368,4 +369,4 @@ def ssd_fwd(x, dt, A, B, C, chunk, D, z, dt_bias, dt_softplus, dt_limit, seq_idx
         STORE_YPRE=ypre is not None, HAS_SEQ=seq_idx is not None, DOT=dot_dtype(x.dtype),
         **launch("scan_fwd"),
     )
-    return out, final, ypre, (dtp, acs, states)
+    return out, final, ypre, (dtp, acs, states, cb)
