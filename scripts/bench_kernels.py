@@ -135,12 +135,17 @@ def profile_ssd(b, l, h, p, g, n, chunk, docs=1, iters=5) -> list[str]:
 # value updates that kernel's options, anything else replaces the entry.
 SWEEP = [
     ("default", {}),
-    ("state bwd without a register cap", {"state_bwd": dict(maxnreg=None)}),
-    ("dB/dC-state heads in two splits", {"dbc_programs": 132}),
+    ("dt gradient 2 warps", {"dt_bwd": dict(num_warps=2)}),
+    ("dt gradient 4 warps", {"dt_bwd": dict(num_warps=4)}),
+]
+# Forward-only variants (--sweep-fwd)
+SWEEP_FWD = [("default", {})] + [
+    (f"scan forward {w} warps, {st} stages", {"scan_fwd": dict(num_warps=w, num_stages=st)})
+    for w, st in [(4, 1), (4, 3)]
 ]
 
 
-def sweep_ssd(results) -> None:
+def sweep_ssd(results, variants=SWEEP, fwd_only=False) -> None:
     import copy
 
     from hybrid_train.ops.ssd import ssd_chunk_scan_torch
@@ -152,7 +157,7 @@ def sweep_ssd(results) -> None:
         y64 = ssd_chunk_scan_torch(t64["x"], t64["dt"], t64["A"], t64["B"], t64["C"], ANCHOR["chunk"],
                                    D=t64["D"], dt_bias=t64["dt_bias"], dt_softplus=True)
     base = copy.deepcopy(LAUNCH)
-    for label, change in SWEEP:
+    for label, change in variants:
         LAUNCH.clear()
         LAUNCH.update(copy.deepcopy(base))
         for k, v in change.items():
@@ -165,8 +170,13 @@ def sweep_ssd(results) -> None:
             with torch.no_grad():
                 y = ssd_call(t, ANCHOR["chunk"], None)
             err = ((y.double() - y64).norm() / y64.norm()).item()
-            r = bench_ssd(**ANCHOR)
-            r["graph_ms"] = bench_ssd_overhead(**ANCHOR)["graph_ms"]  # GPU time alone: hosts differ
+            if fwd_only:
+                with torch.no_grad():
+                    r = {"op": "ssd_sweep", "fwd_ms": bench(lambda: ssd_call(t, ANCHOR["chunk"], None)),
+                         "fwd_bwd_ms": float("nan"), "graph_ms": float("nan")}
+            else:
+                r = bench_ssd(**ANCHOR)
+                r["graph_ms"] = bench_ssd_overhead(**ANCHOR)["graph_ms"]  # GPU time alone: hosts differ
         except Exception as e:  # a variant that does not compile or fit is reported, not fatal
             print(f"sweep {label}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
             continue
@@ -291,6 +301,7 @@ def main() -> None:
     parser.add_argument("--reference", action="store_true", help="also time the PyTorch reference path")
     parser.add_argument("--profile", action="store_true", help="per-kernel times of the SSD at the anchor shape")
     parser.add_argument("--sweep", action="store_true", help="try the launch variants in SWEEP at the anchor")
+    parser.add_argument("--sweep-fwd", action="store_true", help="forward only: the scan tilings in SWEEP_FWD")
     parser.add_argument("--graph", action="store_true", help="SSD fwd+bwd: eager vs CUDA-graph replay, host time")
     parser.add_argument("--host-profile", action="store_true", help="cProfile of eager SSD fwd+bwd host time")
     parser.add_argument("--json", help="append results as JSON lines to this file")
@@ -305,6 +316,8 @@ def main() -> None:
             print(line, flush=True)
     if args.sweep:
         sweep_ssd(results)
+    if args.sweep_fwd:
+        sweep_ssd(results, SWEEP_FWD, fwd_only=True)
     if args.graph:
         for shape in (ANCHOR, dict(ANCHOR, b=1, l=2048), dict(ANCHOR, b=1, l=8192), dict(ANCHOR, b=1, l=16384)):
             results.append(bench_ssd_overhead(**shape))
@@ -333,6 +346,8 @@ def main() -> None:
             print(f"ssd {r['impl']:6s} b{r['b']} l{r['l']:5d} g{r['g']} docs{r['docs']}: fwd {r['fwd_ms']:.3f} ms "
                   f"({r['fwd_tflops']:.0f} TFLOP/s, {r['fwd_gbps']:.0f} GB/s)  fwd+bwd {r['fwd_bwd_ms']:.3f} ms "
                   f"({r['fwd_bwd_tflops']:.0f} TFLOP/s){ratio}")
+        elif r["op"] == "ssd_sweep":
+            continue  # printed by the sweep
         elif r["op"] == "ssd_overhead":
             print(f"ssd fwd+bwd b{r['b']} l{r['l']:5d}: eager {r['eager_ms']:.3f} ms, CUDA graph {r['graph_ms']:.3f} ms, "
                   f"host {r['host_ms']:.3f} ms per call")

@@ -13,6 +13,7 @@ from hybrid_train.ops.dispatch import interpreting
 LAUNCH: dict = {
     "ssd_blk": 64,  # tile of rows / columns inside an SSD chunk (tests lower it to get several per chunk)
     "cb": dict(num_warps=4),
+    "dt_cumsum": dict(num_warps=4),
     "state_fwd": dict(num_warps=4, num_stages=1),
     "scan_fwd": dict(num_warps=4, num_stages=2, BM=64, HB=1),
     "cb_dtype": "input",  # C.B per chunk kept in the inputs' dtype ("input") or in "fp32"
@@ -23,7 +24,7 @@ LAUNCH: dict = {
     "dcb_programs": 12 * 132,  # the dCB kernel splits each group's heads until about this many programs
     "dbc_state": dict(num_warps=8),
     "dbc_programs": 128,  # likewise for the dB/dC-state kernel (at Bamba's shape: no split)
-    "dt_bwd": dict(num_warps=4),
+    "dt_bwd": dict(num_warps=1),  # one warp per (batch, chunk, head): many resident programs
     "state_blocks": dict(bp=64, bn=128),  # forward
     "state_bwd_blocks": dict(bp=64, bn=64),
 }

@@ -307,6 +307,7 @@ def chunk_states_fwd(x, dt, A, B, dt_bias, dt_softplus, dt_limit, seq_idx, initi
         dt, A, dt_bias if dt_bias is not None else A, dtp, acs,
         l, h, nc, lo, hi if hi != float("inf") else 3.0e38, *dt.stride(),
         CHUNK=chunk, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_LIMIT=has_limit,
+        **launch("dt_cumsum"),
     )
     _state_fwd_kernel[(b * h * npb * nnb,)](
         x, B, seq, init, dtp, acs, states, final,
