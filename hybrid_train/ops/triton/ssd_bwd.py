@@ -84,40 +84,44 @@ def _state_bwd_kernel(
     seq_base = seq_ptr + b64 * sseq_b
     dy_base = dy_ptr + b64 * sdy_b + h * sdy_h
     C_base = C_ptr + b64 * sC_b + g * sC_g
-    for cc in range(NCHUNKS):
-        c = NCHUNKS - 1 - cc
+    # One flat loop over (chunk, K block), chunks in reverse, so that the pipeliner prefetches across
+    # chunk boundaries. At each chunk's first block: run = dS_out(c) is stored, its decay-gradient
+    # partial taken, and it is decayed over the chunk; the chunk's (dy o e)^T C then accumulates
+    # straight into it, leaving dS_in(c) = dS_out(c - 1).
+    NK: tl.constexpr = CHUNK // BK
+    for it in range(NCHUNKS * NK):
+        c = NCHUNKS - 1 - it // NK
+        kk = it % NK
         t0 = c * CHUNK  # int32 scalar; time offsets below are int64 tensors
         row = ((b64 * H + h) * NCHUNKS + c) * CHUNK
-        total = tl.load(acs_ptr + row + CHUNK - 1)
-        decay = tl.exp(total)
         if HAS_SEQ:
             prev_seq = tl.load(seq_base + tl.maximum(t0 - 1, 0) * sseq_l)
-            seq_last = tl.load(seq_base + (tl.minimum(t0 + CHUNK, L) - 1) * sseq_l)
-            decay = tl.where(seq_last == prev_seq, decay, 0.0)
-        bhc = (b64 * NCHUNKS + c) * H + h
-        # run is dS_out(c) here
-        tl.store(dstates_ptr + bhc * P * N + pn, run.to(dstates_ptr.dtype.element_ty), mask=mpn)
-        Sin = tl.load(states_ptr + bhc * P * N + pn, mask=mpn, other=0.0).to(tl.float32)
-        # per-row sums only: the sum across warps stays off this serial path (the dt kernel adds them)
-        tl.store(ddec_ptr + (bhc * NPB + tl.program_id(0) % NPB) * BP + tl.arange(0, BP),
-                 tl.sum(run * Sin, 1) * decay)
-        acc = tl.zeros((BP, BN), dtype=tl.float32)
-        for k in range(0, CHUNK, BK):
-            offs_k = k + tl.arange(0, BK)
-            tk = t0 + offs_k.to(tl.int64)
-            vk = tk < L
-            e = tl.exp(tl.load(acs_ptr + row + offs_k))
+        if kk == 0:
+            decay = tl.exp(tl.load(acs_ptr + row + CHUNK - 1))
             if HAS_SEQ:
-                seq_k = tl.load(seq_base + tk * sseq_l, mask=vk, other=-1)
-                e = tl.where(seq_k == prev_seq, e, 0.0)
-            # dy loaded transposed, so the dot's left operand needs no transpose in registers
-            dykT = tl.load(dy_base + tk[None, :] * sdy_l + offs_p[:, None] * sdy_p,
-                           mask=vk[None, :] & mp[:, None], other=0.0)  # (BP, BK)
-            Ck = tl.load(C_base + tk[:, None] * sC_l + offs_n[None, :] * sC_n,
-                         mask=vk[:, None] & mn[None, :], other=0.0)  # (BK, BN)
-            dye = (dykT.to(tl.float32) * e[None, :]).to(DOT)
-            acc += tl.dot(dye, Ck.to(DOT))  # (BP, BN)
-        run = run * decay + acc  # dS_in(c) = dS_out(c - 1)
+                seq_last = tl.load(seq_base + (tl.minimum(t0 + CHUNK, L) - 1) * sseq_l)
+                decay = tl.where(seq_last == prev_seq, decay, 0.0)
+            bhc = (b64 * NCHUNKS + c) * H + h
+            tl.store(dstates_ptr + bhc * P * N + pn, run.to(dstates_ptr.dtype.element_ty), mask=mpn)
+            Sin = tl.load(states_ptr + bhc * P * N + pn, mask=mpn, other=0.0).to(tl.float32)
+            # per-row sums only: the sum across warps stays off this serial path (the dt kernel adds them)
+            tl.store(ddec_ptr + (bhc * NPB + tl.program_id(0) % NPB) * BP + tl.arange(0, BP),
+                     tl.sum(run * Sin, 1) * decay)
+            run = run * decay
+        offs_k = kk * BK + tl.arange(0, BK)
+        tk = t0 + offs_k.to(tl.int64)
+        vk = tk < L
+        e = tl.exp(tl.load(acs_ptr + row + offs_k))
+        if HAS_SEQ:
+            seq_k = tl.load(seq_base + tk * sseq_l, mask=vk, other=-1)
+            e = tl.where(seq_k == prev_seq, e, 0.0)
+        # dy loaded transposed, so the dot's left operand needs no transpose in registers
+        dykT = tl.load(dy_base + tk[None, :] * sdy_l + offs_p[:, None] * sdy_p,
+                       mask=vk[None, :] & mp[:, None], other=0.0)  # (BP, BK)
+        Ck = tl.load(C_base + tk[:, None] * sC_l + offs_n[None, :] * sC_n,
+                     mask=vk[:, None] & mn[None, :], other=0.0)  # (BK, BN)
+        dye = (dykT.to(tl.float32) * e[None, :]).to(DOT)
+        run = tl.dot(dye, Ck.to(DOT), run)  # (BP, BN)
     tl.store(dinit_ptr + (b64 * H + h) * P * N + pn, run, mask=mpn)
 
 

@@ -124,40 +124,43 @@ def _state_fwd_kernel(
         S = tl.zeros((BP, BN), dtype=tl.float32)
     if HAS_SEQ:
         prev_seq = tl.load(seq_base)  # the initial state belongs to the document at position 0
-    for c in range(NCHUNKS):
+    # One flat loop over (chunk, K block), so that the pipeliner prefetches across chunk boundaries.
+    # At each chunk's first block the running state is stored (the state entering the chunk) and
+    # decayed over the chunk; the chunk's own state, sum_j exp(total - acs_j) dt_j x_j (outer) B_j,
+    # then accumulates straight into it.
+    NK: tl.constexpr = CHUNK // BK
+    for it in range(NCHUNKS * NK):
+        c = it // NK
+        kk = it % NK
         t0 = c * CHUNK  # int32 scalar; the time offsets below are int64 tensors
         row = ((b64 * H + h) * NCHUNKS + c) * CHUNK
         total = tl.load(acs_ptr + row + CHUNK - 1)
         if HAS_SEQ:
             seq_last = tl.load(seq_base + (tl.minimum(t0 + CHUNK, L) - 1) * sseq_l)
-
-        # The chunk's own state: sum_j exp(total - acs_j) dt_j x_j (outer) B_j, K-blocked over j.
-        acc = tl.zeros((BP, BN), dtype=tl.float32)
-        for k in range(0, CHUNK, BK):
-            offs_k = k + tl.arange(0, BK)
-            tk = t0 + offs_k.to(tl.int64)
-            vk = tk < L
-            wk = tl.exp(total - tl.load(acs_ptr + row + offs_k)) * tl.load(dtp_ptr + row + offs_k)
+        if kk == 0:
+            st = ((b64 * NCHUNKS + c) * H + h) * P * N
+            tl.store(states_ptr + st + offs_p[:, None] * N + offs_n[None, :],
+                     S.to(states_ptr.dtype.element_ty), mask=mpn)
+            decay = tl.exp(total)
             if HAS_SEQ:
-                seqk = tl.load(seq_base + tk * sseq_l, mask=vk, other=0)
-                wk = tl.where(seqk == seq_last, wk, 0.0)  # only the last token's document carries on
-            # x loaded transposed, so the dot's left operand needs no transpose in registers
-            xkT = tl.load(x_base + tk[None, :] * sx_l + offs_p[:, None] * sx_p,
-                          mask=vk[None, :] & mp[:, None], other=0.0)  # (BP, BK)
-            Bk = tl.load(B_base + tk[:, None] * sB_l + offs_n[None, :] * sB_n,
-                         mask=vk[:, None] & mn[None, :], other=0.0)  # (BK, BN)
-            xs = (xkT.to(tl.float32) * wk[None, :]).to(DOT)
-            acc += tl.dot(xs, Bk.to(DOT))  # (BP, BN)
-
-        st = ((b64 * NCHUNKS + c) * H + h) * P * N
-        tl.store(states_ptr + st + offs_p[:, None] * N + offs_n[None, :],
-                 S.to(states_ptr.dtype.element_ty), mask=mpn)
-        decay = tl.exp(total)
+                # The carried state survives the chunk only if the chunk ends in the document it entered.
+                decay = tl.where(seq_last == prev_seq, decay, 0.0)
+                prev_seq = seq_last
+            S = S * decay
+        offs_k = kk * BK + tl.arange(0, BK)
+        tk = t0 + offs_k.to(tl.int64)
+        vk = tk < L
+        wk = tl.exp(total - tl.load(acs_ptr + row + offs_k)) * tl.load(dtp_ptr + row + offs_k)
         if HAS_SEQ:
-            # The carried state survives the chunk only if the chunk ends in the document it entered.
-            decay = tl.where(seq_last == prev_seq, decay, 0.0)
-            prev_seq = seq_last
-        S = S * decay + acc
+            seqk = tl.load(seq_base + tk * sseq_l, mask=vk, other=0)
+            wk = tl.where(seqk == seq_last, wk, 0.0)  # only the last token's document carries on
+        # x loaded transposed, so the dot's left operand needs no transpose in registers
+        xkT = tl.load(x_base + tk[None, :] * sx_l + offs_p[:, None] * sx_p,
+                      mask=vk[None, :] & mp[:, None], other=0.0)  # (BP, BK)
+        Bk = tl.load(B_base + tk[:, None] * sB_l + offs_n[None, :] * sB_n,
+                     mask=vk[:, None] & mn[None, :], other=0.0)  # (BK, BN)
+        xs = (xkT.to(tl.float32) * wk[None, :]).to(DOT)
+        S = tl.dot(xs, Bk.to(DOT), S)  # (BP, BN)
     tl.store(final_ptr + (b64 * H + h) * P * N + offs_p[:, None] * N + offs_n[None, :], S, mask=mpn)
 
 
