@@ -394,8 +394,9 @@ def _dbc_state_kernel(
         accC += tmp * e[:, None]
         tl.store(dacs_ptr + row + offs_i, e * tl.sum(tmp * Ci, 1))
         accB += tl.dot((xi * w[:, None]).to(DOT), dSo.to(DOT))
-    # (NSPLIT, b, c, g, Q, n) partials: the layout of the batched matmuls that add the dCB parts
-    off = ((s.to(tl.int64) * (BATCH * NCHUNKS * G) + bcg) * CHUNK + offs_i)[:, None] * N + offs_n[None, :]
+    # (NSPLIT, b, c*Q, g, n) partials
+    off = ((s.to(tl.int64) * BATCH + b) * NCHUNKS * CHUNK + c * CHUNK + offs_i)[:, None] * (G * N) \
+        + g * N + offs_n[None, :]
     tl.store(dCp_ptr + off, accC, mask=mn[None, :])
     tl.store(dBp_ptr + off, accB, mask=mn[None, :])
 
@@ -566,7 +567,7 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk, D, z, dt_bias, dt_softplus, dt_limit, s
 
     # 4. state parts of dB and dC; incoming-state part of the log-decay gradient
     hps2, nsplit2 = _head_split(b * nc * g * nblk, R, LAUNCH["dbc_programs"])
-    dCp = torch.empty(nsplit2, b, nc, g, chunk, n, device=dev, dtype=f32)
+    dCp = torch.empty(nsplit2, b, nc * chunk, g, n, device=dev, dtype=f32)
     dBp = torch.empty_like(dCp)
     dacs = torch.empty(b, h, nc, chunk, device=dev, dtype=f32)
     _dbc_state_kernel[(b * nc * g * nsplit2 * nblk,)](
@@ -590,26 +591,27 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk, D, z, dt_bias, dt_softplus, dt_limit, s
         HAS_LIMIT=has_limit, **launch("dt_bwd"),
     )
 
-    # Per group: dC_i += sum_j dCB_ij B_j, dB_j += sum_i dCB_ij C_i, added onto the state parts by two
-    # batched matmuls over (batch, chunk, group).
-    dcb = (dcb.sum(0) if nsplit > 1 else dcb[0]).view(-1, chunk, chunk)
+    # Per group: dC_i += sum_j dCB_ij B_j, dB_j += sum_i dCB_ij C_i, added onto the state parts in
+    # place by batched matmuls over (batch, chunk), one pair per group, on strided views: no copies.
+    dcb = (dcb.sum(0) if nsplit > 1 else dcb[0]).view(b * nc, g, chunk, chunk)
     pad = nc * chunk - l
 
-    def chunked(t):  # (b, l, g, n) -> (b*c*g, Q, n) fp32, zero-padded
+    def chunked(t):  # (b, l, g, n) -> (b*c, Q, g, n) fp32, zero-padded
         t = t.float()
         if pad:
             t = torch.nn.functional.pad(t, (0, 0, 0, 0, 0, pad))
-        return t.view(b, nc, chunk, g, n).transpose(2, 3).reshape(-1, chunk, n)
+        return t.view(b * nc, chunk, g, n)
 
-    def unchunked(t, like):  # (b, c, g, Q, n) fp32 -> (b, l, g, n) in like's dtype
-        return t.transpose(2, 3).reshape(b, nc * chunk, g, n)[:, :l].to(like.dtype)
-
-    dC = dCp.sum(0) if nsplit2 > 1 else dCp[0]  # (b, c, g, Q, n)
+    dC = dCp.sum(0) if nsplit2 > 1 else dCp[0]  # (b, c*Q, g, n)
     dB = dBp.sum(0) if nsplit2 > 1 else dBp[0]
+    Bc, Cc = chunked(B), chunked(C)
+    dCc, dBc = dC.view(b * nc, chunk, g, n), dB.view(b * nc, chunk, g, n)
     with _tf32_for(B.dtype):
-        dC.view(-1, chunk, n).baddbmm_(dcb, chunked(B))
-        dB.view(-1, chunk, n).baddbmm_(dcb.transpose(1, 2), chunked(C))
-    dC, dB = unchunked(dC, C), unchunked(dB, B)
+        for gg in range(g):
+            dCc[:, :, gg].baddbmm_(dcb[:, gg], Bc[:, :, gg])
+            dBc[:, :, gg].baddbmm_(dcb[:, gg].transpose(1, 2), Cc[:, :, gg])
+    dC = dC[:, :l].to(C.dtype)
+    dB = dB[:, :l].to(B.dtype)
 
     dA = dAp.sum((0, 1)).to(A.dtype)
     ddt_bias = dbp.sum((0, 1)).to(dt_bias.dtype) if dt_bias is not None else None
