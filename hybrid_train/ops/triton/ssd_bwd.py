@@ -49,30 +49,21 @@ import triton.language as tl
 
 from hybrid_train.ops.dispatch import interpreting
 from hybrid_train.ops.triton.common import LAUNCH, dot_dtype, launch, softplus
-from hybrid_train.ops.triton.ssd_fwd import _seq_args, ssd_blocks, state_blocks
+from hybrid_train.ops.triton.ssd_fwd import _seq_args, add_state_block, ssd_blocks, state_blocks, state_program
 
 
 @triton.jit
 def _state_bwd_kernel(
     dy_ptr, C_ptr, seq_ptr, acs_ptr, states_ptr, dfinal_ptr, dstates_ptr, ddec_ptr, dinit_ptr,
-    L, H, P, N, R, NCHUNKS, NPB, NPBP,
+    L, H, P, N, R, NCHUNKS, NPB, NNB,
     sdy_b, sdy_l, sdy_h, sdy_p,
     sC_b, sC_l, sC_g, sC_n,
     sseq_b, sseq_l,
     CHUNK: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_DFINAL: tl.constexpr, HAS_SEQ: tl.constexpr, DOT: tl.constexpr,
 ):
-    # 1-D grid, (p, n) blocks fastest: the blocks of one head walk its chunks side by side
-    NNB = NPB // NPBP
-    pid_bh = tl.program_id(0) // NPB
-    pid_p = (tl.program_id(0) // NNB) % NPBP
-    pid_n = tl.program_id(0) % NNB
-    b = pid_bh // H
-    h = pid_bh % H
-    g = h // R
+    b, h, g, offs_p, offs_n = state_program(H, R, NPB, NNB, BP, BN)
     b64 = b.to(tl.int64)
-    offs_p = pid_p * BP + tl.arange(0, BP)
-    offs_n = pid_n * BN + tl.arange(0, BN)
     mp = offs_p < P
     mn = offs_n < N
     mpn = mp[:, None] & mn[None, :]
@@ -105,7 +96,7 @@ def _state_bwd_kernel(
             tl.store(dstates_ptr + bhc * P * N + pn, run.to(dstates_ptr.dtype.element_ty), mask=mpn)
             Sin = tl.load(states_ptr + bhc * P * N + pn, mask=mpn, other=0.0).to(tl.float32)
             # per-row sums only: the sum across warps stays off this serial path (the dt kernel adds them)
-            tl.store(ddec_ptr + (bhc * NPB + tl.program_id(0) % NPB) * BP + tl.arange(0, BP),
+            tl.store(ddec_ptr + (bhc * NPB * NNB + tl.program_id(0) % (NPB * NNB)) * BP + tl.arange(0, BP),
                      tl.sum(run * Sin, 1) * decay)
             run = run * decay
         offs_k = kk * BK + tl.arange(0, BK)
@@ -115,13 +106,7 @@ def _state_bwd_kernel(
         if HAS_SEQ:
             seq_k = tl.load(seq_base + tk * sseq_l, mask=vk, other=-1)
             e = tl.where(seq_k == prev_seq, e, 0.0)
-        # dy loaded transposed, so the dot's left operand needs no transpose in registers
-        dykT = tl.load(dy_base + tk[None, :] * sdy_l + offs_p[:, None] * sdy_p,
-                       mask=vk[None, :] & mp[:, None], other=0.0)  # (BP, BK)
-        Ck = tl.load(C_base + tk[:, None] * sC_l + offs_n[None, :] * sC_n,
-                     mask=vk[:, None] & mn[None, :], other=0.0)  # (BK, BN)
-        dye = (dykT.to(tl.float32) * e[None, :]).to(DOT)
-        run = tl.dot(dye, Ck.to(DOT), run)  # (BP, BN)
+        run = add_state_block(run, dy_base, sdy_l, sdy_p, C_base, sC_l, sC_n, tk, vk, e, offs_p, offs_n, mp, mn, DOT)
     tl.store(dinit_ptr + (b64 * H + h) * P * N + pn, run, mask=mpn)
 
 
@@ -533,7 +518,7 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk, D, z, dt_bias, dt_softplus, dt_limit, s
     dfin = dfinal.float().contiguous() if dfinal is not None else x
     _state_bwd_kernel[(b * h * npb,)](
         dy, C, seq, acs, states, dfin, dstates, ddec, dinit,
-        l, h, p, n, R, nc, npb, triton.cdiv(p, bp), *dy.stride(), *C.stride(), ss_b, ss_l,
+        l, h, p, n, R, nc, triton.cdiv(p, bp), triton.cdiv(n, bn), *dy.stride(), *C.stride(), ss_b, ss_l,
         CHUNK=chunk, BK=BLK, BP=bp, BN=bn, HAS_DFINAL=dfinal is not None,
         HAS_SEQ=seq_idx is not None, DOT=DOT, **launch("state_bwd"),
     )

@@ -90,6 +90,30 @@ def _dt_cumsum_kernel(
 
 
 @triton.jit
+def state_program(H, R, NPB, NNB, BP: tl.constexpr, BN: tl.constexpr):
+    """(b, h, g, p offsets, n offsets) of this program of a sequential state kernel: one program per
+    (batch, head, block of p, block of n) on a 1-D grid, (p, n) blocks fastest, so that the blocks of
+    one head walk its chunks side by side."""
+    pid_bh = tl.program_id(0) // (NPB * NNB)
+    pid_p = (tl.program_id(0) // NNB) % NPB
+    pid_n = tl.program_id(0) % NNB
+    h = pid_bh % H
+    return pid_bh // H, h, h // R, pid_p * BP + tl.arange(0, BP), pid_n * BN + tl.arange(0, BN)
+
+
+@triton.jit
+def add_state_block(S, v_base, sv_l, sv_p, m_base, sm_l, sm_n, tk, vk, w, offs_p, offs_n, mp, mn,
+                    DOT: tl.constexpr):
+    """S + (v_k o w)^T m_k over one block of times tk: v (x or dy) is loaded transposed, so that the
+    dot's left operand needs no transpose in registers; m is B or C."""
+    vT = tl.load(v_base + tk[None, :] * sv_l + offs_p[:, None] * sv_p,
+                 mask=vk[None, :] & mp[:, None], other=0.0)  # (BP, BK)
+    m = tl.load(m_base + tk[:, None] * sm_l + offs_n[None, :] * sm_n,
+                mask=vk[:, None] & mn[None, :], other=0.0)  # (BK, BN)
+    return tl.dot((vT.to(tl.float32) * w[None, :]).to(DOT), m.to(DOT), S)  # (BP, BN)
+
+
+@triton.jit
 def _state_fwd_kernel(
     x_ptr, B_ptr, seq_ptr, init_ptr, dtp_ptr, acs_ptr, states_ptr, final_ptr,
     L, H, P, N, R, NCHUNKS, NPB, NNB,
@@ -100,16 +124,8 @@ def _state_fwd_kernel(
     CHUNK: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_SEQ: tl.constexpr, HAS_INIT: tl.constexpr, DOT: tl.constexpr,
 ):
-    # 1-D grid, (p, n) blocks fastest: the blocks of one head walk its chunks side by side
-    pid_bh = tl.program_id(0) // (NPB * NNB)
-    pid_p = (tl.program_id(0) // NNB) % NPB
-    pid_n = tl.program_id(0) % NNB
-    b = pid_bh // H
-    h = pid_bh % H
-    g = h // R
+    b, h, g, offs_p, offs_n = state_program(H, R, NPB, NNB, BP, BN)
     b64 = b.to(tl.int64)
-    offs_p = pid_p * BP + tl.arange(0, BP)
-    offs_n = pid_n * BN + tl.arange(0, BN)
     mp = offs_p < P
     mn = offs_n < N
     mpn = mp[:, None] & mn[None, :]
@@ -154,13 +170,7 @@ def _state_fwd_kernel(
         if HAS_SEQ:
             seqk = tl.load(seq_base + tk * sseq_l, mask=vk, other=0)
             wk = tl.where(seqk == seq_last, wk, 0.0)  # only the last token's document carries on
-        # x loaded transposed, so the dot's left operand needs no transpose in registers
-        xkT = tl.load(x_base + tk[None, :] * sx_l + offs_p[:, None] * sx_p,
-                      mask=vk[None, :] & mp[:, None], other=0.0)  # (BP, BK)
-        Bk = tl.load(B_base + tk[:, None] * sB_l + offs_n[None, :] * sB_n,
-                     mask=vk[:, None] & mn[None, :], other=0.0)  # (BK, BN)
-        xs = (xkT.to(tl.float32) * wk[None, :]).to(DOT)
-        S = tl.dot(xs, Bk.to(DOT), S)  # (BP, BN)
+        S = add_state_block(S, x_base, sx_l, sx_p, B_base, sB_l, sB_n, tk, vk, wk, offs_p, offs_n, mp, mn, DOT)
     tl.store(final_ptr + (b64 * H + h) * P * N + offs_p[:, None] * N + offs_n[None, :], S, mask=mpn)
 
 
