@@ -68,6 +68,10 @@ SSD_CASES = {
     "ragged_groups": (45, 32, 2, 4, 8, 4, 8, None, dict(D="h", init=True)),
     # shorter than one chunk; unclamped negative dt passes through
     "short_negative_dt": (7, 16, 1, 2, 4, 1, 6, None, dict(signed_dt=True)),
+    # whole chunks (no padding) with batch > 1 and two groups; 2 x 2 blocks of (p, n) in the state
+    # kernels; B and C laid out time-major (b is not their outermost dim in memory)
+    "whole_chunks_time_major_bc": (64, 32, 2, 4, 32, 2, 32, None,
+                                   dict(D="h", dt_bias=True, softplus=True, init=True, time_major_bc=True)),
 }
 
 
@@ -76,9 +80,13 @@ def test_ssd_matches_reference(name):
     l, chunk, b, h, p, g, n, starts, opts = SSD_CASES[name]
     opts = dict(opts)
     dt_limit = opts.pop("dt_limit", (0.0, math.inf))
+    time_major_bc = opts.pop("time_major_bc", False)
     softplus = opts.get("softplus", False)
     seed = sum(map(ord, name))
     t = make_inputs(seed, b, l, h, p, g, n, dtype=torch.float32, **opts)
+    if time_major_bc:  # same values, stored (l, b, g, n)
+        for key in ("B", "C"):
+            t[key] = t[key].detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(True)
     seq_idx = None if starts is None else seq_from_starts(l, starts)
     extra = {k: v for k, v in t.items() if k not in ("x", "dt", "A", "B", "C")}
     y, final = ssd_chunk_scan(t["x"], t["dt"], t["A"], t["B"], t["C"], chunk, dt_softplus=softplus,
@@ -293,12 +301,12 @@ def test_conv_ssd_matches_reference(name):
     with saved:
         y = conv_ssd_call(t, chunk, p, n, seq_idx, dt_limit)
     # the fused op keeps its inputs (the pre-conv x, B, C, the conv weights, dt, A, ...) and no conv
-    # output; and the scan's per-chunk dt, log-decay cumsum (fp32), entering states and C.B (both in
-    # x's dtype)
+    # output; and the scan's per-chunk dt, log-decay cumsum (fp32), entering states (x's dtype) and
+    # C.B (B's dtype)
     inputs = [*t.values(), *([seq_idx] if seq_idx is not None else [])]
     nc = -(-l // chunk)
     chunk_states = (2 * b * h * nc * chunk * 4
-                    + (b * nc * h * p * n + b * nc * g * chunk * chunk) * t["x"].element_size())
+                    + b * nc * h * p * n * t["x"].element_size() + b * nc * g * chunk * chunk * t["B"].element_size())
     assert saved.bytes == sum(v.untyped_storage().nbytes() for v in inputs) + chunk_states
     t64 = {key: v.detach().double().requires_grad_(True) for key, v in t.items()}
     y64 = conv_ssd_call(t64, chunk, p, n, seq_idx, dt_limit, reference=True)

@@ -113,3 +113,24 @@ def test_kernel_ops_take_the_custom_op_only_when_traced():
     assert _tracing((plain, fake))
     with mode:  # a dispatch mode is active: tracing even with no tensor argument
         assert _tracing((3,))
+
+
+@pytest.mark.parametrize("user_precision", ["highest", "medium"])
+def test_ssd_backward_tf32_switch_restores_the_users_setting(user_precision):
+    # The SSD backward's epilogue matmuls take TF32 for 16-bit inputs through torch's process-wide
+    # switch; the user's own setting must come back, and fp32 inputs must keep full precision.
+    from hybrid_train.ops.triton.ssd_bwd import _tf32_for
+
+    matmul = torch.backends.cuda.matmul
+    saved = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision(user_precision)
+        before = matmul.fp32_precision
+        with _tf32_for(torch.bfloat16):
+            assert matmul.fp32_precision == "tf32"
+        with _tf32_for(torch.float32):
+            assert matmul.fp32_precision == before
+        assert matmul.fp32_precision == before
+        assert torch.get_float32_matmul_precision() == user_precision
+    finally:
+        torch.set_float32_matmul_precision(saved)

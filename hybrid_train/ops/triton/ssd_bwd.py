@@ -4,8 +4,9 @@ Takes the forward's processed dt, its cumsum, the states entering each chunk and
 recomputing them costs a sequential state pass, about 7% of forward+backward at Bamba's shape, and
 a launch), then:
 
-1. ``_state_bwd_kernel`` (per batch, head, block of p; chunks in reverse): dS_out of each chunk, the
-   gradient of the chunk decay, and d initial_states. dS_in(c) = (dy o e)^T C + decay_c dS_out(c).
+1. ``_state_bwd_kernel`` (per batch, head, block of p and n; chunks in reverse): dS_out of each
+   chunk, the gradient of the chunk decay, and d initial_states.
+   dS_in(c) = (dy o e)^T C + decay_c dS_out(c).
 2. ``_dx_kernel`` (per batch, chunk, head, block of columns j): dx, dt's direct gradient
    x_j . d(dt_j x_j), the decay-to-end term W_j, T's column sums below the block (below) and dD.
 3. ``_dcb_kernel`` (per batch, chunk, group, split of the group's heads, causal tile): dCB summed
@@ -391,7 +392,7 @@ def _dt_bwd_kernel(
     dt_ptr, A_ptr, dtb_ptr, acs_ptr, dtp_ptr, ddtp_ptr, W_ptr, dacs_ptr, tiles_ptr, below_ptr, cross_ptr,
     ddec_ptr,
     ddt_ptr, dAp_ptr, dbp_ptr,
-    L, H, NCHUNKS, NPB, lo, hi,
+    L, H, NCHUNKS, N_STATE_BLOCKS, lo, hi,
     sdt_b, sdt_l, sdt_h,
     sddt_b, sddt_l, sddt_h,
     CHUNK: tl.constexpr, BLK: tl.constexpr, DDEC_ROWS: tl.constexpr,
@@ -427,8 +428,8 @@ def _dt_bwd_kernel(
     tl.debug_barrier()  # the row is read back whole by other threads of this program
     cross = tl.load(cross_ptr + row + offs)
     ddec = 0.0
-    for pb in range(NPB):
-        ddec += tl.sum(tl.load(ddec_ptr + (bhc * NPB + pb) * DDEC_ROWS + tl.arange(0, DDEC_ROWS)), 0)
+    for sb in range(N_STATE_BLOCKS):  # the state-backward programs' partials, per row of their p block
+        ddec += tl.sum(tl.load(ddec_ptr + (bhc * N_STATE_BLOCKS + sb) * DDEC_ROWS + tl.arange(0, DDEC_ROWS)), 0)
     dacs = tl.load(dacs_ptr + row + offs)
     Wv = tl.load(W_ptr + row + offs)
     ddA = cross + tl.cumsum(dacs, 0, reverse=True) + (tl.cumsum(Wv, 0) - Wv) + ddec  # d(dt_k A)
@@ -454,14 +455,23 @@ def _dt_bwd_kernel(
 
 @contextlib.contextmanager
 def _tf32_for(dtype: torch.dtype):
-    """TF32 matmuls for 16-bit inputs, whatever the global flag: their B and C are exact in TF32, and
-    dCB's rounding (2^-11 relative) stays below the 16-bit rounding of the gradients themselves."""
-    prev = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = prev or dtype in (torch.bfloat16, torch.float16)
+    """TF32 matmuls for 16-bit inputs, whatever the user's setting: their B and C are exact in TF32, and
+    dCB's rounding (2^-11 relative) is at or below the 16-bit rounding of the gradients themselves;
+    fp32 inputs keep full precision. torch has no per-call switch: the process-wide one is set here
+    and restored on exit."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    # torch >= 2.9's precision API; reading the legacy flag after it was used raises
+    new_api = hasattr(matmul, "fp32_precision")
+    attr = "fp32_precision" if new_api else "allow_tf32"
+    prev = getattr(matmul, attr)
+    setattr(matmul, attr, "tf32" if new_api else True)
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev
+        setattr(matmul, attr, prev)
 
 
 def _head_split(groups_programs: int, heads_per_group: int, target: int) -> tuple[int, int]:
@@ -511,12 +521,12 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk, D, z, dt_bias, dt_softplus, dt_limit, s
 
     # 1. reverse state passing
     bp, bn = state_blocks(BP, BN, "state_bwd_blocks")
-    npb = triton.cdiv(p, bp) * triton.cdiv(n, bn)  # partial sums of the chunk-decay gradient
+    n_state_blocks = triton.cdiv(p, bp) * triton.cdiv(n, bn)  # partial sums of the chunk-decay gradient
     dstates = torch.empty(b, nc, h, p, n, device=dev, dtype=x.dtype)
-    ddec = torch.empty(b, nc, h, npb, bp, device=dev, dtype=f32)  # per program, per row of its p block
+    ddec = torch.empty(b, nc, h, n_state_blocks, bp, device=dev, dtype=f32)  # per program, per row of its p block
     dinit = torch.empty(b, h, p, n, device=dev, dtype=f32)
     dfin = dfinal.float().contiguous() if dfinal is not None else x
-    _state_bwd_kernel[(b * h * npb,)](
+    _state_bwd_kernel[(b * h * n_state_blocks,)](
         dy, C, seq, acs, states, dfin, dstates, ddec, dinit,
         l, h, p, n, R, nc, triton.cdiv(p, bp), triton.cdiv(n, bn), *dy.stride(), *C.stride(), ss_b, ss_l,
         CHUNK=chunk, BK=BLK, BP=bp, BN=bn, HAS_DFINAL=dfinal is not None,
@@ -571,13 +581,14 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk, D, z, dt_bias, dt_softplus, dt_limit, s
         dt, A, dt_bias if dt_bias is not None else A, acs, dtp, ddtp, W, dacs, tiles, below, torch.empty_like(acs),
         ddec,
         ddt, dAp, dbp,
-        l, h, nc, npb, lo, hi_arg, *dt.stride(), *ddt.stride(),
+        l, h, nc, n_state_blocks, lo, hi_arg, *dt.stride(), *ddt.stride(),
         CHUNK=chunk, BLK=BLK, DDEC_ROWS=bp, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
         HAS_LIMIT=has_limit, **launch("dt_bwd"),
     )
 
     # Per group: dC_i += sum_j dCB_ij B_j, dB_j += sum_i dCB_ij C_i, added onto the state parts in
-    # place by batched matmuls over (batch, chunk), one pair per group, on strided views: no copies.
+    # place by batched matmuls over (batch, chunk), one pair per group, on strided views (no
+    # transposed copies).
     dcb = (dcb.sum(0) if nsplit > 1 else dcb[0]).view(b * nc, g, chunk, chunk)
     pad = nc * chunk - l
 
@@ -585,7 +596,7 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk, D, z, dt_bias, dt_softplus, dt_limit, s
         t = t.float()
         if pad:
             t = torch.nn.functional.pad(t, (0, 0, 0, 0, 0, pad))
-        return t.view(b * nc, chunk, g, n)
+        return t.reshape(b * nc, chunk, g, n)  # a view unless B or C is not batch-outermost
 
     dC = dCp.sum(0) if nsplit2 > 1 else dCp[0]  # (b, c*Q, g, n)
     dB = dBp.sum(0) if nsplit2 > 1 else dBp[0]
@@ -595,8 +606,9 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk, D, z, dt_bias, dt_softplus, dt_limit, s
         for gg in range(g):
             dCc[:, :, gg].baddbmm_(dcb[:, gg], Bc[:, :, gg])
             dBc[:, :, gg].baddbmm_(dcb[:, gg].transpose(1, 2), Cc[:, :, gg])
-    dC = dC[:, :l].to(C.dtype)
-    dB = dB[:, :l].to(B.dtype)
+    # contiguous, as the op's fake promises (a padded fp32 slice would otherwise come back as is)
+    dC = dC[:, :l].to(C.dtype, memory_format=torch.contiguous_format)
+    dB = dB[:, :l].to(B.dtype, memory_format=torch.contiguous_format)
 
     dA = dAp.sum((0, 1)).to(A.dtype)
     ddt_bias = dbp.sum((0, 1)).to(dt_bias.dtype) if dt_bias is not None else None
