@@ -255,14 +255,13 @@ def _ssd_fwd_fake(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_lo,
 
 def chunk_states_like(x: torch.Tensor, B: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, ...]:
     """Empty (dtp, acs, states, cb) shaped as the SSD forward saves them for its backward."""
-    from hybrid_train.ops.triton.common import LAUNCH
+    from hybrid_train.ops.triton.ssd_fwd import cb_dtype
 
     b, l, h, p = x.shape
     g = B.shape[-2]
     nc = -(-l // chunk_size)
     dtp = x.new_empty(b, h, nc, chunk_size, dtype=torch.float32)
-    cb = B.new_empty(b, nc, g, chunk_size, chunk_size,
-                     dtype=B.dtype if LAUNCH["cb_dtype"] == "input" else torch.float32)
+    cb = B.new_empty(b, nc, g, chunk_size, chunk_size, dtype=cb_dtype(B.dtype))
     return dtp, torch.empty_like(dtp), x.new_empty(b, nc, h, p, B.shape[-1]), cb
 
 

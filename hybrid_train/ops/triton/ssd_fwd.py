@@ -333,6 +333,11 @@ def chunk_states_fwd(x, dt, A, B, dt_bias, dt_softplus, dt_limit, seq_idx, initi
     return dtp, acs, states, final
 
 
+def cb_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the stored C.B for inputs of ``dtype`` (LAUNCH["cb_dtype"])."""
+    return dtype if LAUNCH["cb_dtype"] == "input" else torch.float32
+
+
 def chunk_cb(B, C, chunk):
     """CB = C B^T per chunk and group: (b, c, g, Q, Q), fp32 or B's dtype (LAUNCH["cb_dtype"]).
 
@@ -341,8 +346,7 @@ def chunk_cb(B, C, chunk):
     b, l, g, n = B.shape
     nc = triton.cdiv(l, chunk)
     BLK, _, BN = ssd_blocks(chunk, 16, n)
-    dtype = B.dtype if LAUNCH["cb_dtype"] == "input" else torch.float32
-    cb = torch.empty(b, nc, g, chunk, chunk, device=B.device, dtype=dtype)
+    cb = torch.empty(b, nc, g, chunk, chunk, device=B.device, dtype=cb_dtype(B.dtype))
     nb = chunk // BLK
     _cb_kernel[(b * nc * g * nb * nb,)](
         B, C, cb, l, g, n, nc, *B.stride(), *C.stride(),
