@@ -16,6 +16,7 @@ from hybrid_train.ops.library import kernel_op
 
 __all__ = ["causal_conv1d", "causal_conv1d_torch"]
 
+
 def causal_conv1d(
     x: torch.Tensor,
     weight: torch.Tensor,

@@ -23,6 +23,7 @@ from hybrid_train.ops.ssd import chunk_states_like, ssd_chunk_scan, triton_unsup
 
 __all__ = ["conv_ssd_scan"]
 
+
 def conv_ssd_scan(
     x: torch.Tensor,
     B: torch.Tensor,

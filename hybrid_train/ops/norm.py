@@ -16,6 +16,7 @@ from hybrid_train.ops.library import kernel_op
 
 __all__ = ["gated_rms_norm", "gated_rms_norm_torch"]
 
+
 def gated_rms_norm(
     x: torch.Tensor,
     z: torch.Tensor | None,

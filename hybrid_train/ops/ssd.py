@@ -343,7 +343,7 @@ def _ssd_triton(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit
     # y before the z gate is only worth keeping when a backward can follow.
     store_ypre = z is not None and torch.is_grad_enabled()
     out, final, *_ = _ssd_fwd_op(x, dt, A.contiguous(), B, C, int(chunk_size), D, z, dt_bias, bool(dt_softplus),
-                                float(dt_limit[0]), float(dt_limit[1]), seq_idx, initial_states, store_ypre)
+                                 float(dt_limit[0]), float(dt_limit[1]), seq_idx, initial_states, store_ypre)
     if return_final_states:
         return out, final
     return out
