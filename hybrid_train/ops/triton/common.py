@@ -13,9 +13,10 @@ from hybrid_train.ops.dispatch import interpreting
 LAUNCH: dict = {
     "ssd_blk": 64,  # tile of rows / columns inside an SSD chunk (tests lower it to get several per chunk)
     "cb": dict(num_warps=4),
-    "dt_cumsum": dict(num_warps=4),
+    "dt_cumsum": dict(num_warps=4, BH=16),
     "state_fwd": dict(num_warps=4, num_stages=3),
-    "scan_fwd": dict(num_warps=4, num_stages=2, BM=64, HB=1),
+    # one stage: x feeds the tensor cores as loaded, and a second buffer would cost residency
+    "scan_fwd": dict(num_warps=4, num_stages=1, maxnreg=128, BM=64, HB=1),
     "cb_dtype": "input",  # C.B per chunk kept in the inputs' dtype ("input") or in "fp32"
     # 128 registers (a few spills) let all b x h x 2 programs be resident at once at Bamba's shape
     "state_bwd": dict(num_warps=4, maxnreg=128),

@@ -2,7 +2,7 @@
 
 1. ``_cb_kernel``: CB[i, j] = C_i . B_j for every chunk and group (b, c, g, Q, Q), in B's dtype
    (zeros in the tiles above the diagonal). Shared by the heads of a group: computed once per group.
-2. ``_dt_cumsum_kernel``: one program per (batch, head, chunk) finalises dt (bias, softplus, limit)
+2. ``_dt_cumsum_kernel``: one program per (batch, chunk, block of heads) finalises dt (bias, softplus, limit)
    and its in-chunk cumsum of dt * A, written for the other kernels. Kept out of the state kernel:
    its scans and sums synchronise all warps, which on that kernel's serial chunk loop costs time.
 3. ``_state_fwd_kernel``: one program per (batch, head, block of p, block of n) walks the chunks in
@@ -11,7 +11,8 @@
    keeps the per-chunk states out of HBM (only the entering states, in the input dtype, are written).
 4. ``_scan_fwd_kernel``: one program per (batch, chunk, head(s), block of rows) computes
    y_i = sum_{j<=i} CB_ij exp(acs_i - acs_j) dt_j x_j  +  exp(acs_i) C_i . S_in  +  D x_i,
-   skipping the block tiles above the diagonal, then the optional z gate.
+   skipping the block tiles above the diagonal, then the optional z gate. Only the diagonal tile
+   takes an exp per score: below it the decay factors into a row and a column factor.
 
 Notation: b batch, l length, c chunks of Q, h heads = g groups x r heads per group, p head dim,
 n state dim; acs = cumsum over the chunk of dt * A ("log decay from the chunk start").
@@ -68,25 +69,31 @@ def _dt_cumsum_kernel(
     dt_ptr, A_ptr, dtb_ptr, dtp_ptr, acs_ptr,
     L, H, NCHUNKS, lo, hi,
     sdt_b, sdt_l, sdt_h,
-    CHUNK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
+    CHUNK: tl.constexpr, BH: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
 ):
-    # One program per (batch, head, chunk): dt finalised (bias, softplus, limit; 0 past l) and the
-    # in-chunk cumsum of dt * A, written for every other kernel.
-    pid = tl.program_id(0)  # ((b * H) + h) * NCHUNKS + c
-    c = pid % NCHUNKS
-    h = (pid // NCHUNKS) % H
-    b64 = (pid // (NCHUNKS * H)).to(tl.int64)
+    # One program per (batch, chunk, block of BH heads): dt finalised (bias, softplus, limit; 0 past
+    # l) and the in-chunk cumsum of dt * A, written for every other kernel. A block of heads reads
+    # dt's rows (b, l, h) contiguously rather than one element per row.
+    nhb = tl.cdiv(H, BH)
+    hb = tl.program_id(0) % nhb
+    c = (tl.program_id(0) // nhb) % NCHUNKS
+    b64 = (tl.program_id(0) // (nhb * NCHUNKS)).to(tl.int64)
     offs = tl.arange(0, CHUNK)
+    offs_h = hb * BH + tl.arange(0, BH)
+    mh = offs_h < H
     t = c.to(tl.int64) * CHUNK + offs
-    valid = t < L
+    valid = (t < L)[:, None] & mh[None, :]
     bias = 0.0
     if HAS_BIAS:
-        bias = tl.load(dtb_ptr + h).to(tl.float32)
-    raw = tl.load(dt_ptr + b64 * sdt_b + h * sdt_h + t * sdt_l, mask=valid, other=0.0).to(tl.float32)
+        bias = tl.load(dtb_ptr + offs_h, mask=mh, other=0.0).to(tl.float32)[None, :]
+    raw = tl.load(dt_ptr + b64 * sdt_b + offs_h[None, :] * sdt_h + t[:, None] * sdt_l,
+                  mask=valid, other=0.0).to(tl.float32)  # (CHUNK, BH)
     dtq = tl.where(valid, process_dt(raw, bias, HAS_BIAS, SOFTPLUS, HAS_LIMIT, lo, hi), 0.0)
-    row = pid.to(tl.int64) * CHUNK
-    tl.store(dtp_ptr + row + offs, dtq)
-    tl.store(acs_ptr + row + offs, tl.cumsum(dtq * tl.load(A_ptr + h).to(tl.float32), 0))
+    A = tl.load(A_ptr + offs_h, mask=mh, other=0.0).to(tl.float32)
+    out = (((b64 * H + offs_h) * NCHUNKS + c) * CHUNK)[None, :] + offs[:, None]  # (b, h, c, Q) rows
+    tl.store(dtp_ptr + out, dtq, mask=mh[None, :])
+    tl.store(acs_ptr + out, tl.cumsum(dtq * A[None, :], 0), mask=mh[None, :])
 
 
 @triton.jit
@@ -222,42 +229,50 @@ def _scan_fwd_kernel(
         acs_m = tl.load(acs_ptr + row + offs_m)  # (BM)
         x_base = x_ptr + b64 * sx_b + h * sx_h
 
-        # Incoming state: exp(acs_i) C_i . S_in, for rows still in the document the state came from.
+        # Off-diagonal tiles (j < m * BM <= i) factor exactly: exp(acs_i - acs_j) =
+        # exp(acs_i - acs_r) * exp(acs_r - acs_j), with r = m * BM - 1 the last column before the
+        # row block. Both factors are <= 1 (acs falls along the chunk), so neither overflows, and
+        # where one underflows the true product is smaller still. The column factor (with dt) scales
+        # C.B; the row factor is applied once to the sum, which starts from the incoming state,
+        # exp(acs_r) C_i . S_in: no exp per score and x feeds the tensor cores as loaded.
+        acs_r = tl.where(m > 0, tl.load(acs_ptr + row + tl.maximum(m * BM - 1, 0)), 0.0)
         st = ((b64 * NCHUNKS + c) * H + h) * P * N
         SinT = tl.load(states_ptr + st + offs_n[:, None] + offs_p[None, :] * N,
                        mask=mn[:, None] & mp[None, :], other=0.0)  # (BN, BP)
         acc = tl.dot(Cm, SinT.to(DOT))  # (BM, BP)
-        e = tl.exp(acs_m)
-        if HAS_SEQ:
-            e = tl.where(seq_m == prev_seq, e, 0.0)
-        acc = acc * e[:, None]
-
-        # Intra-chunk: causal tiles j <= i only.
-        for j0 in range(0, (m + 1) * BM, BLK):
+        if HAS_SEQ:  # the state reaches only rows still in the document it came from
+            acc = acc * tl.where(seq_m == prev_seq, tl.exp(acs_r), 0.0)[:, None]
+        else:
+            acc = acc * tl.exp(acs_r)
+        for j0 in range(0, m * BM, BLK):
             offs_j = j0 + tl.arange(0, BLK)
             tj = t0 + offs_j
             vj = tj < L
-            cb = tl.load(cb_row + offs_j[None, :])  # (BM, BLK)
-            acs_j = tl.load(acs_ptr + row + offs_j)
-            dt_j = tl.load(dtp_ptr + row + offs_j)
-            mask = offs_j[None, :] <= offs_m[:, None]
+            w = tl.load(dtp_ptr + row + offs_j) * tl.exp(acs_r - tl.load(acs_ptr + row + offs_j))
+            sc = tl.load(cb_row + offs_j[None, :]) * w[None, :]  # (BM, BLK)
             if HAS_SEQ:
                 seq_j = tl.load(seq_base + tj * sseq_l, mask=vj, other=-2)
-                mask = mask & (seq_m[:, None] == seq_j[None, :])
-            # exp of -inf where masked: no inf * 0, and no overflow above the diagonal
-            sc = cb * tl.exp(tl.where(mask, acs_m[:, None] - acs_j[None, :], float("-inf")))
+                sc = tl.where(seq_m[:, None] == seq_j[None, :], sc, 0.0)
             xj = tl.load(x_base + tj[:, None] * sx_l + offs_p[None, :] * sx_p,
                          mask=vj[:, None] & mp[None, :], other=0.0)  # (BLK, BP)
-            xdt = (xj.to(tl.float32) * dt_j[:, None]).to(DOT)
-            acc += tl.dot(sc.to(DOT), xdt)
+            acc += tl.dot(sc.to(DOT), xj.to(DOT))
+        acc = acc * tl.exp(acs_m - acs_r)[:, None]
 
+        # Diagonal block, one (BM, BM) tile: exp per score, causal mask. Its x rows are the block's
+        # own, so the same load serves the D term.
+        mask = offs_m[None, :] <= offs_m[:, None]
+        if HAS_SEQ:
+            mask = mask & (seq_m[:, None] == seq_m[None, :])
+        # exp of -inf where masked: no inf * 0, and no overflow above the diagonal
+        sc = tl.load(cb_row + offs_m[None, :]) * tl.exp(tl.where(mask, acs_m[:, None] - acs_m[None, :], float("-inf")))
+        xm = tl.load(x_base + tm[:, None] * sx_l + offs_p[None, :] * sx_p, mask=mrow, other=0.0)  # (BM, BP)
+        acc += tl.dot((sc * tl.load(dtp_ptr + row + offs_m)[None, :]).to(DOT), xm.to(DOT))
         if HAS_D:
-            xm = tl.load(x_base + tm[:, None] * sx_l + offs_p[None, :] * sx_p, mask=mrow, other=0.0).to(tl.float32)
             if D_HP:
                 Dv = tl.load(D_ptr + h * P + offs_p, mask=mp, other=0.0).to(tl.float32)
-                acc += xm * Dv[None, :]
+                acc += xm.to(tl.float32) * Dv[None, :]
             else:
-                acc += xm * tl.load(D_ptr + h).to(tl.float32)
+                acc += xm.to(tl.float32) * tl.load(D_ptr + h).to(tl.float32)
         o_off = b64 * so_b + h * so_h + tm[:, None] * so_l + offs_p[None, :] * so_p
         if HAS_Z:
             if STORE_YPRE:  # kept for the z-gate gradient
@@ -316,10 +331,11 @@ def chunk_states_fwd(x, dt, A, B, dt_bias, dt_softplus, dt_limit, seq_idx, initi
     si = initial_states.stride() if initial_states is not None else (0, 0, 0, 0)
     bp, bn = state_blocks(BP, BN)
     npb, nnb = triton.cdiv(p, bp), triton.cdiv(n, bn)
-    _dt_cumsum_kernel[(b * h * nc,)](
+    bh = min(LAUNCH["dt_cumsum"]["BH"], triton.next_power_of_2(h))
+    _dt_cumsum_kernel[(b * nc * triton.cdiv(h, bh),)](
         dt, A, dt_bias if dt_bias is not None else A, dtp, acs,
         l, h, nc, lo, hi if hi != float("inf") else 3.0e38, *dt.stride(),
-        CHUNK=chunk, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_LIMIT=has_limit,
+        CHUNK=chunk, BH=bh, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_LIMIT=has_limit,
         **launch("dt_cumsum"),
     )
     _state_fwd_kernel[(b * h * npb * nnb,)](
@@ -376,6 +392,7 @@ def ssd_fwd(x, dt, A, B, C, chunk, D, z, dt_bias, dt_softplus, dt_limit, seq_idx
     seq, ss_b, ss_l = _seq_args(seq_idx, x)
     zz = z if z is not None else x
     BM = min(LAUNCH["scan_fwd"]["BM"], chunk)
+    BLK = min(BLK, BM)  # the diagonal block is whole tiles
     HB = heads_per_program(h // g, LAUNCH["scan_fwd"]["HB"])
     _scan_fwd_kernel[(b * nc * h // HB * (chunk // BM),)](
         x, zz, C, D if D is not None else A, seq, dtp, acs, cb, states, out,
