@@ -134,3 +134,21 @@ def test_ssd_backward_tf32_switch_restores_the_users_setting(user_precision):
         assert torch.get_float32_matmul_precision() == user_precision
     finally:
         torch.set_float32_matmul_precision(saved)
+
+
+def test_ssd_forward_rejects_time_strides_past_32_bit_offsets():
+    # The scan kernel addresses inside a chunk with 32-bit offsets: a time stride whose product with
+    # the chunk passes 2^31 must be refused by name, not wrap around.
+    from hybrid_train.ops.triton.ssd_fwd import ssd_fwd
+
+    chunk = 64
+    stride = 2**31 // chunk  # stride * chunk == 2^31
+    x = torch.zeros(stride + 1, dtype=torch.bfloat16).as_strided((1, 2, 1, 1), (2 * stride, stride, 1, 1))
+    dt, A = torch.zeros(1, 2, 1), -torch.ones(1)
+    B = C = torch.zeros(1, 2, 1, 16)
+    with pytest.raises(ValueError, match=r"x's time stride 33554432 x chunk 64 passes 2\^31"):
+        ssd_fwd(x, dt, A, B, C, chunk, None, None, None, False, (0.0, float("inf")), None, None, False)
+    far_C = torch.zeros(stride + 16, dtype=torch.bfloat16).as_strided((1, 2, 1, 16), (2 * stride, stride, 16, 1))
+    with pytest.raises(ValueError, match="C's time stride"):
+        ssd_fwd(x.contiguous(), dt, A, B, far_C, chunk, None, None, None, False, (0.0, float("inf")), None, None,
+                False)

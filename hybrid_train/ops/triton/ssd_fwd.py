@@ -206,28 +206,31 @@ def _scan_fwd_kernel(
     c = (pid // (nhb * G)) % NCHUNKS
     b = pid // (nhb * G * NCHUNKS)
     b64 = b.to(tl.int64)
-    t0 = c.to(tl.int64) * CHUNK
+    t0 = c * CHUNK
+    t0_64 = t0.to(tl.int64)
+    # 64-bit math stays in the scalar chunk-start pointers; offsets inside a chunk fit in 32 bits
+    # (the launch checks stride x chunk), which keeps the tiles' address registers 32-bit.
     offs_m = m * BM + tl.arange(0, BM)
     offs_p = tl.arange(0, BP)
     offs_n = tl.arange(0, BN)
-    tm = t0 + offs_m
-    vm = tm < L
+    vm = offs_m < L - t0
     mp = offs_p < P
     mn = offs_n < N
     mrow = vm[:, None] & mp[None, :]
-    seq_base = seq_ptr + b64 * sseq_b
-    Cm = tl.load(C_ptr + b64 * sC_b + g * sC_g + tm[:, None] * sC_l + offs_n[None, :] * sC_n,
+    Cm = tl.load(C_ptr + b64 * sC_b + g * sC_g + t0_64 * sC_l + offs_m[:, None] * sC_l + offs_n[None, :] * sC_n,
                  mask=vm[:, None] & mn[None, :], other=0.0).to(DOT)  # (BM, BN), shared by the heads
     if HAS_SEQ:
-        seq_m = tl.load(seq_base + tm * sseq_l, mask=vm, other=-1)
-        prev_seq = tl.load(seq_base + tl.maximum(t0 - 1, 0) * sseq_l)
-    cb_row = cb_ptr + ((((b64 * NCHUNKS + c) * G + g) * CHUNK + offs_m) * CHUNK)[:, None]
+        seq_base = seq_ptr + b64 * sseq_b + t0_64 * sseq_l
+        seq_m = tl.load(seq_base + offs_m * sseq_l, mask=vm, other=-1)
+        prev_seq = tl.load(seq_ptr + b64 * sseq_b + tl.maximum(t0_64 - 1, 0) * sseq_l)
+    cb_base = cb_ptr + ((b64 * NCHUNKS + c) * G + g) * CHUNK * CHUNK
+    cb_row = offs_m[:, None] * CHUNK
 
     for hh in range(HB):
         h = g * R + hb * HB + hh
         row = ((b64 * H + h) * NCHUNKS + c) * CHUNK
         acs_m = tl.load(acs_ptr + row + offs_m)  # (BM)
-        x_base = x_ptr + b64 * sx_b + h * sx_h
+        x_base = x_ptr + b64 * sx_b + h * sx_h + t0_64 * sx_l
 
         # Off-diagonal tiles (j < m * BM <= i) factor exactly: exp(acs_i - acs_j) =
         # exp(acs_i - acs_r) * exp(acs_r - acs_j), with r = m * BM - 1 the last column before the
@@ -246,14 +249,13 @@ def _scan_fwd_kernel(
             acc = acc * tl.exp(acs_r)
         for j0 in range(0, m * BM, BLK):
             offs_j = j0 + tl.arange(0, BLK)
-            tj = t0 + offs_j
-            vj = tj < L
+            vj = offs_j < L - t0
             w = tl.load(dtp_ptr + row + offs_j) * tl.exp(acs_r - tl.load(acs_ptr + row + offs_j))
-            sc = tl.load(cb_row + offs_j[None, :]) * w[None, :]  # (BM, BLK)
+            sc = tl.load(cb_base + cb_row + offs_j[None, :]) * w[None, :]  # (BM, BLK)
             if HAS_SEQ:
-                seq_j = tl.load(seq_base + tj * sseq_l, mask=vj, other=-2)
+                seq_j = tl.load(seq_base + offs_j * sseq_l, mask=vj, other=-2)
                 sc = tl.where(seq_m[:, None] == seq_j[None, :], sc, 0.0)
-            xj = tl.load(x_base + tj[:, None] * sx_l + offs_p[None, :] * sx_p,
+            xj = tl.load(x_base + offs_j[:, None] * sx_l + offs_p[None, :] * sx_p,
                          mask=vj[:, None] & mp[None, :], other=0.0)  # (BLK, BP)
             acc += tl.dot(sc.to(DOT), xj.to(DOT))
         acc = acc * tl.exp(acs_m - acs_r)[:, None]
@@ -264,8 +266,8 @@ def _scan_fwd_kernel(
         if HAS_SEQ:
             mask = mask & (seq_m[:, None] == seq_m[None, :])
         # exp of -inf where masked: no inf * 0, and no overflow above the diagonal
-        sc = tl.load(cb_row + offs_m[None, :]) * tl.exp(tl.where(mask, acs_m[:, None] - acs_m[None, :], float("-inf")))
-        xm = tl.load(x_base + tm[:, None] * sx_l + offs_p[None, :] * sx_p, mask=mrow, other=0.0)  # (BM, BP)
+        sc = tl.load(cb_base + cb_row + offs_m[None, :]) * tl.exp(tl.where(mask, acs_m[:, None] - acs_m[None, :], float("-inf")))
+        xm = tl.load(x_base + offs_m[:, None] * sx_l + offs_p[None, :] * sx_p, mask=mrow, other=0.0)  # (BM, BP)
         acc += tl.dot((sc * tl.load(dtp_ptr + row + offs_m)[None, :]).to(DOT), xm.to(DOT))
         if HAS_D:
             if D_HP:
@@ -273,14 +275,15 @@ def _scan_fwd_kernel(
                 acc += xm.to(tl.float32) * Dv[None, :]
             else:
                 acc += xm.to(tl.float32) * tl.load(D_ptr + h).to(tl.float32)
-        o_off = b64 * so_b + h * so_h + tm[:, None] * so_l + offs_p[None, :] * so_p
+        o_base = b64 * so_b + h * so_h + t0_64 * so_l
+        o_tile = offs_m[:, None] * so_l + offs_p[None, :] * so_p
         if HAS_Z:
             if STORE_YPRE:  # kept for the z-gate gradient
-                tl.store(ypre_ptr + o_off, acc.to(ypre_ptr.dtype.element_ty), mask=mrow)
-            zm = tl.load(z_ptr + b64 * sz_b + h * sz_h + tm[:, None] * sz_l + offs_p[None, :] * sz_p,
+                tl.store(ypre_ptr + o_base + o_tile, acc.to(ypre_ptr.dtype.element_ty), mask=mrow)
+            zm = tl.load(z_ptr + b64 * sz_b + h * sz_h + t0_64 * sz_l + offs_m[:, None] * sz_l + offs_p[None, :] * sz_p,
                          mask=mrow, other=0.0).to(tl.float32)
             acc = acc * zm * tl.sigmoid(zm)
-        tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=mrow)
+        tl.store(out_ptr + o_base + o_tile, acc.to(out_ptr.dtype.element_ty), mask=mrow)
 
 
 def _seq_args(seq_idx, x):
@@ -380,6 +383,10 @@ def ssd_fwd(x, dt, A, B, C, chunk, D, z, dt_bias, dt_softplus, dt_limit, seq_idx
     would otherwise recompute (at Bamba-9B's shape 9.5 KB per token per layer, against one state pass's
     time and a C.B launch).
     """
+    for name, t in (("x", x), ("z", z), ("C", C), ("seq_idx", seq_idx)):
+        if t is not None and t.stride(1) * chunk >= 2**31:
+            raise ValueError(f"ssd: {name}'s time stride {t.stride(1)} x chunk {chunk} passes 2^31 "
+                             "(the scan's in-chunk offsets are 32-bit): pass a contiguous tensor or a smaller chunk")
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     nc = triton.cdiv(l, chunk)
