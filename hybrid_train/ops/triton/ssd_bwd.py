@@ -50,7 +50,8 @@ import triton.language as tl
 
 from hybrid_train.ops.dispatch import interpreting
 from hybrid_train.ops.triton.common import LAUNCH, dot_dtype, launch, softplus
-from hybrid_train.ops.triton.ssd_fwd import _seq_args, add_state_block, ssd_blocks, state_blocks, state_program
+from hybrid_train.ops.triton.ssd_fwd import (_seq_args, add_state_block, check_time_strides, ssd_blocks, state_blocks,
+                                             state_program)
 
 
 @triton.jit
@@ -84,7 +85,7 @@ def _state_bwd_kernel(
     for it in range(NCHUNKS * NK):
         c = NCHUNKS - 1 - it // NK
         kk = it % NK
-        t0 = c * CHUNK  # int32 scalar; time offsets below are int64 tensors
+        t0 = c * CHUNK
         row = ((b64 * H + h) * NCHUNKS + c) * CHUNK
         if HAS_SEQ:
             prev_seq = tl.load(seq_base + tl.maximum(t0 - 1, 0) * sseq_l)
@@ -101,13 +102,14 @@ def _state_bwd_kernel(
                      tl.sum(run * Sin, 1) * decay)
             run = run * decay
         offs_k = kk * BK + tl.arange(0, BK)
-        tk = t0 + offs_k.to(tl.int64)
-        vk = tk < L
+        vk = offs_k < L - t0
+        t64 = t0.to(tl.int64)
         e = tl.exp(tl.load(acs_ptr + row + offs_k))
         if HAS_SEQ:
-            seq_k = tl.load(seq_base + tk * sseq_l, mask=vk, other=-1)
+            seq_k = tl.load(seq_base + t64 * sseq_l + offs_k * sseq_l, mask=vk, other=-1)
             e = tl.where(seq_k == prev_seq, e, 0.0)
-        run = add_state_block(run, dy_base, sdy_l, sdy_p, C_base, sC_l, sC_n, tk, vk, e, offs_p, offs_n, mp, mn, DOT)
+        run = add_state_block(run, dy_base + t64 * sdy_l, sdy_l, sdy_p, C_base + t64 * sC_l, sC_l, sC_n, offs_k, vk, e,
+                              offs_p, offs_n, mp, mn, DOT)
     tl.store(dinit_ptr + (b64 * H + h) * P * N + pn, run, mask=mpn)
 
 
@@ -135,12 +137,13 @@ def _dx_kernel(
     g = h // R
     b64 = b.to(tl.int64)
     bhc = (b64 * NCHUNKS + c) * H + h
-    t0 = c.to(tl.int64) * CHUNK
+    t0 = c * CHUNK
+    t64 = t0.to(tl.int64)
+    rem = L - t0  # rows of this chunk inside the sequence
     offs_j = jb * BLK + tl.arange(0, BLK)
     offs_p = tl.arange(0, BP)
     offs_n = tl.arange(0, BN)
-    tj = t0 + offs_j
-    vj = tj < L
+    vj = offs_j < rem
     mp = offs_p < P
     mn = offs_n < N
     mjp = vj[:, None] & mp[None, :]
@@ -148,9 +151,10 @@ def _dx_kernel(
     acs_j = tl.load(acs_ptr + row + offs_j)
     dt_j = tl.load(dtp_ptr + row + offs_j)
     total = tl.load(acs_ptr + row + CHUNK - 1)
-    seq_base = seq_ptr + b64 * sseq_b
-    x_base = x_ptr + b64 * sx_b + h * sx_h
-    dy_base = dy_ptr + b64 * sdy_b + h * sdy_h
+    # chunk-start pointers (64-bit); offsets inside the chunk are 32-bit (the launch checks the strides)
+    seq_base = seq_ptr + b64 * sseq_b + t64 * sseq_l
+    x_base = x_ptr + b64 * sx_b + h * sx_h + t64 * sx_l
+    dy_base = dy_ptr + b64 * sdy_b + h * sdy_h + t64 * sdy_l
     # Rows wholly below the block (i > r >= j, r = the block's last row) factor through acs_r:
     # exp(acs_i - acs_j) = exp(acs_i - acs_r) exp(acs_r - acs_j), so do the state part's
     # decay to the chunk end and (seq_idx never decreasing) the document masks. The column factor v_j
@@ -160,14 +164,14 @@ def _dx_kernel(
     v = tl.exp(ref - acs_j)
     to_end = tl.exp(total - ref)
     if HAS_SEQ:
-        seq_j = tl.load(seq_base + tj * sseq_l, mask=vj, other=-1)
-        seq_r = tl.load(seq_base + tl.minimum(t0 + r_pos, L - 1) * sseq_l)
-        seq_last = tl.load(seq_base + (tl.minimum(t0 + CHUNK, L) - 1) * sseq_l)
+        seq_j = tl.load(seq_base + offs_j * sseq_l, mask=vj, other=-1)
+        seq_r = tl.load(seq_base + tl.minimum(r_pos, rem - 1) * sseq_l)
+        seq_last = tl.load(seq_base + (tl.minimum(CHUNK, rem) - 1) * sseq_l)
         v = tl.where(seq_j == seq_r, v, 0.0)
         to_end = tl.where(seq_r == seq_last, to_end, 0.0)
 
-    xj = tl.load(x_base + tj[:, None] * sx_l + offs_p[None, :] * sx_p, mask=mjp, other=0.0).to(tl.float32)
-    Bj = tl.load(B_ptr + b64 * sB_b + g * sB_g + tj[:, None] * sB_l + offs_n[None, :] * sB_n,
+    xj = tl.load(x_base + offs_j[:, None] * sx_l + offs_p[None, :] * sx_p, mask=mjp, other=0.0).to(tl.float32)
+    Bj = tl.load(B_ptr + b64 * sB_b + g * sB_g + t64 * sB_l + offs_j[:, None] * sB_l + offs_n[None, :] * sB_n,
                  mask=vj[:, None] & mn[None, :], other=0.0)  # (BLK, BN)
     dSoT = tl.load(dstates_ptr + bhc * P * N + offs_n[:, None] + offs_p[None, :] * N,
                    mask=mn[:, None] & mp[None, :], other=0.0)  # (BN, BP)
@@ -177,13 +181,12 @@ def _dx_kernel(
     cb_base = cb_ptr + (((b64 * NCHUNKS + c) * G + g) * CHUNK) * CHUNK
     for ib in range(jb + 1, NBLK):  # row blocks strictly below
         offs_i = ib * BLK + tl.arange(0, BLK)
-        ti = t0 + offs_i
-        vi = ti < L
+        vi = offs_i < rem
         u = tl.exp(tl.load(acs_ptr + row + offs_i) - ref)
         if HAS_SEQ:
-            seq_i = tl.load(seq_base + ti * sseq_l, mask=vi, other=-2)
+            seq_i = tl.load(seq_base + offs_i * sseq_l, mask=vi, other=-2)
             u = tl.where(seq_i == seq_r, u, 0.0)
-        dyi = tl.load(dy_base + ti[:, None] * sdy_l + offs_p[None, :] * sdy_p,
+        dyi = tl.load(dy_base + offs_i[:, None] * sdy_l + offs_p[None, :] * sdy_p,
                       mask=vi[:, None] & mp[None, :], other=0.0)  # (BLK_i, BP)
         cbT = tl.load(cb_base + offs_i[None, :] * CHUNK + offs_j[:, None])  # (BLK_j, BLK_i) = CB[i, j]
         acc += tl.dot(cbT.to(DOT), (dyi.to(tl.float32) * u[:, None]).to(DOT))
@@ -198,7 +201,7 @@ def _dx_kernel(
     acc += st
 
     # Diagonal block (i and j both in J).
-    dyj = tl.load(dy_base + tj[:, None] * sdy_l + offs_p[None, :] * sdy_p, mask=mjp, other=0.0)
+    dyj = tl.load(dy_base + offs_j[:, None] * sdy_l + offs_p[None, :] * sdy_p, mask=mjp, other=0.0)
     cbT = tl.load(cb_base + offs_j[None, :] * CHUNK + offs_j[:, None])  # [j, i] = CB[i, j]
     mask = offs_j[None, :] >= offs_j[:, None]  # i >= j
     if HAS_SEQ:
@@ -217,7 +220,7 @@ def _dx_kernel(
         else:
             dx += dyf * tl.load(D_ptr + h).to(tl.float32)
             tl.store(dDp_ptr + bhc * NBLK + jb, tl.sum(tl.sum(dyf * xj, 1), 0))
-    tl.store(dx_ptr + b64 * sdx_b + h * sdx_h + tj[:, None] * sdx_l + offs_p[None, :] * sdx_p,
+    tl.store(dx_ptr + b64 * sdx_b + h * sdx_h + t64 * sdx_l + offs_j[:, None] * sdx_l + offs_p[None, :] * sdx_p,
              dx.to(dx_ptr.dtype.element_ty), mask=mjp)
     tl.store(ddtp_ptr + row + offs_j, tl.sum(acc * xj, 1))
     tl.store(W_ptr + row + offs_j, Wv)
@@ -254,11 +257,11 @@ def _dcb_kernel(
     if jb > ib:
         tl.store(out, tl.zeros((BLK, BLK), dtype=tl.float32))
         return
-    t0 = c.to(tl.int64) * CHUNK
-    ti = t0 + offs_i
-    tj = t0 + offs_j
-    vi = ti < L
-    vj = tj < L
+    t0 = c * CHUNK
+    t64 = t0.to(tl.int64)
+    rem = L - t0
+    vi = offs_i < rem
+    vj = offs_j < rem
     offs_p = tl.arange(0, BP)
     mp = offs_p < P
     # Off-diagonal tiles (i > r >= j, r = the last row of block J) factor the decay through acs_r as
@@ -266,10 +269,10 @@ def _dcb_kernel(
     r_pos = jb * BLK + BLK - 1
     mask = offs_j[None, :] <= offs_i[:, None]
     if HAS_SEQ:
-        seq_base = seq_ptr + b64 * sseq_b
-        seq_i = tl.load(seq_base + ti * sseq_l, mask=vi, other=-1)
-        seq_j = tl.load(seq_base + tj * sseq_l, mask=vj, other=-2)
-        seq_r = tl.load(seq_base + tl.minimum(t0 + r_pos, L - 1) * sseq_l)
+        seq_base = seq_ptr + b64 * sseq_b + t64 * sseq_l
+        seq_i = tl.load(seq_base + offs_i * sseq_l, mask=vi, other=-1)
+        seq_j = tl.load(seq_base + offs_j * sseq_l, mask=vj, other=-2)
+        seq_r = tl.load(seq_base + tl.minimum(r_pos, rem - 1) * sseq_l)
         mask = mask & (seq_i[:, None] == seq_j[None, :])
     acc = tl.zeros((BLK, BLK), dtype=tl.float32)
     cb = tl.load(cb_ptr + (bcg.to(tl.int64) * CHUNK + offs_i[:, None]) * CHUNK + offs_j[None, :]).to(tl.float32)
@@ -282,9 +285,9 @@ def _dcb_kernel(
         acs_i = tl.load(acs_ptr + row + offs_i)
         acs_j = tl.load(acs_ptr + row + offs_j)
         dt_j = tl.load(dtp_ptr + row + offs_j)
-        dyi = tl.load(dy_ptr + b64 * sdy_b + h * sdy_h + ti[:, None] * sdy_l + offs_p[None, :] * sdy_p,
+        dyi = tl.load(dy_ptr + b64 * sdy_b + h * sdy_h + t64 * sdy_l + offs_i[:, None] * sdy_l + offs_p[None, :] * sdy_p,
                       mask=vi[:, None] & mp[None, :], other=0.0)  # (BLK, BP)
-        xj = tl.load(x_ptr + b64 * sx_b + h * sx_h + tj[:, None] * sx_l + offs_p[None, :] * sx_p,
+        xj = tl.load(x_ptr + b64 * sx_b + h * sx_h + t64 * sx_l + offs_j[:, None] * sx_l + offs_p[None, :] * sx_p,
                      mask=vj[:, None] & mp[None, :], other=0.0)  # (BLK, BP)
         # GL_ij = L_ij (dy_i . dt_j x_j)
         tile = tiles_ptr + ((((b64 * NCHUNKS + c) * H + h) * NB + ib) * NB + jb) * BLK
@@ -336,22 +339,22 @@ def _dbc_state_kernel(
     c = (bcg // G) % NCHUNKS
     b = bcg // (G * NCHUNKS)
     b64 = b.to(tl.int64)
-    t0 = c.to(tl.int64) * CHUNK
+    t0 = c * CHUNK
+    t64 = t0.to(tl.int64)
     offs_i = ib * BLK + tl.arange(0, BLK)
     offs_p = tl.arange(0, BP)
     offs_n = tl.arange(0, BN)
-    ti = t0 + offs_i
-    vi = ti < L
+    vi = offs_i < L - t0
     mp = offs_p < P
     mn = offs_n < N
     mip = vi[:, None] & mp[None, :]
-    Ci = tl.load(C_ptr + b64 * sC_b + g * sC_g + ti[:, None] * sC_l + offs_n[None, :] * sC_n,
+    Ci = tl.load(C_ptr + b64 * sC_b + g * sC_g + t64 * sC_l + offs_i[:, None] * sC_l + offs_n[None, :] * sC_n,
                  mask=vi[:, None] & mn[None, :], other=0.0).to(tl.float32)  # (BLK, BN)
     if HAS_SEQ:
         seq_base = seq_ptr + b64 * sseq_b
-        seq_i = tl.load(seq_base + ti * sseq_l, mask=vi, other=-1)
-        prev_seq = tl.load(seq_base + tl.maximum(t0 - 1, 0) * sseq_l)
-        seq_last = tl.load(seq_base + (tl.minimum(t0 + CHUNK, L) - 1) * sseq_l)
+        seq_i = tl.load(seq_base + t64 * sseq_l + offs_i * sseq_l, mask=vi, other=-1)
+        prev_seq = tl.load(seq_base + tl.maximum(t64 - 1, 0) * sseq_l)
+        seq_last = tl.load(seq_base + (tl.minimum(t64 + CHUNK, L) - 1) * sseq_l)
     accC = tl.zeros((BLK, BN), dtype=tl.float32)
     accB = tl.zeros((BLK, BN), dtype=tl.float32)
     pn = offs_p[:, None] * N + offs_n[None, :]
@@ -365,9 +368,9 @@ def _dbc_state_kernel(
         acs_i = tl.load(acs_ptr + row + offs_i)
         dt_i = tl.load(dtp_ptr + row + offs_i)
         total = tl.load(acs_ptr + row + CHUNK - 1)
-        dyi = tl.load(dy_ptr + b64 * sdy_b + h * sdy_h + ti[:, None] * sdy_l + offs_p[None, :] * sdy_p,
+        dyi = tl.load(dy_ptr + b64 * sdy_b + h * sdy_h + t64 * sdy_l + offs_i[:, None] * sdy_l + offs_p[None, :] * sdy_p,
                       mask=mip, other=0.0)  # (BLK, BP)
-        xi = tl.load(x_ptr + b64 * sx_b + h * sx_h + ti[:, None] * sx_l + offs_p[None, :] * sx_p,
+        xi = tl.load(x_ptr + b64 * sx_b + h * sx_h + t64 * sx_l + offs_i[:, None] * sx_l + offs_p[None, :] * sx_p,
                      mask=mip, other=0.0).to(tl.float32)
         Sin = tl.load(states_ptr + bhc * P * N + pn, mask=mpn, other=0.0)  # (BP, BN)
         dSo = tl.load(dstates_ptr + bhc * P * N + pn, mask=mpn, other=0.0)
@@ -515,6 +518,9 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk, D, z, dt_bias, dt_softplus, dt_limit, s
         dy = (gof * zf * sig).to(x.dtype)
     else:
         dy = dout
+    if dy.stride(1) * chunk >= 2**31:  # autograd's gradient may come as any view
+        dy = dy.contiguous()
+    check_time_strides(chunk, dy=dy)
 
     dtp, acs, states, cb = chunk_states
     seq, ss_b, ss_l = _seq_args(seq_idx, x)

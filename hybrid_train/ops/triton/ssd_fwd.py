@@ -111,8 +111,9 @@ def state_program(H, R, NPB, NNB, BP: tl.constexpr, BN: tl.constexpr):
 @triton.jit
 def add_state_block(S, v_base, sv_l, sv_p, m_base, sm_l, sm_n, tk, vk, w, offs_p, offs_n, mp, mn,
                     DOT: tl.constexpr):
-    """S + (v_k o w)^T m_k over one block of times tk: v (x or dy) is loaded transposed, so that the
-    dot's left operand needs no transpose in registers; m is B or C."""
+    """S + (v_k o w)^T m_k over one block of times tk (32-bit offsets from v_base and m_base, which
+    point at the chunk's start): v (x or dy) is loaded transposed, so that the dot's left operand
+    needs no transpose in registers; m is B or C."""
     vT = tl.load(v_base + tk[None, :] * sv_l + offs_p[:, None] * sv_p,
                  mask=vk[None, :] & mp[:, None], other=0.0)  # (BP, BK)
     m = tl.load(m_base + tk[:, None] * sm_l + offs_n[None, :] * sm_n,
@@ -155,7 +156,7 @@ def _state_fwd_kernel(
     for it in range(NCHUNKS * NK):
         c = it // NK
         kk = it % NK
-        t0 = c * CHUNK  # int32 scalar; the time offsets below are int64 tensors
+        t0 = c * CHUNK
         row = ((b64 * H + h) * NCHUNKS + c) * CHUNK
         total = tl.load(acs_ptr + row + CHUNK - 1)
         if HAS_SEQ:
@@ -171,13 +172,14 @@ def _state_fwd_kernel(
                 prev_seq = seq_last
             S = S * decay
         offs_k = kk * BK + tl.arange(0, BK)
-        tk = t0 + offs_k.to(tl.int64)
-        vk = tk < L
+        vk = offs_k < L - t0
+        t64 = t0.to(tl.int64)
         wk = tl.exp(total - tl.load(acs_ptr + row + offs_k)) * tl.load(dtp_ptr + row + offs_k)
         if HAS_SEQ:
-            seqk = tl.load(seq_base + tk * sseq_l, mask=vk, other=0)
+            seqk = tl.load(seq_base + t64 * sseq_l + offs_k * sseq_l, mask=vk, other=0)
             wk = tl.where(seqk == seq_last, wk, 0.0)  # only the last token's document carries on
-        S = add_state_block(S, x_base, sx_l, sx_p, B_base, sB_l, sB_n, tk, vk, wk, offs_p, offs_n, mp, mn, DOT)
+        S = add_state_block(S, x_base + t64 * sx_l, sx_l, sx_p, B_base + t64 * sB_l, sB_l, sB_n, offs_k, vk, wk,
+                            offs_p, offs_n, mp, mn, DOT)
     tl.store(final_ptr + (b64 * H + h) * P * N + offs_p[:, None] * N + offs_n[None, :], S, mask=mpn)
 
 
@@ -286,6 +288,15 @@ def _scan_fwd_kernel(
         tl.store(out_ptr + o_base + o_tile, acc.to(out_ptr.dtype.element_ty), mask=mrow)
 
 
+def check_time_strides(chunk: int, **tensors) -> None:
+    """The kernels address inside a chunk with 32-bit offsets (64-bit chunk-start pointers): each
+    (b, l, ...) tensor's time stride times the chunk must stay below 2^31."""
+    for name, t in tensors.items():
+        if t is not None and t.stride(1) * chunk >= 2**31:
+            raise ValueError(f"ssd: {name}'s time stride {t.stride(1)} x chunk {chunk} passes 2^31 (offsets "
+                             "inside a chunk are 32-bit): pass a contiguous tensor or a smaller chunk")
+
+
 def _seq_args(seq_idx, x):
     if seq_idx is None:
         return x, 0, 0  # any pointer; never read (HAS_SEQ=False)
@@ -383,10 +394,7 @@ def ssd_fwd(x, dt, A, B, C, chunk, D, z, dt_bias, dt_softplus, dt_limit, seq_idx
     would otherwise recompute (at Bamba-9B's shape 9.5 KB per token per layer, against one state pass's
     time and a C.B launch).
     """
-    for name, t in (("x", x), ("z", z), ("C", C), ("seq_idx", seq_idx)):
-        if t is not None and t.stride(1) * chunk >= 2**31:
-            raise ValueError(f"ssd: {name}'s time stride {t.stride(1)} x chunk {chunk} passes 2^31 "
-                             "(the scan's in-chunk offsets are 32-bit): pass a contiguous tensor or a smaller chunk")
+    check_time_strides(chunk, x=x, z=z, B=B, C=C, seq_idx=seq_idx)
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     nc = triton.cdiv(l, chunk)
