@@ -360,8 +360,9 @@ def main() -> None:
         elif r["op"] == "ssd_sweep":
             continue  # printed by the sweep
         elif r["op"] == "ssd_overhead":
-            print(f"ssd fwd+bwd b{r['b']} l{r['l']:5d}: eager {r['eager_ms']:.3f} ms, CUDA graph {r['graph_ms']:.3f} ms, "
-                  f"host {r['host_ms']:.3f} ms per call; forward alone, CUDA graph {r['fwd_graph_ms']:.3f} ms")
+            print(f"ssd fwd+bwd b{r['b']} l{r['l']:5d} g{r['g']}: eager {r['eager_ms']:.3f} ms, CUDA graph "
+                  f"{r['graph_ms']:.3f} ms, host {r['host_ms']:.3f} ms per call; forward alone, CUDA graph "
+                  f"{r['fwd_graph_ms']:.3f} ms")
         elif r["op"] == "linear_ce":
             print(f"linear+CE {r['impl']:8s} t{r['tokens']} d{r['d']} V{r['vocab']}: fwd+bwd {r['fwd_bwd_ms']:.2f} ms "
                   f"({r['tflops']:.0f} TFLOP/s of the 3 unfused matmuls), extra memory {r['extra_gb']:.2f} GB")

@@ -42,7 +42,8 @@ F64 = torch.float64
 def small_tiles():
     # 16-row tiles, so that a 64-token chunk has 4 x 4 tiles (the off-diagonal paths run too), and
     # 16 x 16 state blocks, so that the state kernels split n as they do on the GPU; the forward
-    # scan's 32-row blocks take two tiles, and two heads per scan program where a group has two.
+    # scan's 32-row blocks (16-wide tiles left of the block, one 32 x 32 diagonal tile), and two
+    # heads per scan program where a group has two.
     saved = {k: LAUNCH[k] for k in ("ssd_blk", "state_blocks", "state_bwd_blocks", "scan_fwd")}
     LAUNCH.update(ssd_blk=16, state_blocks=dict(bp=16, bn=16), state_bwd_blocks=dict(bp=16, bn=16),
                   scan_fwd=dict(num_warps=4, BM=32, HB=2))
@@ -72,6 +73,8 @@ SSD_CASES = {
     # kernels; B and C laid out time-major (b is not their outermost dim in memory)
     "whole_chunks_time_major_bc": (64, 32, 2, 4, 32, 2, 32, None,
                                    dict(D="h", dt_bias=True, softplus=True, init=True, time_major_bc=True)),
+    # 6 heads: the dt kernel's 8-head block runs with two masked heads; a document starting mid-chunk
+    "six_heads_documents": (70, 32, 1, 6, 8, 3, 16, [[0, 41]], dict(D="h", dt_bias=True, softplus=True)),
 }
 
 

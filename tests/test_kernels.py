@@ -136,19 +136,20 @@ def test_ssd_backward_tf32_switch_restores_the_users_setting(user_precision):
         torch.set_float32_matmul_precision(saved)
 
 
-def test_ssd_forward_rejects_time_strides_past_32_bit_offsets():
-    # The scan kernel addresses inside a chunk with 32-bit offsets: a time stride whose product with
-    # the chunk passes 2^31 must be refused by name, not wrap around.
-    from hybrid_train.ops.triton.ssd_fwd import ssd_fwd
+def test_ssd_chunk_offsets_past_32_bits_are_refused_by_name():
+    # The kernels address inside one (batch, chunk) slab with 32-bit offsets. Meta tensors carry the
+    # shapes and strides without the memory: a contiguous tensor spans chunk * h * p - 1 elements, a
+    # head-major view (l * p between heads) far more, and past 2^31 the launch names it.
+    from hybrid_train.ops.triton.ssd_fwd import chunk_span, ssd_fwd
 
-    chunk = 64
-    stride = 2**31 // chunk  # stride * chunk == 2^31
-    x = torch.zeros(stride + 1, dtype=torch.bfloat16).as_strided((1, 2, 1, 1), (2 * stride, stride, 1, 1))
-    dt, A = torch.zeros(1, 2, 1), -torch.ones(1)
-    B = C = torch.zeros(1, 2, 1, 16)
-    with pytest.raises(ValueError, match=r"x's time stride 33554432 x chunk 64 passes 2\^31"):
-        ssd_fwd(x, dt, A, B, C, chunk, None, None, None, False, (0.0, float("inf")), None, None, False)
-    far_C = torch.zeros(stride + 16, dtype=torch.bfloat16).as_strided((1, 2, 1, 16), (2 * stride, stride, 16, 1))
-    with pytest.raises(ValueError, match="C's time stride"):
-        ssd_fwd(x.contiguous(), dt, A, B, far_C, chunk, None, None, None, False, (0.0, float("inf")), None, None,
-                False)
+    h, p, chunk = 128, 64, 256
+    assert chunk_span(torch.empty(2, 4096, h, p, device="meta"), chunk) == chunk * h * p - 1
+    assert chunk_span(torch.empty(2, 100, h, p, device="meta"), chunk) == 100 * h * p - 1  # shorter than a chunk
+    head_major = torch.empty(1, h, 2**19, p, device="meta").transpose(1, 2)
+    assert chunk_span(head_major, chunk) == (chunk - 1) * p + (h - 1) * 2**19 * p + p - 1
+    dt = torch.empty(1, 2**19, h, device="meta")
+    A = torch.empty(h, device="meta")
+    B = C = torch.empty(1, 2**19, 1, 128, device="meta")
+    with pytest.raises(ValueError, match=r"x \(shape \(1, 524288, 128, 64\), strides \(4294967296, 64, 33554432, 1\)\) "
+                                         r"spans 4261429247 elements inside one chunk of 256"):
+        ssd_fwd(head_major, dt, A, B, C, chunk, None, None, None, False, (0.0, float("inf")), None, None, False)

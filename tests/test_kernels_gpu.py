@@ -104,34 +104,45 @@ def test_ssd_matches_float64(name):
         assert err <= tol, f"{name}: {key} rel error {err:.2e} > {tol}"
 
 
-
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_properties(0).total_memory < 60 * 2**30,
                     reason="needs a 60 GB GPU")
 def test_ssd_offsets_past_2_31_elements():
-    # 17 x 16384 x 128 x 64 = 2.28e9 elements: the last row's offsets into x, dy, dx, the states and
-    # their gradients all pass 2^31. Rows are independent, so the last row must match a run on it alone.
-    b, l, h, p, g, n, chunk = 17, 16384, 128, 64, 1, 128, 256
-    t, _, kw = ssd_case(b, l, h, p, g, n, chunk, torch.bfloat16, seed=7)
-    w = torch.randn(l, h, p, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+    # One row of 17 x 16384 tokens, 128 heads x 64: 2.28e9 elements per (b, l, h, p) tensor, so the
+    # time offsets of the later chunks pass 2^31 (the kernels' 64-bit chunk-start pointers). x is a
+    # head-major view, whose head offsets pass 2^31 inside one chunk: the op copies it. The last 16384
+    # tokens are their own document, starting on a chunk boundary: they must match a run on them
+    # alone, and nothing may reach the rest.
+    l, tail, h, p, g, n, chunk = 17 * 16384, 16384, 128, 64, 1, 128, 256
+    t, _, kw = ssd_case(1, tail, h, p, g, n, chunk, torch.bfloat16, seed=7)
+    gen = torch.Generator(device="cuda").manual_seed(8)
+    head = {k: (torch.randn(1, l - tail, *v.shape[2:], generator=gen, device="cuda") * 0.5).to(v.dtype)
+            for k, v in t.items() if k in ("x", "dt", "B", "C")}
+    full = {k: torch.cat([head[k], t[k]], 1) if k in head else t[k] for k in t}
+    full["x"] = full["x"].transpose(1, 2).contiguous().transpose(1, 2)  # same values, stored (b, h, l, p)
+    seq_idx = (torch.arange(l, device="cuda") >= l - tail).int()[None]
+    w = torch.randn(tail, h, p, device="cuda", generator=gen)
 
-    def last_row(batched):
-        leaves = {k: v.detach().clone().requires_grad_(True) for k, v in batched.items()}
+    def grads(inputs, seq):
+        leaves = {k: v.detach().requires_grad_(True) for k, v in inputs.items()}
         y = ssd_chunk_scan(leaves["x"], leaves["dt"], leaves["A"], leaves["B"], leaves["C"], chunk,
-                           D=leaves["D"], dt_bias=leaves["dt_bias"], **kw)
-        (y[-1].float() * w).sum().backward()
-        per_row = {k: v.grad[-1] for k, v in leaves.items() if k in ("x", "dt", "B", "C")}
-        shared = {k: v.grad for k, v in leaves.items() if k in ("A", "D", "dt_bias")}
-        return y[-1], per_row, shared
+                           D=leaves["D"], dt_bias=leaves["dt_bias"], seq_idx=seq, **kw)
+        (y[0, -tail:].float() * w).sum().backward()
+        return y, {k: v.grad for k, v in leaves.items()}
 
-    y_big, rows_big, shared_big = last_row(t)
+    poison_allocator()
+    y_big, g_big = grads(full, seq_idx)
     torch.cuda.synchronize()
-    y_one, rows_one, shared_one = last_row({k: (v[-1:] if v.dim() > 1 else v) for k, v in t.items()})
-    for key, out, ref in [("y", y_big, y_one)] \
-            + [(f"d{k}", rows_big[k], rows_one[k]) for k in rows_big] \
-            + [(f"d{k}", shared_big[k], shared_one[k]) for k in shared_big]:
+    y_one, g_one = grads(t, None)
+    pairs = [("y", y_big[:, -tail:], y_one)]
+    for k in ("x", "dt", "B", "C"):
+        assert g_big[k][:, :-tail].abs().max().item() == 0, f"d{k} reaches the other document"
+        pairs.append((f"d{k}", g_big[k][:, -tail:], g_one[k]))
+    pairs += [(f"d{k}", g_big[k], g_one[k]) for k in ("A", "D", "dt_bias")]
+    for key, out, ref in pairs:
         assert torch.isfinite(out).all(), f"{key} not finite"
         err = rel(out, ref)
-        assert err <= 2e-3, f"{key}: last row of the 2.28e9-element run differs from the row alone ({err:.2e})"
+        assert err <= 2e-3, f"{key}: the 2.28e9-element run differs from the document alone ({err:.2e})"
+
 
 def test_ssd_backward_is_bitwise_deterministic():
     deterministic(True)

@@ -50,8 +50,8 @@ import triton.language as tl
 
 from hybrid_train.ops.dispatch import interpreting
 from hybrid_train.ops.triton.common import LAUNCH, dot_dtype, launch, softplus
-from hybrid_train.ops.triton.ssd_fwd import (_seq_args, add_state_block, check_time_strides, ssd_blocks, state_blocks,
-                                             state_program)
+from hybrid_train.ops.triton.ssd_fwd import (_seq_args, add_state_block, check_chunk_offsets, chunk_span, ssd_blocks,
+                                             state_blocks, state_program)
 
 
 @triton.jit
@@ -88,11 +88,11 @@ def _state_bwd_kernel(
         t0 = c * CHUNK
         row = ((b64 * H + h) * NCHUNKS + c) * CHUNK
         if HAS_SEQ:
-            prev_seq = tl.load(seq_base + tl.maximum(t0 - 1, 0) * sseq_l)
+            prev_seq = tl.load(seq_base + tl.maximum(t0 - 1, 0).to(tl.int64) * sseq_l)
         if kk == 0:
             decay = tl.exp(tl.load(acs_ptr + row + CHUNK - 1))
             if HAS_SEQ:
-                seq_last = tl.load(seq_base + (tl.minimum(t0 + CHUNK, L) - 1) * sseq_l)
+                seq_last = tl.load(seq_base + (tl.minimum(t0 + CHUNK, L) - 1).to(tl.int64) * sseq_l)
                 decay = tl.where(seq_last == prev_seq, decay, 0.0)
             bhc = (b64 * NCHUNKS + c) * H + h
             tl.store(dstates_ptr + bhc * P * N + pn, run.to(dstates_ptr.dtype.element_ty), mask=mpn)
@@ -285,7 +285,8 @@ def _dcb_kernel(
         acs_i = tl.load(acs_ptr + row + offs_i)
         acs_j = tl.load(acs_ptr + row + offs_j)
         dt_j = tl.load(dtp_ptr + row + offs_j)
-        dyi = tl.load(dy_ptr + b64 * sdy_b + h * sdy_h + t64 * sdy_l + offs_i[:, None] * sdy_l + offs_p[None, :] * sdy_p,
+        dyi = tl.load(dy_ptr + b64 * sdy_b + h * sdy_h + t64 * sdy_l
+                      + offs_i[:, None] * sdy_l + offs_p[None, :] * sdy_p,
                       mask=vi[:, None] & mp[None, :], other=0.0)  # (BLK, BP)
         xj = tl.load(x_ptr + b64 * sx_b + h * sx_h + t64 * sx_l + offs_j[:, None] * sx_l + offs_p[None, :] * sx_p,
                      mask=vj[:, None] & mp[None, :], other=0.0)  # (BLK, BP)
@@ -351,10 +352,10 @@ def _dbc_state_kernel(
     Ci = tl.load(C_ptr + b64 * sC_b + g * sC_g + t64 * sC_l + offs_i[:, None] * sC_l + offs_n[None, :] * sC_n,
                  mask=vi[:, None] & mn[None, :], other=0.0).to(tl.float32)  # (BLK, BN)
     if HAS_SEQ:
-        seq_base = seq_ptr + b64 * sseq_b
-        seq_i = tl.load(seq_base + t64 * sseq_l + offs_i * sseq_l, mask=vi, other=-1)
-        prev_seq = tl.load(seq_base + tl.maximum(t64 - 1, 0) * sseq_l)
-        seq_last = tl.load(seq_base + (tl.minimum(t64 + CHUNK, L) - 1) * sseq_l)
+        seq_base = seq_ptr + b64 * sseq_b + t64 * sseq_l
+        seq_i = tl.load(seq_base + offs_i * sseq_l, mask=vi, other=-1)
+        prev_seq = tl.load(seq_ptr + b64 * sseq_b + tl.maximum(t64 - 1, 0) * sseq_l)
+        seq_last = tl.load(seq_base + (tl.minimum(CHUNK, L - t0) - 1) * sseq_l)
     accC = tl.zeros((BLK, BN), dtype=tl.float32)
     accB = tl.zeros((BLK, BN), dtype=tl.float32)
     pn = offs_p[:, None] * N + offs_n[None, :]
@@ -368,7 +369,8 @@ def _dbc_state_kernel(
         acs_i = tl.load(acs_ptr + row + offs_i)
         dt_i = tl.load(dtp_ptr + row + offs_i)
         total = tl.load(acs_ptr + row + CHUNK - 1)
-        dyi = tl.load(dy_ptr + b64 * sdy_b + h * sdy_h + t64 * sdy_l + offs_i[:, None] * sdy_l + offs_p[None, :] * sdy_p,
+        dyi = tl.load(dy_ptr + b64 * sdy_b + h * sdy_h + t64 * sdy_l
+                      + offs_i[:, None] * sdy_l + offs_p[None, :] * sdy_p,
                       mask=mip, other=0.0)  # (BLK, BP)
         xi = tl.load(x_ptr + b64 * sx_b + h * sx_h + t64 * sx_l + offs_i[:, None] * sx_l + offs_p[None, :] * sx_p,
                      mask=mip, other=0.0).to(tl.float32)
@@ -518,9 +520,9 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk, D, z, dt_bias, dt_softplus, dt_limit, s
         dy = (gof * zf * sig).to(x.dtype)
     else:
         dy = dout
-    if dy.stride(1) * chunk >= 2**31:  # autograd's gradient may come as any view
+    if chunk_span(dy, chunk) >= 2**31:  # autograd's gradient may come as any view
         dy = dy.contiguous()
-    check_time_strides(chunk, dy=dy)
+    check_chunk_offsets(chunk, dy=dy)
 
     dtp, acs, states, cb = chunk_states
     seq, ss_b, ss_l = _seq_args(seq_idx, x)

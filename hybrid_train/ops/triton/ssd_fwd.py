@@ -16,8 +16,10 @@
 
 Notation: b batch, l length, c chunks of Q, h heads = g groups x r heads per group, p head dim,
 n state dim; acs = cumsum over the chunk of dt * A ("log decay from the chunk start").
-All offsets that multiply a batch, chunk or time index go through int64: (b, l, h, p) tensors pass
-2^31 elements at long lengths.
+Tensors of (b, l, h, p) pass 2^31 elements at long lengths: each kernel forms 64-bit pointers to the
+start of its (batch, chunk) and 32-bit offsets inside it (time in the chunk, head or group, channel),
+which ``check_chunk_offsets`` guarantees fit; the op copies a view that does not. The decay factorings assume A <= 0 and processed dt >= 0
+(Mamba-2's parametrisation), so that acs never rises along a chunk.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ def _dt_cumsum_kernel(
     bias = 0.0
     if HAS_BIAS:
         bias = tl.load(dtb_ptr + offs_h, mask=mh, other=0.0).to(tl.float32)[None, :]
-    raw = tl.load(dt_ptr + b64 * sdt_b + offs_h[None, :] * sdt_h + t[:, None] * sdt_l,
+    raw = tl.load(dt_ptr + b64 * sdt_b + offs_h[None, :].to(tl.int64) * sdt_h + t[:, None] * sdt_l,
                   mask=valid, other=0.0).to(tl.float32)  # (CHUNK, BH)
     dtq = tl.where(valid, process_dt(raw, bias, HAS_BIAS, SOFTPLUS, HAS_LIMIT, lo, hi), 0.0)
     A = tl.load(A_ptr + offs_h, mask=mh, other=0.0).to(tl.float32)
@@ -109,14 +111,14 @@ def state_program(H, R, NPB, NNB, BP: tl.constexpr, BN: tl.constexpr):
 
 
 @triton.jit
-def add_state_block(S, v_base, sv_l, sv_p, m_base, sm_l, sm_n, tk, vk, w, offs_p, offs_n, mp, mn,
+def add_state_block(S, v_base, sv_l, sv_p, m_base, sm_l, sm_n, offs_k, vk, w, offs_p, offs_n, mp, mn,
                     DOT: tl.constexpr):
-    """S + (v_k o w)^T m_k over one block of times tk (32-bit offsets from v_base and m_base, which
-    point at the chunk's start): v (x or dy) is loaded transposed, so that the dot's left operand
-    needs no transpose in registers; m is B or C."""
-    vT = tl.load(v_base + tk[None, :] * sv_l + offs_p[:, None] * sv_p,
+    """S + (v_k o w)^T m_k over one block of times offs_k (32-bit, from v_base and m_base, which point
+    at the chunk's start): v (x or dy) is loaded transposed, so that the dot's left operand needs no
+    transpose in registers; m is B or C."""
+    vT = tl.load(v_base + offs_k[None, :] * sv_l + offs_p[:, None] * sv_p,
                  mask=vk[None, :] & mp[:, None], other=0.0)  # (BP, BK)
-    m = tl.load(m_base + tk[:, None] * sm_l + offs_n[None, :] * sm_n,
+    m = tl.load(m_base + offs_k[:, None] * sm_l + offs_n[None, :] * sm_n,
                 mask=vk[:, None] & mn[None, :], other=0.0)  # (BK, BN)
     return tl.dot((vT.to(tl.float32) * w[None, :]).to(DOT), m.to(DOT), S)  # (BP, BN)
 
@@ -160,7 +162,7 @@ def _state_fwd_kernel(
         row = ((b64 * H + h) * NCHUNKS + c) * CHUNK
         total = tl.load(acs_ptr + row + CHUNK - 1)
         if HAS_SEQ:
-            seq_last = tl.load(seq_base + (tl.minimum(t0 + CHUNK, L) - 1) * sseq_l)
+            seq_last = tl.load(seq_base + (tl.minimum(t0 + CHUNK, L) - 1).to(tl.int64) * sseq_l)
         if kk == 0:
             st = ((b64 * NCHUNKS + c) * H + h) * P * N
             tl.store(states_ptr + st + offs_p[:, None] * N + offs_n[None, :],
@@ -209,22 +211,23 @@ def _scan_fwd_kernel(
     b = pid // (nhb * G * NCHUNKS)
     b64 = b.to(tl.int64)
     t0 = c * CHUNK
-    t0_64 = t0.to(tl.int64)
+    t64 = t0.to(tl.int64)
     # 64-bit math stays in the scalar chunk-start pointers; offsets inside a chunk fit in 32 bits
     # (the launch checks stride x chunk), which keeps the tiles' address registers 32-bit.
     offs_m = m * BM + tl.arange(0, BM)
     offs_p = tl.arange(0, BP)
     offs_n = tl.arange(0, BN)
-    vm = offs_m < L - t0
+    rem = L - t0  # rows of this chunk inside the sequence
+    vm = offs_m < rem
     mp = offs_p < P
     mn = offs_n < N
     mrow = vm[:, None] & mp[None, :]
-    Cm = tl.load(C_ptr + b64 * sC_b + g * sC_g + t0_64 * sC_l + offs_m[:, None] * sC_l + offs_n[None, :] * sC_n,
+    Cm = tl.load(C_ptr + b64 * sC_b + g * sC_g + t64 * sC_l + offs_m[:, None] * sC_l + offs_n[None, :] * sC_n,
                  mask=vm[:, None] & mn[None, :], other=0.0).to(DOT)  # (BM, BN), shared by the heads
     if HAS_SEQ:
-        seq_base = seq_ptr + b64 * sseq_b + t0_64 * sseq_l
+        seq_base = seq_ptr + b64 * sseq_b + t64 * sseq_l
         seq_m = tl.load(seq_base + offs_m * sseq_l, mask=vm, other=-1)
-        prev_seq = tl.load(seq_ptr + b64 * sseq_b + tl.maximum(t0_64 - 1, 0) * sseq_l)
+        prev_seq = tl.load(seq_ptr + b64 * sseq_b + tl.maximum(t64 - 1, 0) * sseq_l)
     cb_base = cb_ptr + ((b64 * NCHUNKS + c) * G + g) * CHUNK * CHUNK
     cb_row = offs_m[:, None] * CHUNK
 
@@ -232,7 +235,7 @@ def _scan_fwd_kernel(
         h = g * R + hb * HB + hh
         row = ((b64 * H + h) * NCHUNKS + c) * CHUNK
         acs_m = tl.load(acs_ptr + row + offs_m)  # (BM)
-        x_base = x_ptr + b64 * sx_b + h * sx_h + t0_64 * sx_l
+        x_base = x_ptr + b64 * sx_b + h * sx_h + t64 * sx_l
 
         # Off-diagonal tiles (j < m * BM <= i) factor exactly: exp(acs_i - acs_j) =
         # exp(acs_i - acs_r) * exp(acs_r - acs_j), with r = m * BM - 1 the last column before the
@@ -251,7 +254,7 @@ def _scan_fwd_kernel(
             acc = acc * tl.exp(acs_r)
         for j0 in range(0, m * BM, BLK):
             offs_j = j0 + tl.arange(0, BLK)
-            vj = offs_j < L - t0
+            vj = offs_j < rem
             w = tl.load(dtp_ptr + row + offs_j) * tl.exp(acs_r - tl.load(acs_ptr + row + offs_j))
             sc = tl.load(cb_base + cb_row + offs_j[None, :]) * w[None, :]  # (BM, BLK)
             if HAS_SEQ:
@@ -268,7 +271,8 @@ def _scan_fwd_kernel(
         if HAS_SEQ:
             mask = mask & (seq_m[:, None] == seq_m[None, :])
         # exp of -inf where masked: no inf * 0, and no overflow above the diagonal
-        sc = tl.load(cb_base + cb_row + offs_m[None, :]) * tl.exp(tl.where(mask, acs_m[:, None] - acs_m[None, :], float("-inf")))
+        decay = tl.exp(tl.where(mask, acs_m[:, None] - acs_m[None, :], float("-inf")))
+        sc = tl.load(cb_base + cb_row + offs_m[None, :]) * decay
         xm = tl.load(x_base + offs_m[:, None] * sx_l + offs_p[None, :] * sx_p, mask=mrow, other=0.0)  # (BM, BP)
         acc += tl.dot((sc * tl.load(dtp_ptr + row + offs_m)[None, :]).to(DOT), xm.to(DOT))
         if HAS_D:
@@ -277,24 +281,31 @@ def _scan_fwd_kernel(
                 acc += xm.to(tl.float32) * Dv[None, :]
             else:
                 acc += xm.to(tl.float32) * tl.load(D_ptr + h).to(tl.float32)
-        o_base = b64 * so_b + h * so_h + t0_64 * so_l
+        o_base = b64 * so_b + h * so_h + t64 * so_l
         o_tile = offs_m[:, None] * so_l + offs_p[None, :] * so_p
         if HAS_Z:
             if STORE_YPRE:  # kept for the z-gate gradient
                 tl.store(ypre_ptr + o_base + o_tile, acc.to(ypre_ptr.dtype.element_ty), mask=mrow)
-            zm = tl.load(z_ptr + b64 * sz_b + h * sz_h + t0_64 * sz_l + offs_m[:, None] * sz_l + offs_p[None, :] * sz_p,
+            zm = tl.load(z_ptr + b64 * sz_b + h * sz_h + t64 * sz_l + offs_m[:, None] * sz_l + offs_p[None, :] * sz_p,
                          mask=mrow, other=0.0).to(tl.float32)
             acc = acc * zm * tl.sigmoid(zm)
         tl.store(out_ptr + o_base + o_tile, acc.to(out_ptr.dtype.element_ty), mask=mrow)
 
 
-def check_time_strides(chunk: int, **tensors) -> None:
-    """The kernels address inside a chunk with 32-bit offsets (64-bit chunk-start pointers): each
-    (b, l, ...) tensor's time stride times the chunk must stay below 2^31."""
+def chunk_span(t: torch.Tensor, chunk: int) -> int:
+    """Largest element offset inside one (batch, chunk) slab of a (b, l, ...) tensor."""
+    return (min(chunk, t.shape[1]) - 1) * abs(t.stride(1)) + sum((size - 1) * abs(stride) for size, stride
+                                                               in zip(t.shape[2:], t.stride()[2:]))
+
+
+def check_chunk_offsets(chunk: int, **tensors) -> None:
+    """The kernels address inside a (batch, chunk) slab with 32-bit offsets (64-bit pointers to its
+    start): each (b, l, ...) tensor's largest offset inside one must stay below 2^31."""
     for name, t in tensors.items():
-        if t is not None and t.stride(1) * chunk >= 2**31:
-            raise ValueError(f"ssd: {name}'s time stride {t.stride(1)} x chunk {chunk} passes 2^31 (offsets "
-                             "inside a chunk are 32-bit): pass a contiguous tensor or a smaller chunk")
+        if t is not None and chunk_span(t, chunk) >= 2**31:
+            raise ValueError(f"ssd: {name} (shape {tuple(t.shape)}, strides {t.stride()}) spans "
+                             f"{chunk_span(t, chunk)} elements inside one chunk of {chunk}, past the "
+                             "kernels' 32-bit offsets: pass a contiguous tensor or a smaller chunk")
 
 
 def _seq_args(seq_idx, x):
@@ -394,7 +405,7 @@ def ssd_fwd(x, dt, A, B, C, chunk, D, z, dt_bias, dt_softplus, dt_limit, seq_idx
     would otherwise recompute (at Bamba-9B's shape 9.5 KB per token per layer, against one state pass's
     time and a C.B launch).
     """
-    check_time_strides(chunk, x=x, z=z, B=B, C=C, seq_idx=seq_idx)
+    check_chunk_offsets(chunk, x=x, dt=dt, z=z, B=B, C=C, seq_idx=seq_idx)
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     nc = triton.cdiv(l, chunk)
