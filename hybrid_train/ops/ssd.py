@@ -100,7 +100,8 @@ def ssd_chunk_scan(
     Runs the Triton kernels or the PyTorch reference as hybrid_train.ops.dispatch decides (Triton
     for CUDA tensors under ``auto``). The Triton path takes bf16/fp16/fp32 inputs (fp32 math), a
     power-of-two chunk_size in [16, 256], head and state dims up to 256; other cases run the
-    reference under ``auto`` and raise under ``triton``.
+    reference under ``auto`` and raise under ``triton``. Its decay factorings assume A <= 0 and a
+    processed dt >= 0 (softplus gives that); a signed dt may overflow there, not in the reference.
 
     Args:
         x: (b, l, h, p) inputs.
