@@ -312,7 +312,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="per-kernel times of the SSD at the anchor shape")
     parser.add_argument("--sweep", action="store_true", help="try the launch variants in SWEEP at the anchor")
     parser.add_argument("--sweep-fwd", action="store_true", help="forward only: the launch variants in SWEEP_FWD")
-    parser.add_argument("--graph", action="store_true", help="SSD fwd+bwd: eager vs CUDA-graph replay, host time")
+    parser.add_argument("--graph", action="store_true",
+                        help="SSD fwd+bwd: eager vs CUDA-graph replay, host time; the forward's replay")
     parser.add_argument("--host-profile", action="store_true", help="cProfile of eager SSD fwd+bwd host time")
     parser.add_argument("--json", help="append results as JSON lines to this file")
     args = parser.parse_args()
