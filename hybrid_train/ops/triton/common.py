@@ -55,6 +55,13 @@ def pow2_at_least_16(v: int) -> int:
     return max(16, triton.next_power_of_2(v))
 
 
+def dt_limit_args(dt_limit) -> tuple[float, float, bool]:
+    """(lo, hi, has_limit) for ``process_dt``: no clamp for (0, inf), and an infinite hi passed as the
+    largest float32-range number (a kernel's float argument)."""
+    lo, hi = float(dt_limit[0]), float(dt_limit[1])
+    return lo, hi if hi != float("inf") else 3.0e38, (lo, hi) != (0.0, float("inf"))
+
+
 @triton.jit
 def softplus(v):
     # log(1 + e^v), and v itself above 20: torch's softplus threshold, the one mamba_ssm uses.

@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from hybrid_train.ops.dispatch import interpreting
-from hybrid_train.ops.triton.common import LAUNCH, dot_dtype, launch, softplus
+from hybrid_train.ops.triton.common import LAUNCH, dot_dtype, dt_limit_args, launch, softplus
 from hybrid_train.ops.triton.ssd_fwd import (_seq_args, add_state_block, check_chunk_offsets, chunk_span, ssd_blocks,
                                              state_blocks, state_program)
 
@@ -507,9 +507,7 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk, D, z, dt_bias, dt_softplus, dt_limit, s
     dev = x.device
     f32 = torch.float32
     DOT = dot_dtype(x.dtype)
-    lo, hi = float(dt_limit[0]), float(dt_limit[1])
-    has_limit = (lo, hi) != (0.0, float("inf"))
-    hi_arg = hi if hi != float("inf") else 3.0e38
+    lo, hi, has_limit = dt_limit_args(dt_limit)
 
     dz = None
     if z is not None:
@@ -589,7 +587,7 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk, D, z, dt_bias, dt_softplus, dt_limit, s
         dt, A, dt_bias if dt_bias is not None else A, acs, dtp, ddtp, W, dacs, tiles, below, torch.empty_like(acs),
         ddec,
         ddt, dAp, dbp,
-        l, h, nc, n_state_blocks, lo, hi_arg, *dt.stride(), *ddt.stride(),
+        l, h, nc, n_state_blocks, lo, hi, *dt.stride(), *ddt.stride(),
         CHUNK=chunk, BLK=BLK, DDEC_ROWS=bp, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
         HAS_LIMIT=has_limit, **launch("dt_bwd"),
     )

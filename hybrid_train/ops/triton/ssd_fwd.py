@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hybrid_train.ops.triton.common import LAUNCH, dot_dtype, launch, pow2_at_least_16, process_dt
+from hybrid_train.ops.triton.common import LAUNCH, dot_dtype, dt_limit_args, launch, pow2_at_least_16, process_dt
 
 
 @triton.jit
@@ -349,8 +349,7 @@ def chunk_states_fwd(x, dt, A, B, dt_bias, dt_softplus, dt_limit, seq_idx, initi
     states = torch.empty(b, nc, h, p, n, device=dev, dtype=x.dtype)
     final = torch.empty(b, h, p, n, device=dev, dtype=torch.float32)
     DOT = dot_dtype(x.dtype)
-    lo, hi = float(dt_limit[0]), float(dt_limit[1])
-    has_limit = (lo, hi) != (0.0, float("inf"))
+    lo, hi, has_limit = dt_limit_args(dt_limit)
     seq, ss_b, ss_l = _seq_args(seq_idx, x)
     init = initial_states if initial_states is not None else x
     si = initial_states.stride() if initial_states is not None else (0, 0, 0, 0)
@@ -359,7 +358,7 @@ def chunk_states_fwd(x, dt, A, B, dt_bias, dt_softplus, dt_limit, seq_idx, initi
     bh = min(LAUNCH["dt_cumsum"]["BH"], triton.next_power_of_2(h))
     _dt_cumsum_kernel[(b * nc * triton.cdiv(h, bh),)](
         dt, A, dt_bias if dt_bias is not None else A, dtp, acs,
-        l, h, nc, lo, hi if hi != float("inf") else 3.0e38, *dt.stride(),
+        l, h, nc, lo, hi, *dt.stride(),
         CHUNK=chunk, BH=bh, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_LIMIT=has_limit,
         **launch("dt_cumsum"),
     )
