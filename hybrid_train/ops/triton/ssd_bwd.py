@@ -75,6 +75,8 @@ def _state_bwd_kernel(
     else:
         run = tl.zeros((BP, BN), dtype=tl.float32)
     seq_base = seq_ptr + b64 * sseq_b
+    if HAS_SEQ:
+        prev_seq = tl.load(seq_base)  # loop-carried: set at each chunk's first block
     dy_base = dy_ptr + b64 * sdy_b + h * sdy_h
     C_base = C_ptr + b64 * sC_b + g * sC_g
     # One flat loop over (chunk, K block), chunks in reverse, so that the pipeliner prefetches across
@@ -87,11 +89,10 @@ def _state_bwd_kernel(
         kk = it % NK
         t0 = c * CHUNK
         row = ((b64 * H + h) * NCHUNKS + c) * CHUNK
-        if HAS_SEQ:
-            prev_seq = tl.load(seq_base + tl.maximum(t0 - 1, 0).to(tl.int64) * sseq_l)
         if kk == 0:
             decay = tl.exp(tl.load(acs_ptr + row + CHUNK - 1))
             if HAS_SEQ:
+                prev_seq = tl.load(seq_base + tl.maximum(t0 - 1, 0).to(tl.int64) * sseq_l)
                 seq_last = tl.load(seq_base + (tl.minimum(t0 + CHUNK, L) - 1).to(tl.int64) * sseq_l)
                 decay = tl.where(seq_last == prev_seq, decay, 0.0)
             bhc = (b64 * NCHUNKS + c) * H + h

@@ -148,8 +148,10 @@ def _state_fwd_kernel(
                     mask=mpn, other=0.0).to(tl.float32)  # (BP, BN)
     else:
         S = tl.zeros((BP, BN), dtype=tl.float32)
+    total = 0.0  # loop-carried, as seq_last: set at each chunk's first block
     if HAS_SEQ:
         prev_seq = tl.load(seq_base)  # the initial state belongs to the document at position 0
+        seq_last = prev_seq
     # One flat loop over (chunk, K block), so that the pipeliner prefetches across chunk boundaries.
     # At each chunk's first block the running state is stored (the state entering the chunk) and
     # decayed over the chunk; the chunk's own state, sum_j exp(total - acs_j) dt_j x_j (outer) B_j,
@@ -160,10 +162,10 @@ def _state_fwd_kernel(
         kk = it % NK
         t0 = c * CHUNK
         row = ((b64 * H + h) * NCHUNKS + c) * CHUNK
-        total = tl.load(acs_ptr + row + CHUNK - 1)
-        if HAS_SEQ:
-            seq_last = tl.load(seq_base + (tl.minimum(t0 + CHUNK, L) - 1).to(tl.int64) * sseq_l)
         if kk == 0:
+            total = tl.load(acs_ptr + row + CHUNK - 1)
+            if HAS_SEQ:
+                seq_last = tl.load(seq_base + (tl.minimum(t0 + CHUNK, L) - 1).to(tl.int64) * sseq_l)
             st = ((b64 * NCHUNKS + c) * H + h) * P * N
             tl.store(states_ptr + st + offs_p[:, None] * N + offs_n[None, :],
                      S.to(states_ptr.dtype.element_ty), mask=mpn)
