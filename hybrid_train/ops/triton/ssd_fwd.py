@@ -2,8 +2,8 @@
 
 1. ``_cb_kernel``: CB[i, j] = C_i . B_j for every chunk and group (b, c, g, Q, Q), in B's dtype
    (zeros in the tiles above the diagonal). Shared by the heads of a group: computed once per group.
-2. ``_dt_cumsum_kernel``: one program per (batch, chunk, block of heads) finalises dt (bias, softplus, limit)
-   and its in-chunk cumsum of dt * A, written for the other kernels. Kept out of the state kernel:
+2. ``_dt_cumsum_kernel``: one program per (batch, chunk, block of heads) finalises dt (bias,
+   softplus, limit) and its in-chunk cumsum of dt * A, written for the other kernels. Kept out of the state kernel:
    its scans and sums synchronise all warps, which on that kernel's serial chunk loop costs time.
 3. ``_state_fwd_kernel``: one program per (batch, head, block of p, block of n) walks the chunks in
    order. Per chunk it forms the chunk's own state x^T diag(dt * decay-to-end) B on tensor cores,
@@ -18,8 +18,9 @@ Notation: b batch, l length, c chunks of Q, h heads = g groups x r heads per gro
 n state dim; acs = cumsum over the chunk of dt * A ("log decay from the chunk start").
 Tensors of (b, l, h, p) pass 2^31 elements at long lengths: each kernel forms 64-bit pointers to the
 start of its (batch, chunk) and 32-bit offsets inside it (time in the chunk, head or group, channel),
-which ``check_chunk_offsets`` guarantees fit; the op copies a view that does not. The decay factorings assume A <= 0 and processed dt >= 0
-(Mamba-2's parametrisation), so that acs never rises along a chunk.
+which ``check_chunk_offsets`` guarantees fit; the op copies a view that does not. The decay
+factorings assume A <= 0 and processed dt >= 0 (Mamba-2's parametrisation), so that acs never rises
+along a chunk.
 """
 
 from __future__ import annotations
@@ -215,7 +216,7 @@ def _scan_fwd_kernel(
     t0 = c * CHUNK
     t64 = t0.to(tl.int64)
     # 64-bit math stays in the scalar chunk-start pointers; offsets inside a chunk fit in 32 bits
-    # (the launch checks stride x chunk), which keeps the tiles' address registers 32-bit.
+    # (the launch checks chunk_span), which keeps the tiles' address math 32-bit.
     offs_m = m * BM + tl.arange(0, BM)
     offs_p = tl.arange(0, BP)
     offs_n = tl.arange(0, BN)
