@@ -342,11 +342,10 @@ def _ssd_triton(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit
     if seq_idx is not None:
         assert seq_idx.shape == (b, l), "seq_idx must be (b, l)"
     # The kernels address inside a (batch, chunk) slab with 32-bit offsets: a view that spreads one over
-    # 2^31 elements (a huge time or head stride) is copied; a contiguous one spans chunk * h * p.
-    from hybrid_train.ops.triton.ssd_fwd import chunk_span
+    # 2^31 elements (a huge time or head stride) is copied.
+    from hybrid_train.ops.triton.ssd_fwd import contiguous_if_spread
 
-    x, dt, z, B, C, seq_idx = (t.contiguous() if t is not None and chunk_span(t, chunk_size) >= 2**31 else t
-                               for t in (x, dt, z, B, C, seq_idx))
+    x, dt, z, B, C, seq_idx = (contiguous_if_spread(t, chunk_size) for t in (x, dt, z, B, C, seq_idx))
     # y before the z gate is only worth keeping when a backward can follow.
     store_ypre = z is not None and torch.is_grad_enabled()
     out, final, *_ = _ssd_fwd_op(x, dt, A.contiguous(), B, C, int(chunk_size), D, z, dt_bias, bool(dt_softplus),

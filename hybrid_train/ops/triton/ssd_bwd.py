@@ -50,8 +50,8 @@ import triton.language as tl
 
 from hybrid_train.ops.dispatch import interpreting
 from hybrid_train.ops.triton.common import LAUNCH, dot_dtype, dt_limit_args, launch, softplus
-from hybrid_train.ops.triton.ssd_fwd import (_seq_args, add_state_block, check_chunk_offsets, chunk_span, ssd_blocks,
-                                             state_blocks, state_program)
+from hybrid_train.ops.triton.ssd_fwd import (_seq_args, add_state_block, check_chunk_offsets, contiguous_if_spread,
+                                             ssd_blocks, state_blocks, state_program)
 
 
 @triton.jit
@@ -519,8 +519,7 @@ def ssd_bwd(dout, x, dt, A, B, C, chunk, D, z, dt_bias, dt_softplus, dt_limit, s
         dy = (gof * zf * sig).to(x.dtype)
     else:
         dy = dout
-    if chunk_span(dy, chunk) >= 2**31:  # autograd's gradient may come as any view
-        dy = dy.contiguous()
+    dy = contiguous_if_spread(dy, chunk)  # autograd's gradient may come as any view
     check_chunk_offsets(chunk, dy=dy)
 
     dtp, acs, states, cb = chunk_states

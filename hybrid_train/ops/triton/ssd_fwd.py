@@ -3,8 +3,9 @@
 1. ``_cb_kernel``: CB[i, j] = C_i . B_j for every chunk and group (b, c, g, Q, Q), in B's dtype
    (zeros in the tiles above the diagonal). Shared by the heads of a group: computed once per group.
 2. ``_dt_cumsum_kernel``: one program per (batch, chunk, block of heads) finalises dt (bias,
-   softplus, limit) and its in-chunk cumsum of dt * A, written for the other kernels. Kept out of the state kernel:
-   its scans and sums synchronise all warps, which on that kernel's serial chunk loop costs time.
+   softplus, limit) and its in-chunk cumsum of dt * A, written for the other kernels. Kept out of
+   the state kernel: its scans and sums synchronise all warps, which on that kernel's serial chunk
+   loop costs time.
 3. ``_state_fwd_kernel``: one program per (batch, head, block of p, block of n) walks the chunks in
    order. Per chunk it forms the chunk's own state x^T diag(dt * decay-to-end) B on tensor cores,
    stores the state entering the chunk and carries it on. Fusing "chunk state" with "state passing"
@@ -296,18 +297,29 @@ def _scan_fwd_kernel(
 
 
 def chunk_span(t: torch.Tensor, chunk: int) -> int:
-    """Largest element offset inside one (batch, chunk) slab of a (b, l, ...) tensor."""
-    return (min(chunk, t.shape[1]) - 1) * abs(t.stride(1)) + sum((size - 1) * abs(stride) for size, stride
-                                                               in zip(t.shape[2:], t.stride()[2:]))
+    """Largest element offset inside one (batch, chunk) slab of a (b, l, ...) tensor (torch strides
+    are never negative). Plain loop: it runs on every eager call."""
+    shape, stride = t.shape, t.stride()
+    span = (min(chunk, shape[1]) - 1) * stride[1]
+    for d in range(2, len(shape)):
+        span += (shape[d] - 1) * stride[d]
+    return span
+
+
+def contiguous_if_spread(t: torch.Tensor | None, chunk: int) -> torch.Tensor | None:
+    """t, or a contiguous copy of it where a view spreads one (batch, chunk) slab past the kernels'
+    32-bit offsets (a huge time or head stride); a contiguous tensor spans chunk x its row."""
+    return t.contiguous() if t is not None and chunk_span(t, chunk) >= 2**31 else t
 
 
 def check_chunk_offsets(chunk: int, **tensors) -> None:
     """The kernels address inside a (batch, chunk) slab with 32-bit offsets (64-bit pointers to its
     start): each (b, l, ...) tensor's largest offset inside one must stay below 2^31."""
     for name, t in tensors.items():
-        if t is not None and chunk_span(t, chunk) >= 2**31:
+        span = chunk_span(t, chunk) if t is not None else 0
+        if span >= 2**31:
             raise ValueError(f"ssd: {name} (shape {tuple(t.shape)}, strides {t.stride()}) spans "
-                             f"{chunk_span(t, chunk)} elements inside one chunk of {chunk}, past the "
+                             f"{span} elements inside one chunk of {chunk}, past the "
                              "kernels' 32-bit offsets: pass a contiguous tensor or a smaller chunk")
 
 
