@@ -16,7 +16,7 @@ from hybrid_train.data.config import DataConfig
 from hybrid_train.model.config import ModelConfig
 from hybrid_train.parallel.config import ParallelConfig
 from hybrid_train.train.config import (CheckpointConfig, LoggingConfig, OptimConfig, ScheduleConfig, StageConfig,
-                                       TrainConfig)
+                                       TrainConfig, default_lr)
 
 
 @dataclass
@@ -44,6 +44,8 @@ class JobConfig:
         """Cross-field checks before any work starts; each error names the fields and values."""
         self.model.validate()
         self.data.validate()
+        if self.optim.lr is None:  # recorded resolved, in config.yaml and checkpoints
+            self.optim.lr = default_lr(self.model.d_model)
         for section in (self.optim, self.schedule, self.logging, self.train, self.checkpoint, self.stage):
             section.validate()
         if self.stage.needs_init_from and not self.checkpoint.init_from:

@@ -36,7 +36,9 @@ from hybrid_train.model import ModelConfig, build_model, count_params, flops_per
 from hybrid_train.model.config import MAMBA
 from hybrid_train.ops import set_kernels
 from hybrid_train.ops.dispatch import OPS, interpreting, torch_ops
+from hybrid_train.train.config import OptimConfig
 from hybrid_train.train.loss import lm_loss
+from hybrid_train.train.optim import build_optimizer
 from hybrid_train.train.metrics import device_peak_flops
 
 BAMBA_9B = dict(name="bamba_9b_slice", vocab_size=128256, d_model=4096, mlp_hidden=14336, n_heads=32, n_kv_heads=8,
@@ -113,7 +115,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--documents", type=int, default=1, help="documents packed per row (seq_idx)")
-    parser.add_argument("--optimizer", action="store_true", help="include an AdamW step (fp32 states)")
+    parser.add_argument("--optimizer", action="store_true",
+                        help="include the trainer's AdamW step (fused; bf16 parameters and states here)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each block")
     parser.add_argument("--fused-loss", action="store_true", help="loss in the model's head, fused with it")
     parser.add_argument("--ladder", action="store_true", help="switch the kernels on one at a time")
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for block in model.layers.values():
             block.compile()
     n_params, n_emb = count_params(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5) if args.optimizer else None
+    opt = build_optimizer(model, OptimConfig(lr=1e-5)) if args.optimizer else None
 
     b, t = args.batch, args.seq_len
     ids = torch.randint(0, cfg.vocab_size, (b, t + 1), device=device)

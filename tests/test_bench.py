@@ -6,6 +6,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from hybrid_train.ops.dispatch import OPS
@@ -55,3 +56,20 @@ def test_bench_fused_loss_adds_the_cross_entropy_step(monkeypatch):
     results = bench.main(["--device", "cpu", "--tiny", "--layers", "1", "--attn", "--seq-len", "16",
                           "--steps", "1", "--warmup", "0", "--fused-loss"])
     assert [r["variant"] for r in results] == ["kernels"] and results[0]["fused_loss"]
+
+
+def test_bench_train_runs_the_trainer_and_reports_its_split(tmp_path):
+    """scripts/bench_train.py: real trainer steps with Hydra overrides, steady state after the warm-up."""
+    spec = importlib.util.spec_from_file_location("bench_train_script", REPO / "scripts" / "bench_train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "bench_train.jsonl"
+    result = module.main(["--steps", "4", "--warmup", "2", "--window", "2", "--json", str(out), "train.seq_len=32",
+                          "train.micro_batch_size=2", "model.n_layers=2", "model.attn_layer_indices=[1]",
+                          f"run.dir={tmp_path / 'run'}"])
+    assert result["measured_steps"] == 2 and result["steps"] == 4
+    assert result["tokens_per_s"] == pytest.approx(2 * 32 / (result["step_ms"] / 1e3), rel=1e-6)  # 64 tokens a step
+    assert set(result["time_ms"]) >= {"forward", "backward", "optimizer", "host"}
+    assert [s for s, _ in result["losses"]] == [2, 4]
+    assert json.loads(out.read_text())["tokens_per_s"] == result["tokens_per_s"]
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -26,11 +26,11 @@ from torch.distributed.tensor.debug import CommDebugMode
 
 from distributed import run_distributed
 from hybrid_train.model import ModelConfig, build_model
-from hybrid_train.parallel import (ParallelConfig, all_reduce_mean, clip_grad_norm_, full_tensor_init, init_distributed,
+from hybrid_train.parallel import (ParallelConfig, all_reduce_mean, full_tensor_init, grad_norm, init_distributed,
                                    loss_context, parallelize, sum_over_data_parallel)
 from hybrid_train.train.config import OptimConfig
 from hybrid_train.train.loss import lm_loss
-from hybrid_train.train.optim import build_optimizer
+from hybrid_train.train.optim import build_optimizer, clip_and_step
 
 # Attention (4 query / 2 KV heads), Mamba-2 with 4 heads in 2 groups (GVA), SwiGLU in every block.
 MODEL = ModelConfig(name="ptiny", vocab_size=96, d_model=32, n_layers=3, layer_pattern="MAM", n_heads=4, n_kv_heads=2,
@@ -107,10 +107,11 @@ def step(model, optimizer, batch, env, want_grads=False,
             loss, _ = lm_loss(logits, batch["labels"])
             loss.backward()
     grads = {n: full(p.grad) for n, p in model.named_parameters()} if want_grads else {}
-    norm = clip_grad_norm_(model.parameters(), CLIP)
-    optimizer.step()
+    # The trainer's step: the clip and the non-finite skip ride the fused AdamW on DTensor shards.
+    norm = grad_norm(model.parameters())
+    assert clip_and_step(optimizer, norm, CLIP, all_reduce_mean(loss.detach())).item() == 0.0
     optimizer.zero_grad(set_to_none=True)
-    return None if logits is None else full(logits), full(loss), norm, grads
+    return None if logits is None else full(logits), full(loss), norm.item(), grads
 
 
 # ---- the reference: the plain model in this process ---------------------------------------------
@@ -360,8 +361,8 @@ def _train_cli(launcher: list[str], args: list[str]) -> subprocess.CompletedProc
 def test_torchrun_tensor_parallel_losses_match_single_process(tmp_path):
     """`torchrun --nproc_per_node=2 train.py parallel.tp=2` (one data-parallel rank: the same batches)
     logs the losses and gradient norms of the single-process run from the same seed. Needs the trainer
-    to initialize under `full_tensor_init()` (otherwise CPU ranks draw equal shards) and to clip with
-    `clip_grad_norm_`."""
+    to initialize under `full_tensor_init()` (otherwise CPU ranks draw equal shards) and to clip by the
+    global gradient norm (`grad_norm`)."""
     args = ["train.seq_len=64", "train.micro_batch_size=4", "train.max_steps=4", "train.max_tokens=0",
             "logging.log_every=1", "logging.progress=false", "model.ssm_n_groups=2"]
     runs = {"single": [sys.executable], "tp2": [sys.executable, "-m", "torch.distributed.run", "--standalone",

@@ -32,8 +32,11 @@ def test_few_steps_end_to_end(compose, tmp_path):
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == [2, 4, 6]
     for r in records:
-        for key in ("loss", "lr", "grad_norm", "tokens", "tokens_per_s", "source_tokens"):
+        for key in ("loss", "lr", "grad_norm", "tokens", "tokens_per_s", "source_tokens", "time_ms"):
             assert key in r, key
+        split = r["time_ms"]
+        assert set(split) == {"forward", "backward", "clip", "optimizer", "data", "host"}
+        assert split["forward"] > 0 and split["backward"] > 0 and split["optimizer"] > 0
     assert records[-1]["tokens"] == 6 * 512  # 2 micro-batches of 4x64 per step
     assert sum(records[-1]["source_tokens"].values()) == 6 * 512
     assert (run_dir / "config.yaml").is_file()
@@ -162,3 +165,10 @@ def test_wandb_offline_keeps_one_run_across_resume(compose, tmp_path, monkeypatc
     train(compose(common + ["train.max_steps=4"]))  # resumes the run directory: same wandb run id
     assert (run_dir / "wandb_id").read_text().strip() == run_id
     assert len(list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
+
+
+def test_no_final_checkpoint_when_switched_off(compose, tmp_path):
+    """checkpoint.final=false (benchmarks, smoke runs): the run ends without writing a checkpoint."""
+    result = train(compose(SMALL + [f"run.dir={tmp_path}", "train.max_steps=2", "checkpoint.final=false"]))
+    assert result.state.step == 2 and result.checkpoint is None
+    assert not (tmp_path / "checkpoints").exists()

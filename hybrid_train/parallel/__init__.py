@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from hybrid_train.parallel.ac import apply_ac
-from hybrid_train.parallel.collectives import (all_reduce_mean, barrier, clip_grad_norm_, destroy, full_tensor,
-                                               sum_over_data_parallel)
+from hybrid_train.parallel.collectives import (all_reduce_mean, any_rank, barrier, clip_grad_norm_, destroy,
+                                               full_tensor, grad_norm, sum_over_data_parallel)
 from hybrid_train.parallel.compile import apply_compile
 from hybrid_train.parallel.config import ParallelConfig
 from hybrid_train.parallel.fsdp import apply_fsdp
@@ -20,8 +20,8 @@ from hybrid_train.parallel.mesh import Distributed, build_mesh, init_distributed
 from hybrid_train.parallel.tp import apply_tp, loss_parallel_context
 
 __all__ = ["ParallelConfig", "Distributed", "init_distributed", "build_mesh", "parallelize", "full_tensor_init",
-           "clip_grad_norm_", "all_reduce_mean", "full_tensor", "loss_context", "loss_parallel_context", "barrier",
-           "destroy", "sum_over_data_parallel"]
+           "clip_grad_norm_", "grad_norm", "any_rank", "all_reduce_mean", "full_tensor", "loss_context",
+           "loss_parallel_context", "barrier", "destroy", "sum_over_data_parallel"]
 
 
 def parallelize(model: torch.nn.Module, env: Distributed, param_dtype: torch.dtype | None = None) -> torch.nn.Module:

@@ -38,30 +38,52 @@ def sum_over_data_parallel(value: torch.Tensor, tp_size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> float:
-    """Clip gradients to a global L2 norm of max_norm (0 = only measure); returns the norm before.
+def grad_norm(parameters: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The global L2 norm of the gradients, as a 0-dim float32 tensor on their device (no host sync).
 
     The norm is over the whole model whatever the layout: for a DTensor gradient, the sharded dims
     (FSDP, TP) contribute every shard once and the replicated dims (HSDP replicas, TP-replicated
     norms) once in total. Gradients are grouped by mesh, since a norm can only combine DTensors of
     one mesh."""
-    groups: dict[object, list[torch.Tensor]] = defaultdict(list)
-    for p in parameters:
-        if p.grad is not None:
-            groups[p.grad.device_mesh if isinstance(p.grad, DTensor) else None].append(p.grad)
-    if not groups:
-        return 0.0
     squares = []
-    for grads in groups.values():
+    for grads in _by_mesh([p.grad for p in parameters if p.grad is not None]).values():
         norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
         squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm).float().square())
-    total = math.sqrt(sum(float(s) for s in squares))
+    if not squares:
+        return torch.zeros(())
+    return torch.stack(squares).sum().sqrt()
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> float:
+    """Clip gradients to a global L2 norm of max_norm (0 = only measure); returns the norm before.
+    (The trainer instead folds the clip into the fused optimizer step: `train.optim.clip_and_step`.)"""
+    parameters = list(parameters)
+    total = float(grad_norm(parameters))
     if max_norm > 0:
         coef = max_norm / (total + 1e-6)  # as torch.nn.utils.clip_grad_norm_
         if coef < 1.0:
-            for grads in groups.values():
-                torch._foreach_mul_(grads, coef)
+            grads = [p.grad for p in parameters if p.grad is not None]
+            for mesh_grads in _by_mesh(grads).values():
+                torch._foreach_mul_(mesh_grads, coef)
     return total
+
+
+def _by_mesh(tensors: list[torch.Tensor]) -> dict[object, list[torch.Tensor]]:
+    groups: dict[object, list[torch.Tensor]] = defaultdict(list)
+    for t in tensors:
+        groups[t.device_mesh if isinstance(t, DTensor) else None].append(t)
+    return groups
+
+
+def any_rank(flags: list[bool], group=None) -> list[bool]:
+    """Each flag OR-ed over all ranks, through a CPU (gloo) group: host-side, so it never waits for the
+    GPU's queue of work to drain. Identity in a single process."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return list(flags)
+    values = torch.tensor([1.0 if f else 0.0 for f in flags])
+    dist.all_reduce(values, op=dist.ReduceOp.MAX, group=group)
+    return [bool(v) for v in values.tolist()]
 
 
 def barrier() -> None:

@@ -24,6 +24,9 @@ class Distributed:
     """(dp_replicate, dp_shard, tp) mesh when more than one process, else None."""
     cfg: ParallelConfig = field(default_factory=ParallelConfig)
     """The layout and knobs `parallelize` applies."""
+    cpu_group: dist.ProcessGroup | None = None
+    """A gloo group over all ranks for host-side agreement (stop, data exhausted) in NCCL runs, so
+    agreeing never waits for the GPU; None = the default group (already gloo on CPU)."""
 
     @property
     def is_main(self) -> bool:
@@ -85,4 +88,5 @@ def init_distributed(cfg: ParallelConfig, device_type: str, model_cfg=None, seq_
         return Distributed(rank, world, local_rank, device, None, cfg)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    return Distributed(rank, world, local_rank, device, build_mesh(cfg, world, device_type), cfg)
+    cpu_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+    return Distributed(rank, world, local_rank, device, build_mesh(cfg, world, device_type), cfg, cpu_group)

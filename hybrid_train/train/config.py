@@ -11,8 +11,9 @@ LOSS_IMPLS = ("auto", "fused", "logits")
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-3
-    """Peak learning rate."""
+    lr: Optional[float] = None
+    """Peak learning rate; None = scaled for the model width (`default_lr`): 3e-4 at d_model 4096 (Bamba-9B's
+    own peak), inversely with the width, at most 3e-3 (the tiny models)."""
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     """AdamW (beta1, beta2)."""
     eps: float = 1e-8
@@ -21,12 +22,19 @@ class OptimConfig:
     """Decoupled weight decay on matrices; never on A_log, D, dt_bias, norms or biases."""
 
     def validate(self) -> None:
-        if self.lr <= 0:
+        if self.lr is not None and self.lr <= 0:
             raise ValueError(f"optim.lr must be positive, got {self.lr}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"optim.betas must be two values in [0, 1), got {list(self.betas)}")
         if self.weight_decay < 0:
             raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+
+
+def default_lr(d_model: int) -> float:
+    """Peak LR for a width, as Adam's LR scales (about 1/width): 3e-4 at 4096 (Bamba v1's peak for
+    Bamba-9B), 6e-4 at 2048, capped at 3e-3, which the tiny CPU models train well with. A 9B-width
+    model at 3e-3 diverges in its first steps."""
+    return min(3e-3, 3e-4 * 4096 / d_model)
 
 
 @dataclass
@@ -126,13 +134,16 @@ INIT_WHAT = ("model", "model+optimizer")
 @dataclass
 class CheckpointConfig:
     interval_steps: int = 0
-    """Save every this many optimizer steps (0 = off); a final checkpoint is always written."""
+    """Save every this many optimizer steps (0 = off); a final checkpoint is written too (see final)."""
     interval_tokens: int = 0
     """Save whenever this many more tokens have been trained (0 = off)."""
     keep_last: int = 3
     """Keep the newest K checkpoints (0 = keep all); permanent ones are never pruned."""
     permanent_interval_steps: int = 0
     """Checkpoints at multiples of this step count are permanent (0 = none); so is any with a KEEP file."""
+    final: bool = True
+    """Write a checkpoint when the run reaches its end (false for benchmarks and smoke runs; a stop on
+    a signal or STOP file always checkpoints)."""
     async_save: bool = False
     """Write checkpoints in a background thread while training continues."""
     resume: bool = True

@@ -15,6 +15,8 @@ from tqdm import tqdm
 
 from hybrid_train.train.config import LoggingConfig
 
+# Written to metrics.jsonl but kept off the console line (dicts, one screen per log line).
+QUIET_KEYS = ("source_tokens", "time_ms")
 PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}
 
 
@@ -77,10 +79,11 @@ class MetricsLogger:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             flat = {k: v for k, v in record.items() if isinstance(v, (int, float)) and v is not None}
-            for name, n in record.get("source_tokens", {}).items():
-                flat[f"source_tokens/{name}"] = n
+            for key, value in record.items():
+                if isinstance(value, dict):  # source_tokens, time_ms, ...: one chart per entry
+                    flat.update({f"{key}/{name}": n for name, n in value.items() if isinstance(n, (int, float))})
             self.wandb.log(flat, step=record["step"])
-        line = " ".join(_fmt(k, v) for k, v in record.items() if k != "source_tokens" and v is not None)
+        line = " ".join(_fmt(k, v) for k, v in record.items() if k not in QUIET_KEYS and v is not None)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
             self.bar.write(line)
@@ -100,6 +103,64 @@ class MetricsLogger:
             self.bar.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+class StepTimer:
+    """Where the steps' time goes, per step over a logging window, in milliseconds.
+
+    Device phases (forward, backward, clip = the gradient norm and loss reduction, optimizer) are
+    timed by CUDA events, which cost no sync until `split` reads them on a log step; on CPU, where ops
+    run synchronously, by the host clock. `data` is host time spent waiting for batches; `host` is the
+    wall time not covered by device work: the device idle between steps (data, syncs, launches)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._steps: list[list[tuple[str, object]]] = []
+        self._data_s = 0.0
+        self._window_start = time.perf_counter()
+
+    def _now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def data_wait(self, seconds: float) -> None:
+        self._data_s += seconds
+
+    def begin(self) -> None:
+        self._steps.append([("begin", self._now())])
+
+    def mark(self, phase: str) -> None:
+        """The phase that ran since the last mark (or begin) ends here."""
+        self._steps[-1].append((phase, self._now()))
+
+    def _elapsed_ms(self, start, end) -> float:
+        return start.elapsed_time(end) if self.cuda else (end - start) * 1e3
+
+    def split(self) -> dict[str, float]:
+        """Mean milliseconds per step of each phase since the last call; starts a new window."""
+        wall_ms = (time.perf_counter() - self._window_start) * 1e3
+        steps = [s for s in self._steps if len(s) > 1]
+        if self.cuda and steps:
+            steps[-1][-1][1].synchronize()
+        totals: dict[str, float] = {}
+        device_ms = 0.0
+        for marks in steps:
+            for (_, start), (phase, end) in zip(marks, marks[1:]):
+                totals[phase] = totals.get(phase, 0.0) + self._elapsed_ms(start, end)
+            device_ms += self._elapsed_ms(marks[0][1], marks[-1][1])
+        n = max(len(steps), 1)
+        out = {phase: ms / n for phase, ms in totals.items()}
+        out["data"] = self._data_s * 1e3 / n
+        out["host"] = max(wall_ms - device_ms, 0.0) / n
+        self.reset()
+        return out
+
+    def reset(self) -> None:
+        """Forget what was timed (e.g. a checkpoint save that should stay out of the split)."""
+        self._steps, self._data_s, self._window_start = [], 0.0, time.perf_counter()
 
 
 def _fmt(key: str, value) -> str:

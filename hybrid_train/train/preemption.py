@@ -2,7 +2,7 @@
 
 The batch script turns SLURM's time-limit warning into a STOP file, so the request reaches the trainer
 whatever sits between them (torchrun, srun); a signal sent to the trainer itself works too. All ranks
-agree on the step to stop at through one tiny all-reduce per step.
+agree on the step to stop at through one tiny host-side (gloo) all-reduce per step.
 """
 
 from __future__ import annotations
@@ -10,16 +10,15 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
+from hybrid_train.parallel import any_rank
 
 STOP_FILE = "STOP"
 
 
 class StopRequest:
-    def __init__(self, run_dir: Path, device: torch.device, signals=(signal.SIGUSR1, signal.SIGTERM)):
+    def __init__(self, run_dir: Path, group=None, signals=(signal.SIGUSR1, signal.SIGTERM)):
         self.stop_file = run_dir / STOP_FILE
-        self.device = device
+        self.group = group  # the host-side group the ranks agree through (None: the default group)
         self.reason: str | None = None
         self._previous = {}
         for sig in signals:
@@ -32,12 +31,10 @@ class StopRequest:
         """Collective: True on every rank if any rank got a signal or the STOP file exists."""
         if self.reason is None and self.stop_file.exists():
             self.reason = f"{self.stop_file} exists"
-        flag = torch.tensor([1.0 if self.reason else 0.0], device=self.device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and self.reason is None:
+        (stop,) = any_rank([self.reason is not None], self.group)
+        if stop and self.reason is None:
             self.reason = "another rank was asked to stop"
-        return bool(flag.item())
+        return stop
 
     def consume(self, is_main: bool) -> None:
         """After the stop checkpoint: remove the STOP file so the resumed job runs on."""

@@ -6,27 +6,62 @@ import contextlib
 import dataclasses
 import math
 import random
+import time
 from pathlib import Path
 
 import torch
-import torch.distributed
 
 from hybrid_train.config import JobConfig, to_yaml
 from hybrid_train.data import DataExhausted, build_data_loader, build_tokenizer
 from hybrid_train.model import build_model, count_params, flops_per_token
 from hybrid_train.ops import set_kernels
-from hybrid_train.parallel import (all_reduce_mean, barrier, clip_grad_norm_, destroy, full_tensor, full_tensor_init,
+from hybrid_train.parallel import (all_reduce_mean, any_rank, barrier, destroy, full_tensor, full_tensor_init, grad_norm,
                                    init_distributed, loss_context, parallelize, sum_over_data_parallel)
 from hybrid_train.train.checkpoint import read_meta
 from hybrid_train.train.checkpointer import Checkpointer, TrainState
 from hybrid_train.train.loss import lm_loss
-from hybrid_train.train.metrics import MetricsLogger, device_peak_flops, peak_memory_gb
-from hybrid_train.train.optim import build_lr_scheduler, build_optimizer
+from hybrid_train.train.metrics import MetricsLogger, StepTimer, device_peak_flops, peak_memory_gb
+from hybrid_train.train.optim import build_lr_scheduler, build_optimizer, clip_and_step
 from hybrid_train.train.preemption import StopRequest
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss or gradient norm became inf/NaN; raised before the optimizer step writes any weight."""
+    """The loss or gradient norm became inf/NaN; the optimizer skipped that step, so no weight was written."""
+
+
+class SkippedStepWatch:
+    """Raises NonFiniteLossError for a step the optimizer skipped as non-finite (`clip_and_step`).
+
+    On a GPU the step's flag is copied to the host without waiting and read before the next step's
+    optimizer call (or on a log or checkpoint step), when the device is long past it: a check that never
+    stalls the GPU, and that still stops the run before another weight is written. On CPU it reads at once."""
+
+    def __init__(self, device: torch.device):
+        self.lazy = device.type == "cuda"
+        self._host = torch.zeros((), pin_memory=self.lazy)
+        self._pending = None
+
+    def push(self, step: int, skipped: torch.Tensor, loss: torch.Tensor, norm: torch.Tensor) -> None:
+        event = None
+        self._host.copy_(skipped, non_blocking=self.lazy)
+        if self.lazy:
+            event = torch.cuda.Event()
+            event.record()
+        self._pending = (step, event, loss, norm)
+        if not self.lazy:
+            self.check()
+
+    def check(self) -> None:
+        if self._pending is None:
+            return
+        step, event, loss, norm = self._pending
+        self._pending = None
+        if event is not None:
+            event.synchronize()
+        if self._host.item():
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss.item()}) or gradient norm ({norm.item()}) at step {step}; the optimizer "
+                "skipped that step, no weights were written")
 
 
 @dataclasses.dataclass
@@ -142,36 +177,42 @@ def train(job: JobConfig) -> TrainResult:
                 + (f"; resumed from {resume_from} at step {state.step}" if resume_from else ""))
     autocast = (torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
-    stop = StopRequest(run_dir, env.device)
+    stop = StopRequest(run_dir, env.cpu_group)
+    timer, watch = StepTimer(env.device), SkippedStepWatch(env.device)
 
-    # 6. The loop.
+    # 6. The loop. Nothing in a step waits for the device: the loss and gradient norm stay on it and
+    # are read on log steps; a non-finite step is skipped by the optimizer itself (SkippedStepWatch).
     path, stopped = resume_from, False
-    loss_sum = torch.zeros((), device=env.device)
     logger.start_window(state.stage_tokens)
     try:
         while state.step < plan.total_steps:
-            loss_sum.zero_()
+            waited = time.perf_counter()
             batches, exhausted = _next_batches(loader, plan.grad_accum, env)
+            timer.data_wait(time.perf_counter() - waited)
             if exhausted:
                 # Keep what was trained: checkpoint the last whole step, then report the data problem.
+                watch.check()
                 path = checkpointer.save(state, model, optimizer, scheduler, loader, final=True)
                 logger.info(f"data exhausted before step {state.step + 1}; saved checkpoint {path}")
                 raise DataExhausted(exhausted)
+            timer.begin()
+            loss_sum = torch.zeros((), device=env.device)
             for batch in batches:
-                batch = {k: v.to(env.device, non_blocking=True) for k, v in batch.items()}
-                ce = forward_backward(model, batch, job.train.z_loss, fused_loss, plan.grad_accum, autocast, env)
+                batch = _to_device(batch, env.device)
+                ce = forward_backward(model, batch, job.train.z_loss, fused_loss, plan.grad_accum, autocast, env,
+                                      timer)
                 loss_sum += full_tensor(ce) / plan.grad_accum
-            grad_norm = clip_grad_norm_(model.parameters(), job.train.grad_clip)
-            loss_value = all_reduce_mean(loss_sum).item()
-            if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-                raise NonFiniteLossError(
-                    f"non-finite loss ({loss_value}) or gradient norm ({grad_norm}) at step {state.step + 1}; "
-                    "stopping before the optimizer step, no weights were written")
+            norm = grad_norm(model.parameters())
+            loss = all_reduce_mean(loss_sum)
+            timer.mark("clip")
+            watch.check()  # the previous step's flag, long computed
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
+            skipped = clip_and_step(optimizer, norm, job.train.grad_clip, loss)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            timer.mark("optimizer")
             state.step += 1
+            watch.push(state.step, skipped, loss, norm)
             state.stage_tokens += plan.tokens_per_step
             state.total_tokens += plan.tokens_per_step
             logger.advance()
@@ -179,11 +220,12 @@ def train(job: JobConfig) -> TrainResult:
             last = state.step == plan.total_steps
             stopped = not last and stop.should_stop()
             if state.step % job.logging.log_every == 0 or last or stopped:
+                watch.check()
                 state.source_tokens = _global_source_tokens(loader.source_tokens, env)
                 rate = logger.throughput(state.stage_tokens)
                 per_device = rate / env.world_size
                 logger.log({
-                    "step": state.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                    "step": state.step, "loss": loss.item(), "lr": lr, "grad_norm": norm.item(),
                     "tokens": state.stage_tokens, "total_tokens": state.total_tokens, "stage": job.stage.name,
                     "stage_progress": state.step / plan.total_steps,
                     "tokens_per_s": rate, "tokens_per_s_per_device": per_device,
@@ -191,12 +233,16 @@ def train(job: JobConfig) -> TrainResult:
                     "mem_gb": peak_memory_gb(env.device),
                     "source_tokens": state.source_tokens,
                     "skipped_records": _global_source_tokens(loader.skipped_records, env),
+                    "time_ms": timer.split(),
                 })
             if last or stopped or checkpointer.due(state, plan.tokens_per_step):
-                state.source_tokens = _global_source_tokens(loader.source_tokens, env)
-                path = checkpointer.save(state, model, optimizer, scheduler, loader, final=last or stopped)
-                logger.info(f"saved checkpoint {path}")
+                watch.check()
+                if not last or job.checkpoint.final:
+                    state.source_tokens = _global_source_tokens(loader.source_tokens, env)
+                    path = checkpointer.save(state, model, optimizer, scheduler, loader, final=last or stopped)
+                    logger.info(f"saved checkpoint {path}")
                 logger.start_window(state.stage_tokens)  # keep checkpoint time out of throughput
+                timer.reset()
             if stopped:
                 stop.consume(env.is_main)
                 logger.info(f"stopping at step {state.step} ({stop.reason}); the same command resumes the run")
@@ -210,20 +256,26 @@ def train(job: JobConfig) -> TrainResult:
     return TrainResult(path, model, state, stopped)
 
 
-def forward_backward(model, batch: dict, z_loss: float, fused: bool, grad_accum: int, autocast, env) -> torch.Tensor:
+def forward_backward(model, batch: dict, z_loss: float, fused: bool, grad_accum: int, autocast, env,
+                     timer: StepTimer | None = None) -> torch.Tensor:
     """Forward and backward of one micro-batch (its loss divided by grad_accum); returns its cross entropy,
     detached from autograd."""
+    mark = timer.mark if timer is not None else (lambda phase: None)
     inputs = (batch["input_ids"], batch["position_ids"], batch["seq_idx"])
     if fused:  # the head computes the loss in its forward, while FSDP holds its weight gathered
         with autocast:
             loss, ce = model(*inputs, labels=batch["labels"], z_loss=z_loss)
+        mark("forward")
         (loss / grad_accum).backward()
+        mark("backward")
         return ce
     with autocast:
         logits = model(*inputs)
     with loss_context(env):  # vocabulary-parallel cross entropy when parallel.loss_parallel
         loss, ce = lm_loss(logits, batch["labels"], z_loss)
+        mark("forward")
         (loss / grad_accum).backward()
+        mark("backward")
     return ce
 
 
@@ -263,12 +315,18 @@ def _next_batches(loader, n: int, env) -> tuple[list[dict], str | None]:
             batches.append(next(loader))
     except DataExhausted as err:
         reason = str(err)
-    flag = torch.tensor([0.0 if reason is None else 1.0], device=env.device)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    if flag.item() and reason is None:
+    (any_exhausted,) = any_rank([reason is not None], env.cpu_group)
+    if any_exhausted and reason is None:
         reason = "another rank's data ran out (see its log)"
     return batches, reason
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    """A batch on the device. From pageable memory a copy waits for the GPU's queue to drain; from pinned
+    memory (the caching host allocator makes pinning cheap) it is queued like any kernel."""
+    if device.type != "cuda":
+        return batch
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def _global_source_tokens(local: dict[str, int], env) -> dict[str, int]:
