@@ -18,7 +18,8 @@ from omegaconf import DictConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from hybrid_train.config import job_config_from_hydra, register_configs  # noqa: E402
-from hybrid_train.parallel.plan import PlanError, format_memory_table, format_plan, make_plan, memory_table  # noqa: E402
+from hybrid_train.parallel.plan import (PlanError, format_memory_table, format_plan, make_plan,  # noqa: E402
+                                        memory_table)
 
 register_configs()
 

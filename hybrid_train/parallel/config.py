@@ -187,7 +187,8 @@ class PlanConfig:
             raise ValueError(f"plan.units_in_flight={self.units_in_flight} must be >= 1")
         if not self.table_world_sizes or min(self.table_world_sizes) < 1:
             raise ValueError(f"plan.table_world_sizes={list(self.table_world_sizes)} must be positive sizes")
-        for key in ("overhead_gib", "fragmentation") + tuple(k for k in self.__dataclass_fields__ if k.startswith("act_")):
+        act_fields = tuple(k for k in self.__dataclass_fields__ if k.startswith("act_"))
+        for key in ("overhead_gib", "fragmentation") + act_fields:
             if getattr(self, key) < 0:
                 raise ValueError(f"plan.{key}={getattr(self, key)} must be >= 0")
         if self.act_ref_d_model <= 0:

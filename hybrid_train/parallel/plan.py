@@ -156,7 +156,8 @@ def fsdp_units(job: JobConfig, tp: int, dp_shard: int, model: torch.nn.Module | 
     groups = [("embed", ["embed."])] + [(f"block {i}", [f"layers.{i}."]) for i in model.layers]
     groups.append(("norm + head", ["norm.", "lm_head."]))
     if job.model.tie_embeddings:  # a tied matrix lives in the root unit (fsdp.py)
-        groups = [g for g in groups if g[0] not in ("embed", "norm + head")] + [("root", ["embed.", "norm.", "lm_head."])]
+        groups = [g for g in groups if g[0] not in ("embed", "norm + head")]
+        groups.append(("root", ["embed.", "norm.", "lm_head."]))
     units = []
     for label, prefixes in groups:
         params = [(n, p) for n, p in model.named_parameters() if n.startswith(tuple(prefixes))]
@@ -221,6 +222,10 @@ def memory_per_gpu(job: JobConfig, layout: Layout, units: list[dict] | None = No
     tensors = sum(u["tensors"] for u in units)
     parameters = FP32 * local
     gradients = FP32 * local  # sharded gradients keep the parameters' dtype (fp32)
+    if layout.tp > 1 and layout.dp_size == 1 and not job.model.tie_embeddings:
+        # DTensor's embedding backward returns the vocabulary-sharded table's gradient whole (Replicate)
+        # on every TP rank; FSDP, when present, reduce-scatters it back to the shard.
+        gradients += FP32 * (job.model.vocab_size * job.model.d_model - units[0]["numel"])
     optimizer = ADAMW_STATES * FP32 * local + ADAMW_STEP_BYTES * tensors
     gathered_sizes = [BF16 * u["gathered_numel"] for u in units]
     reduce_bytes = FP32 if par.reduce_dtype == "float32" else BF16
@@ -456,6 +461,7 @@ def format_memory_table(rows: list[dict], job: JobConfig) -> str:
              f"{job.train.seq_len}, reduce {job.parallel.reduce_dtype}",
              "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
-        cells = [str(r["world_size"]), r["activation_checkpoint"]] + [f"{r[k]:.2f}" for k in keys] + [f"**{r['total']:.1f}**"]
+        cells = [str(r["world_size"]), r["activation_checkpoint"], *(f"{r[k]:.2f}" for k in keys),
+                 f"**{r['total']:.1f}**"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
