@@ -237,8 +237,8 @@ def memory_per_gpu(job: JobConfig, layout: Layout, units: list[dict] | None = No
             gathered = max(sum(gathered_sizes[i:i + k]) for i in range(len(units) - k + 1))
         else:
             gathered = float(sum(gathered_sizes))
-        # One unit's unsharded gradient in bf16, and its copy in reduce_dtype that the reduce-scatter reads.
-        grad_buffers = max(u["gathered_numel"] for u in units) * (BF16 + reduce_bytes)
+        # One unit's unsharded gradient in bf16, and (reduce_dtype float32) the fp32 copy the reduce-scatter reads.
+        grad_buffers = max(u["gathered_numel"] for u in units) * (BF16 + (reduce_bytes if reduce_bytes != BF16 else 0))
     activations = activation_bytes(job, layout.tp)
     tensors_total = parameters + gradients + optimizer + gathered + grad_buffers + activations
     overhead = p.overhead_gib * GIB + p.fragmentation * tensors_total
@@ -390,7 +390,7 @@ MEMORY_LABELS = {
     "gradients": "gradients (fp32, sharded)",
     "optimizer": "AdamW states (fp32 x 2, + step counters)",
     "gathered": "gathered bf16 units in flight",
-    "grad_buffers": "unsharded gradient of one unit (bf16 + reduce dtype)",
+    "grad_buffers": "unsharded gradient of one unit (bf16, + fp32 to reduce)",
     "activations": "activations",
     "overhead": "NCCL/workspaces + allocator margin",
 }
