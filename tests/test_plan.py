@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import runpy
 import subprocess
 import sys
@@ -121,7 +122,7 @@ def test_links_overlap_and_stage_window(compose):
                                      "+stage=extend"])
     plan = make_plan(hsdp)
     assert plan.links == {"FSDP shard group": "8 ranks over NVLink", "HSDP replica group": "8 ranks over InfiniBand"}
-    assert plan.time.replica_all_reduce > 0 and plan.run_tokens == 500 * 10 ** 9
+    assert plan.time.replica_all_reduce > 0 and plan.run_steps == math.ceil(500 * 10 ** 9 / plan.tokens_per_step)
     across = make_plan(dataclasses.replace(hsdp, parallel=dataclasses.replace(hsdp.parallel, dp_replicate=1,
                                                                              dp_shard=-1)))
     assert across.links == {"FSDP shard group": "64 ranks over InfiniBand"}
@@ -130,8 +131,9 @@ def test_links_overlap_and_stage_window(compose):
     for p in (plan, across):
         t = p.time
         assert t.exposed == pytest.approx(max(0.1 * t.fsdp, t.fsdp - t.compute))
-        assert t.step == pytest.approx(t.compute + t.exposed) and p.days == pytest.approx(
-            p.run_tokens / (p.tokens_per_step / t.step * 86400))
+        assert t.step == pytest.approx(t.compute + t.exposed)
+        assert p.days == pytest.approx(p.run_steps * t.step / 86400)
+        assert p.days == pytest.approx(500e9 / p.tokens_per_day, rel=1e-5)
 
 
 # ---- memory against real runs --------------------------------------------------------------------
@@ -174,11 +176,12 @@ def test_state_bytes_match_fsdp_and_tp_ranks():
 
 def test_memory_table_over_world_sizes(compose):
     rows = memory_table(compose(BAMBA_ROW), [8, 64])
-    assert [(r["world_size"], r["activation_checkpoint"]) for r in rows] == [(8, "none"), (8, "full"), (64, "none"),
-                                                                             (64, "full")]
+    assert [(r["world_size"], r["activation_checkpoint"]) for r in rows] == [
+        (8, "none"), (8, "selective"), (8, "full"), (64, "none"), (64, "selective"), (64, "full")]
     by = {(r["world_size"], r["activation_checkpoint"]): r for r in rows}
     assert by[8, "none"]["optimizer"] == pytest.approx(8 * by[64, "none"]["optimizer"], rel=1e-3)
     assert by[8, "none"]["activations"] == by[64, "none"]["activations"] > 10 * by[8, "full"]["activations"]
+    assert by[8, "full"]["activations"] < by[8, "selective"]["activations"] < by[8, "none"]["activations"]
 
 
 # ---- configs and CLI -----------------------------------------------------------------------------
@@ -205,8 +208,8 @@ def test_cli_prints_and_writes_the_plan_and_refuses_with_nonzero_exit(tmp_path, 
     assert run.returncode == 0, run.stderr
     assert "192 x A100-80GB" in run.stdout and "tokens/s/GPU" in run.stdout and "stage extend" in run.stdout
     plan = json.loads(out.read_text())
-    assert plan["run_tokens"] == 500 * 10 ** 9 and plan["layout"]["dp_shard"] == 192
-    assert f"{plan['days']:,.1f} days" in run.stdout
+    assert plan["run_steps"] == math.ceil(500 * 10 ** 9 / 1572864) and plan["layout"]["dp_shard"] == 192
+    assert f"{plan['days']:,.1f} days" in run.stdout and "317,892 steps" in run.stdout
     # the refusal in this process (a second interpreter costs seconds): same entry point, same argv parsing
     monkeypatch.setattr(sys, "argv", ["plan.py", *BAMBA_ROW, "cluster=h100_64", "parallel=hsdp"])
     with pytest.raises(SystemExit) as refused:

@@ -141,7 +141,7 @@ class PlanConfig:
     out: Optional[str] = None
     """Also write the plan (or the memory table) as JSON to this file."""
     memory_table: bool = False
-    """Print peak memory per GPU over table_world_sizes x activation checkpointing none/full instead."""
+    """Print peak memory per GPU over table_world_sizes x activation checkpointing none/selective/full instead."""
     table_world_sizes: List[int] = field(default_factory=lambda: [8, 64])
     """FSDP world sizes of the memory table."""
     exposed_comm_fraction: float = 0.1

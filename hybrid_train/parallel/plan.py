@@ -103,6 +103,7 @@ class Plan:
     links: dict[str, str]
     memory: Memory
     time: StepTime
+    run_steps: int
     run_tokens: int
     run_label: str
     notes: list[str] = field(default_factory=list)
@@ -121,7 +122,8 @@ class Plan:
 
     @property
     def days(self) -> float:
-        return self.run_tokens / self.tokens_per_day
+        """Whole optimizer steps, as the trainer runs them (the last one may pass the window's end)."""
+        return self.run_steps * self.time.step / 86400
 
     def to_dict(self) -> dict:
         return {"model": self.model, "n_params": self.n_params, "layer_types": self.layer_types,
@@ -132,7 +134,8 @@ class Plan:
                 "links": self.links, "memory_bytes": {**self.memory.parts(), "total": self.memory.total},
                 "time_s": {**asdict(self.time), "communication": self.time.communication, "step": self.time.step},
                 "tokens_per_s_per_gpu": self.tokens_per_s_per_gpu, "tokens_per_s": self.tokens_per_s,
-                "tokens_per_day": self.tokens_per_day, "run_tokens": self.run_tokens, "run": self.run_label,
+                "tokens_per_day": self.tokens_per_day, "run_steps": self.run_steps, "run_tokens": self.run_tokens,
+                "run": self.run_label,
                 "days": self.days, "notes": self.notes}
 
 
@@ -317,14 +320,14 @@ def resolve_layout(job: JobConfig, world_size: int) -> Layout:
     return Layout(world_size, rep, shard, tp)
 
 
-def run_tokens(job: JobConfig, tokens_per_step: int) -> tuple[int, str]:
-    """Tokens this run trains and a label: a stage's window, else train.max_tokens / max_steps."""
+def run_window(job: JobConfig) -> tuple[int | None, str]:
+    """(tokens of the stage's window or None, label): a stage's window, else train.max_tokens / max_steps."""
     if job.stage.end_tokens:
         return job.stage.end_tokens - job.stage.start_tokens, \
             f"stage {job.stage.name}: {job.stage.start_tokens / 1e9:,.0f}B -> {job.stage.end_tokens / 1e9:,.0f}B tokens"
     if job.train.max_steps:
-        return job.train.max_steps * tokens_per_step, f"train.max_steps={job.train.max_steps}"
-    return job.train.max_tokens, f"train.max_tokens={job.train.max_tokens:,}"
+        return None, f"train.max_steps={job.train.max_steps}"
+    return None, f"train.max_tokens={job.train.max_tokens:,}"
 
 
 SHORT_LABELS = {"parameters": "parameters", "gradients": "gradients", "optimizer": "AdamW states",
@@ -362,7 +365,8 @@ def make_plan(job: JobConfig, cluster: ClusterConfig | None = None, world_size: 
     layout = resolve_layout(job, world)
     from hybrid_train.train.trainer import plan_run  # the trainer's own batch geometry
     try:
-        run = plan_run(job, layout.dp_size)
+        window, label = run_window(job)
+        run = plan_run(job, layout.dp_size, window)
     except ValueError as e:
         raise PlanError(str(e)) from e
     model = build_model(job.model, device="meta")
@@ -373,14 +377,13 @@ def make_plan(job: JobConfig, cluster: ClusterConfig | None = None, world_size: 
     if check_memory and memory.total > cluster.memory_gib * GIB:
         raise PlanError(overflow_message(memory, cluster, job))
     time, links = step_time(job, cluster, layout, units, flops, run.grad_accum)
-    tokens, label = run_tokens(job, run.tokens_per_step)
     notes = []
     if time.fsdp > time.compute:
         notes.append("FSDP communication exceeds compute: the step is communication-bound")
     return Plan(job.model.name, n_params, "".join(job.model.layer_types), cluster, layout,
                 job.parallel.activation_checkpoint, job.train.seq_len, job.train.micro_batch_size, run.grad_accum,
                 run.tokens_per_step, flops, cluster.mfu_compiled if job.parallel.compile else cluster.mfu, links,
-                memory, time, tokens, label, notes)
+                memory, time, run.total_steps, run.total_steps * run.tokens_per_step, label, notes)
 
 
 # ---- text ----------------------------------------------------------------------------------------
@@ -394,6 +397,18 @@ MEMORY_LABELS = {
     "activations": "activations",
     "overhead": "NCCL/workspaces + allocator margin",
 }
+
+
+def _tokens(n: float) -> str:
+    return f"{n / 1e9:,.1f}B" if n >= 1e9 else f"{n / 1e6:,.1f}M"
+
+
+def _duration(days: float) -> str:
+    if days >= 1:
+        return f"{days:,.1f} days"
+    hours = days * 24
+    return f"{hours:.1f} hours" if hours >= 1 else f"{hours * 60:.1f} minutes" if hours * 60 >= 1 else \
+        f"{hours * 3600:.1f} s"
 
 
 def format_plan(plan: Plan) -> str:
@@ -429,18 +444,22 @@ def format_plan(plan: Plan) -> str:
     lines.append(f"throughput: {plan.tokens_per_s_per_gpu:,.0f} tokens/s/GPU; {plan.tokens_per_s:,.0f} tokens/s "
                  f"cluster; {plan.tokens_per_day / 1e9:,.1f}B tokens/day "
                  f"(MFU at the step: {plan.tokens_per_s_per_gpu * plan.flops_per_token / (c.peak_tflops * 1e12):.1%})")
-    lines.append(f"run: {plan.run_label}: {plan.run_tokens / 1e9:,.1f}B tokens in {plan.days:,.1f} days")
+    lines.append(f"run: {plan.run_label}: {plan.run_steps:,} steps, {_tokens(plan.run_tokens)} tokens, "
+                 f"{_duration(plan.days)}")
     lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(lines)
 
 
+TABLE_AC_MODES = ("none", "selective", "full")
+
+
 def memory_table(job: JobConfig, world_sizes: list[int]) -> list[dict]:
-    """Peak memory per GPU (GiB, by part) of job's layout over each FSDP world size, with activation
-    checkpointing none and full."""
+    """Peak memory per GPU (GiB, by part) of job's layout over each FSDP world size, for each activation
+    checkpointing mode (selective: per op, unless parallel.ac_every_n_blocks says otherwise)."""
     rows = []
     model = build_model(job.model, device="meta")
     for world in world_sizes:
-        for mode in ("none", "full"):
+        for mode in TABLE_AC_MODES:
             variant = _with_ac(job, mode)
             layout = resolve_layout(variant, world)
             memory = memory_per_gpu(variant, layout, fsdp_units(variant, layout.tp, layout.dp_shard, model))
@@ -456,12 +475,15 @@ def _with_ac(job: JobConfig, mode: str) -> JobConfig:
 
 def format_memory_table(rows: list[dict], job: JobConfig) -> str:
     keys = list(MEMORY_LABELS)
-    head = ["GPUs", "AC"] + ["params", "grads", "AdamW", "gathered", "grad buf", "activations", "overhead"] + ["total"]
+    cluster = job.cluster
+    head = ["GPUs", "AC", "params", "grads", "AdamW", "gathered", "grad buf", "activations", "overhead", "total"]
+    head += [f"fits {cluster.memory_gib:g} GiB ({cluster.gpu})"] if cluster else []
     lines = [f"peak memory per GPU (GiB): {job.model.name}, micro-batch {job.train.micro_batch_size} x "
              f"{job.train.seq_len}, reduce {job.parallel.reduce_dtype}",
              "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         cells = [str(r["world_size"]), r["activation_checkpoint"], *(f"{r[k]:.2f}" for k in keys),
                  f"**{r['total']:.1f}**"]
+        cells += (["yes" if r["total"] <= cluster.memory_gib else "no"] if cluster else [])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
