@@ -231,7 +231,6 @@ def memory_per_gpu(job: JobConfig, layout: Layout, units: list[dict] | None = No
         gradients += FP32 * (job.model.vocab_size * job.model.d_model - units[0]["numel"])
     optimizer = ADAMW_STATES * FP32 * local + ADAMW_STEP_BYTES * tensors
     gathered_sizes = [BF16 * u["gathered_numel"] for u in units]
-    reduce_bytes = FP32 if par.reduce_dtype == "float32" else BF16
     if layout.dp_size == 1:
         gathered, grad_buffers = float(sum(gathered_sizes)), 0.0
     else:
@@ -240,8 +239,9 @@ def memory_per_gpu(job: JobConfig, layout: Layout, units: list[dict] | None = No
             gathered = max(sum(gathered_sizes[i:i + k]) for i in range(len(units) - k + 1))
         else:
             gathered = float(sum(gathered_sizes))
-        # One unit's unsharded gradient in bf16, and (reduce_dtype float32) the fp32 copy the reduce-scatter reads.
-        grad_buffers = max(u["gathered_numel"] for u in units) * (BF16 + (reduce_bytes if reduce_bytes != BF16 else 0))
+        # One unit's unsharded gradient in bf16, and with reduce_dtype float32 the copy the reduce-scatter reads.
+        fp32_copy = FP32 if par.reduce_dtype == "float32" else 0
+        grad_buffers = max(u["gathered_numel"] for u in units) * (BF16 + fp32_copy)
     activations = activation_bytes(job, layout.tp)
     tensors_total = parameters + gradients + optimizer + gathered + grad_buffers + activations
     overhead = p.overhead_gib * GIB + p.fragmentation * tensors_total
