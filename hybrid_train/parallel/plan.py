@@ -444,7 +444,8 @@ def format_plan(plan: Plan) -> str:
     lines.append(f"throughput: {plan.tokens_per_s_per_gpu:,.0f} tokens/s/GPU; {plan.tokens_per_s:,.0f} tokens/s "
                  f"cluster; {plan.tokens_per_day / 1e9:,.1f}B tokens/day "
                  f"(MFU at the step: {plan.tokens_per_s_per_gpu * plan.flops_per_token / (c.peak_tflops * 1e12):.1%})")
-    lines.append(f"run: {plan.run_label}: {plan.run_steps:,} steps, {_tokens(plan.run_tokens)} tokens, "
+    steps = f"{plan.run_steps:,} step{'s' if plan.run_steps != 1 else ''}"
+    lines.append(f"run: {plan.run_label}: {steps}, {_tokens(plan.run_tokens)} tokens, "
                  f"{_duration(plan.days)}")
     lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(lines)
