@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from distributed import run_distributed
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
+from distributed import run_distributed
 from hybrid_train.config import JobConfig, job_config_from_hydra, register_configs
 from hybrid_train.model import ModelConfig, build_model
 from hybrid_train.parallel import ParallelConfig, full_tensor_init, init_distributed, parallelize
