@@ -113,7 +113,7 @@ class ClusterConfig:
     """Dense bf16 peak per GPU (TFLOP/s), the denominator of MFU."""
     nvlink_gbps: float = 360.0
     """Bus bandwidth per GPU of a collective within a node (GB/s), as nccl-tests reports it."""
-    ib_gbps: float = 45.0
+    ib_gbps: float = 40.0
     """Bus bandwidth per GPU of a collective across nodes (GB/s): each GPU's share of the network."""
     mfu: float = 0.48
     """Model FLOPs utilization of one GPU's forward + backward, eager (measured: BENCHMARKS.md)."""
