@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from hybrid_train.data.config import DataConfig
 from hybrid_train.model.config import ModelConfig
-from hybrid_train.parallel.config import ParallelConfig
+from hybrid_train.parallel.config import ClusterConfig, ParallelConfig, PlanConfig
 from hybrid_train.train.config import (CheckpointConfig, LoggingConfig, OptimConfig, ScheduleConfig, StageConfig,
                                        TrainConfig, default_lr)
 
@@ -39,16 +40,25 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     stage: StageConfig = field(default_factory=StageConfig)
+    cluster: Optional[ClusterConfig] = None
+    """The cluster scripts/plan.py plans for (`cluster=a100_192`); training does not read it."""
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    """Inputs of scripts/plan.py; training does not read them."""
 
-    def validate(self) -> "JobConfig":
-        """Cross-field checks before any work starts; each error names the fields and values."""
+    def validate(self, require_init_from: bool = True) -> "JobConfig":
+        """Cross-field checks before any work starts; each error names the fields and values.
+
+        require_init_from=False: a plan of a stage needs no checkpoint to start from."""
         self.model.validate()
         self.data.validate()
         if self.optim.lr is None:  # recorded resolved, in config.yaml and checkpoints
             self.optim.lr = default_lr(self.model.d_model)
         for section in (self.optim, self.schedule, self.logging, self.train, self.checkpoint, self.stage):
             section.validate()
-        if self.stage.needs_init_from and not self.checkpoint.init_from:
+        self.plan.validate()
+        if self.cluster is not None:
+            self.cluster.validate()
+        if require_init_from and self.stage.needs_init_from and not self.checkpoint.init_from:
             raise ValueError(f"stage {self.stage.name!r} continues an earlier stage: set checkpoint.init_from "
                              "(a checkpoint or run directory of that stage, or hf:DIR for a Hugging Face model)")
         if not (self.stage.end_tokens or self.train.max_tokens or self.train.max_steps):
@@ -67,7 +77,8 @@ class JobConfig:
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "schedule": ScheduleConfig,
-            "parallel": ParallelConfig, "logging": LoggingConfig, "stage": StageConfig}
+            "parallel": ParallelConfig, "logging": LoggingConfig, "stage": StageConfig,
+            "cluster": ClusterConfig}
 
 
 def register_configs() -> None:
@@ -94,13 +105,13 @@ def _reject_unknown_keys(node: DictConfig, path: str) -> None:
             _reject_unknown_keys(child, f"{path}.{key}".lstrip("."))
 
 
-def job_config_from_hydra(cfg: DictConfig) -> JobConfig:
+def job_config_from_hydra(cfg: DictConfig, require_init_from: bool = True) -> JobConfig:
     """Convert Hydra's composed config to the dataclasses (interpolations resolved) and validate."""
     _reject_unknown_keys(cfg, "")
     job = OmegaConf.to_object(cfg)
     if not isinstance(job, JobConfig):
         raise TypeError("the composed config is not a JobConfig; conf/config.yaml must list job_schema first")
-    return job.validate()
+    return job.validate(require_init_from)
 
 
 def to_yaml(job: JobConfig) -> str:

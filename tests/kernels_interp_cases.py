@@ -367,6 +367,26 @@ def test_model_with_fused_mixer_matches_unfused():
         assert grad is not None and rel(grad, g_unfused[name]) < 1e-5, name
 
 
+def test_fused_mixer_under_full_activation_checkpointing():
+    """Recomputation unpacks the fused op's saved tensors: it must read them once (a second read fails)."""
+    from hybrid_train.parallel.ac import apply_ac
+
+    cfg = mixer_cfg(attn_layer_indices=[])
+    ids = torch.randint(0, cfg.vocab_size, (1, 20), generator=torch.Generator().manual_seed(5))
+
+    def grads(checkpointed):
+        torch.manual_seed(5)
+        model = build_model(cfg)
+        if checkpointed:
+            apply_ac(model, "full")
+        model(ids).square().mean().backward()
+        return {name: p.grad for name, p in model.named_parameters()}
+
+    plain, recomputed = grads(False), grads(True)
+    for name, grad in plain.items():
+        assert torch.equal(recomputed[name], grad), name
+
+
 @pytest.mark.parametrize("with_seq", [True, False])
 def test_fused_mixer_saves_no_conv_outputs(with_seq):
     """Per token, the fused mixer saves exactly the conv outputs (x, B, C channels) less than the unfused one."""

@@ -118,7 +118,8 @@ def _conv_ssd_setup(ctx, inputs, output):
 
 
 def _conv_ssd_backward(ctx, dy, *_no_grads):
-    saved, chunk_states = ctx.saved_tensors[:_N_TENSORS], ctx.saved_tensors[_N_TENSORS:]
+    tensors = ctx.saved_tensors  # once: under activation checkpointing a second unpack is an error
+    saved, chunk_states = tensors[:_N_TENSORS], tensors[_N_TENSORS:]
     grads = _conv_ssd_bwd_op(dy, *saved, *ctx.args, *chunk_states)
     # one gradient per tensor input but seq_idx, in order; None for absent optional inputs
     return (*(g if t is not None else None for g, t in zip(grads, saved)), *(None,) * (1 + len(ctx.args)))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import List, Optional
 
 from hybrid_train.model.config import ATTENTION, MAMBA, ModelConfig
 
@@ -92,3 +93,104 @@ class ParallelConfig:
         if self.sequence_parallel and seq_len is not None and seq_len % tp:
             raise ValueError(f"parallel.sequence_parallel splits the sequence: train.seq_len={seq_len} is not "
                              f"divisible by parallel.tp={tp}")
+
+
+@dataclass
+class ClusterConfig:
+    """A cluster for the planner (`conf/cluster/*.yaml`); nothing here changes how a run trains."""
+
+    name: str = "h200_8"
+    """Label printed in the plan."""
+    gpu: str = "H200"
+    """GPU model, as printed in the plan and in its refusals."""
+    n_gpus: int = 8
+    """GPUs in the job (the world size the plan checks the layout against)."""
+    gpus_per_node: int = 8
+    """GPUs per node: groups within one node talk over NVLink, larger ones over InfiniBand."""
+    memory_gib: float = 139.0
+    """Memory per GPU one process can allocate (GiB): the total less the CUDA context."""
+    peak_tflops: float = 989.0
+    """Dense bf16 peak per GPU (TFLOP/s), the denominator of MFU."""
+    nvlink_gbps: float = 360.0
+    """Bus bandwidth per GPU of a collective within a node (GB/s), as nccl-tests reports it."""
+    ib_gbps: float = 40.0
+    """Bus bandwidth per GPU of a collective across nodes (GB/s): each GPU's share of the network."""
+    mfu: float = 0.48
+    """Model FLOPs utilization of one GPU's forward + backward, eager (measured: BENCHMARKS.md)."""
+    mfu_compiled: float = 0.54
+    """The same with parallel.compile=true."""
+
+    def validate(self) -> "ClusterConfig":
+        """Field checks; raises ValueError naming the field and value."""
+        for key in ("n_gpus", "gpus_per_node", "memory_gib", "peak_tflops", "nvlink_gbps", "ib_gbps"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"cluster.{key}={getattr(self, key)} must be positive")
+        if self.n_gpus % self.gpus_per_node and self.n_gpus > self.gpus_per_node:
+            raise ValueError(f"cluster.n_gpus={self.n_gpus} is not a whole number of nodes of "
+                             f"cluster.gpus_per_node={self.gpus_per_node}")
+        for key in ("mfu", "mfu_compiled"):
+            if not 0 < getattr(self, key) <= 1:
+                raise ValueError(f"cluster.{key}={getattr(self, key)} must be in (0, 1]")
+        return self
+
+
+@dataclass
+class PlanConfig:
+    """Inputs of the cluster planner (`scripts/plan.py`) that are not the cluster's or the job's."""
+
+    out: Optional[str] = None
+    """Also write the plan (or the memory table) as JSON to this file."""
+    memory_table: bool = False
+    """Print peak memory per GPU over table_world_sizes x activation checkpointing none/selective/full instead."""
+    table_world_sizes: List[int] = field(default_factory=lambda: [8, 64])
+    """FSDP world sizes of the memory table."""
+    exposed_comm_fraction: float = 0.1
+    """Share of the FSDP communication that compute does not hide (prefetch, first gather, last reduce)."""
+    units_in_flight: int = 2
+    """FSDP units gathered at once in bf16: the one computing and the one prefetched."""
+    overhead_gib: float = 2.0
+    """Fixed memory per GPU outside the tensors: NCCL buffers, cuBLAS and Triton workspaces (GiB)."""
+    fragmentation: float = 0.05
+    """Allocator margin: cached but unusable memory, as a fraction of the tensor bytes."""
+    # Activation bytes per token, measured on an H200 (BENCHMARKS.md, "Cluster plan"): bf16 parameters,
+    # Triton kernels, eager, fused head + loss, 4 documents per row; each mixer counts its pre-norm.
+    act_ref_d_model: int = 4096
+    """d_model at which the act_* bytes were measured; other widths scale them by d_model / this."""
+    act_mamba: float = 108_808.0
+    """Bytes per token a Mamba-2 mixer keeps for backward (no checkpointing)."""
+    act_attention: float = 54_404.0
+    """Bytes per token an attention mixer keeps for backward."""
+    act_mlp: float = 147_460.0
+    """Bytes per token a SwiGLU MLP keeps for backward."""
+    act_head: float = 32_785.0
+    """Bytes per token the embedding, final norm and fused LM head + loss keep for backward."""
+    act_head_backward: float = 65_520.0
+    """Bytes per token in flight in the head + loss backward, beyond its kept bytes and weight gradient."""
+    act_block_backward: float = 11_890.0
+    """full checkpointing: bytes per token in flight in one block's backward beyond its recomputed
+    activations (which are the block's act_* bytes) and its weight gradients."""
+    act_selective_mamba: float = 49_920.0
+    """selective per-op checkpointing (matmul and attention outputs kept): a Mamba-2 mixer's bytes per token."""
+    act_selective_attention: float = 28_672.0
+    """selective per-op: an attention mixer's bytes per token."""
+    act_selective_mlp: float = 65_536.0
+    """selective per-op: an MLP's bytes per token."""
+    act_selective_recompute: float = 136_301.0
+    """selective per-op: bytes per token recomputed and in flight at the peak of a Mamba-2 + MLP block's
+    backward, beyond the kept bytes and its weight gradients."""
+
+    def validate(self) -> "PlanConfig":
+        """Field checks; raises ValueError naming the field and value."""
+        if not 0 <= self.exposed_comm_fraction <= 1:
+            raise ValueError(f"plan.exposed_comm_fraction={self.exposed_comm_fraction} must be in [0, 1]")
+        if self.units_in_flight < 1:
+            raise ValueError(f"plan.units_in_flight={self.units_in_flight} must be >= 1")
+        if not self.table_world_sizes or min(self.table_world_sizes) < 1:
+            raise ValueError(f"plan.table_world_sizes={list(self.table_world_sizes)} must be positive sizes")
+        act_fields = tuple(k for k in self.__dataclass_fields__ if k.startswith("act_"))
+        for key in ("overhead_gib", "fragmentation") + act_fields:
+            if getattr(self, key) < 0:
+                raise ValueError(f"plan.{key}={getattr(self, key)} must be >= 0")
+        if self.act_ref_d_model <= 0:
+            raise ValueError(f"plan.act_ref_d_model={self.act_ref_d_model} must be positive")
+        return self
