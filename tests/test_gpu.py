@@ -36,3 +36,40 @@ def test_train_steps_on_gpu(compose, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["loss"] < records[0]["loss"]
     assert records[-1]["mfu"] is not None and records[-1]["mem_gb"] > 0
+
+
+def test_clip_and_step_on_cuda_matches_torch_clip_then_adamw():
+    """The fused CUDA AdamW with the clip as grad_scale and found_inf: three steps equal torch's
+    clip_grad_norm_ + the single-tensor AdamW; a non-finite step writes nothing."""
+    from hybrid_train.parallel import grad_norm
+    from hybrid_train.train.config import OptimConfig
+    from hybrid_train.train.optim import build_optimizer, clip_and_step
+
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.LayerNorm(256), torch.nn.Linear(256, 64)).cuda()
+
+    ours, ref = make(), make()
+    opt = build_optimizer(ours, OptimConfig(lr=1e-2, weight_decay=0.1))
+    assert all(group["fused"] for group in opt.param_groups)
+    ref_opt = torch.optim.AdamW([{"params": [p for p in ref.parameters() if p.ndim >= 2], "weight_decay": 0.1},
+                                 {"params": [p for p in ref.parameters() if p.ndim < 2], "weight_decay": 0.0}],
+                                lr=1e-2, foreach=False)
+    for step in range(3):
+        x = torch.randn(32, 64, device="cuda")
+        for model in (ours, ref):
+            (model(x).square().sum() * 10.0 ** step).backward()  # the clip is active from step 1
+        expected = torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+        ref_opt.step()
+        norm = grad_norm(ours.parameters())
+        assert clip_and_step(opt, norm, 1.0).item() == 0.0
+        torch.testing.assert_close(norm, expected, rtol=1e-5, atol=0)
+        for model, o in ((ours, opt), (ref, ref_opt)):
+            o.zero_grad(set_to_none=True)
+        for p, q in zip(ours.parameters(), ref.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    before = [p.detach().clone() for p in ours.parameters()]
+    ours(torch.randn(32, 64, device="cuda")).sum().backward()
+    next(ours.parameters()).grad[0, 0] = float("inf")
+    assert clip_and_step(opt, grad_norm(ours.parameters()), 1.0).item() == 1.0
+    assert all(torch.equal(p, q) for p, q in zip(ours.parameters(), before))
