@@ -1,9 +1,13 @@
 """Entry point: `python train.py [overrides]`, or `torchrun --nproc_per_node=N train.py ...`."""
 
+import sys
+
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from hybrid_train.config import job_config_from_hydra, register_configs
+from hybrid_train.overrides import check_command_line
 from hybrid_train.train.trainer import train
 
 register_configs()
@@ -11,8 +15,9 @@ register_configs()
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    train(job_config_from_hydra(cfg))
+    train(job_config_from_hydra(cfg, HydraConfig.get().overrides.task))
 
 
 if __name__ == "__main__":
+    check_command_line(sys.argv[1:])  # a misspelt key stops here, naming the closest real one
     main()
