@@ -31,6 +31,9 @@ fi
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 DRY_RUN=${DRY_RUN:-0}
+if [[ "$DRY_RUN" != 1 ]]; then
+  mkdir -p logs  # train.sbatch's --output folder; SLURM does not create it
+fi
 
 # submit NAME DEPENDENCY ARGS...: prints the job id (in a dry run, the job name stands for it).
 submit() {
