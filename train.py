@@ -1,6 +1,7 @@
 """Entry point: `python train.py [overrides]`, or `torchrun --nproc_per_node=N train.py ...`."""
 
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -19,5 +20,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    check_command_line(sys.argv[1:])  # a misspelt key stops here, naming the closest real one
+    check_command_line(sys.argv[1:], Path(__file__).parent / "conf")  # a misspelt key: the closest real one
     main()

@@ -19,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from hybrid_train.data.config import DataConfig
 from hybrid_train.model.config import ModelConfig
-from hybrid_train.overrides import UnknownKeyError, check_keys, command_line_wins, unknown_key_message
+from hybrid_train.overrides import (UnknownKeyError, check_keys, command_line_wins, config_groups,
+                                    unknown_key_message)
 from hybrid_train.parallel.config import ParallelConfig
 from hybrid_train.train.config import (CheckpointConfig, LoggingConfig, OptimConfig, ScheduleConfig, StageConfig,
                                        TrainConfig)
@@ -132,7 +133,7 @@ def load_config(overrides: Sequence[str] = (), config_dir: str | Path | None = N
     overrides = list(overrides)
     conf = find_config_dir(config_dir)
     register_configs()
-    check_keys(overrides, JobConfig)
+    check_keys(overrides, JobConfig, config_groups(conf))
     hydra_state = GlobalHydra.instance()
     outer, hydra_state.hydra = hydra_state.hydra, None  # an enclosing Hydra app keeps its own state
     try:

@@ -14,6 +14,7 @@ import inspect
 import sys
 import typing
 from pathlib import Path
+from typing import Iterable
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, OverrideType
@@ -128,15 +129,23 @@ def unknown_key_message(key: str, schema: type) -> str:
     return message
 
 
-def check_keys(overrides: list[str], schema: type) -> None:
+def check_keys(overrides: list[str], schema: type, groups: Iterable[str] = ()) -> None:
     """Refuse an override of a key the schema lacks (with or without `+`), naming the closest real key.
-    Group choices (`model=bamba_9b`, `+stage=extend`) are config keys too; Hydra's own settings pass."""
+    Group choices (`model=bamba_9b`, `+stage=extend`) are config keys too; Hydra's own settings and the
+    config folders' other groups (`+experiment=NAME` for a conf/experiment/) pass."""
+    groups = set(groups)
     for override in parse(overrides):
         key = override.key_or_group
-        if override.type == OverrideType.DEL or key.split(".")[0] == "hydra" or "/" in key or override.package:
+        if (override.type == OverrideType.DEL or key.split(".")[0] == "hydra" or "/" in key or override.package
+                or key in groups):
             continue
         if not is_known(key, schema):
             raise UnknownKeyError(unknown_key_message(key, schema))
+
+
+def config_groups(*config_dirs: Path) -> set[str]:
+    """The config groups of these folders: their subfolders (model, data, ..., and any a user adds)."""
+    return {p.name for d in config_dirs if Path(d).is_dir() for p in Path(d).iterdir() if p.is_dir()}
 
 
 def command_line_wins(cfg: DictConfig, overrides: list[str]) -> None:
@@ -150,13 +159,20 @@ def command_line_wins(cfg: DictConfig, overrides: list[str]) -> None:
                     OmegaConf.update(cfg, key, 0)
 
 
-def check_command_line(argv: list[str]) -> None:
+def check_command_line(argv: list[str], config_dir: Path) -> None:
     """train.py's arguments before Hydra composes them: exit with the message of an unknown key (Hydra's
     own would suggest `+key=...`, which the typed config then refuses too)."""
     from hybrid_train.config import JobConfig
 
-    overrides = [a for a in argv if not a.startswith("-") and ("=" in a or a.startswith("~"))]
+    dirs, overrides = [config_dir], []
+    for i, arg in enumerate(argv):
+        if arg in ("--config-dir", "-cd") and i + 1 < len(argv):
+            dirs.append(Path(argv[i + 1]))
+        elif arg.startswith("--config-dir="):
+            dirs.append(Path(arg.split("=", 1)[1]))
+        elif not arg.startswith("-") and ("=" in arg or arg.startswith("~")):
+            overrides.append(arg)
     try:
-        check_keys(overrides, JobConfig)
+        check_keys(overrides, JobConfig, config_groups(*dirs))
     except UnknownKeyError as err:
         sys.exit(f"error: {err}")

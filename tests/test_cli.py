@@ -54,9 +54,18 @@ def test_misspelt_key_on_train_py_names_the_real_key():
 def test_train_py_key_check(arg, suggestion):
     """What train.py runs on its arguments before Hydra composes them (Hydra's flags pass through)."""
     with pytest.raises(SystemExit) as info:
-        check_command_line(["--config-name", "config", "train.max_steps=3", arg])
+        check_command_line(["--config-name", "config", "train.max_steps=3", arg], REPO / "conf")
     assert f"did you mean {suggestion}" in str(info.value) and "+" not in str(info.value).split(":", 1)[1]
-    check_command_line(["--cfg", "job", "-m", "train.seed=1,2", "+stage=extend", "~data.sources.web"])
+    check_command_line(["--cfg", "job", "-m", "train.seed=1,2", "+stage=extend", "~data.sources.web"], REPO / "conf")
+
+
+def test_a_config_group_of_ones_own_passes_the_key_check(tmp_path):
+    """Hydra's `--config-dir` adds groups (here conf/experiment/); choosing one is not a misspelt key."""
+    (tmp_path / "experiment").mkdir()
+    check_command_line(["--config-dir", str(tmp_path), "+experiment=short"], REPO / "conf")
+    check_command_line([f"--config-dir={tmp_path}", "+experiment=short"], REPO / "conf")
+    with pytest.raises(SystemExit, match="'experiment'"):
+        check_command_line(["+experiment=short"], REPO / "conf")
 
 
 def test_header_of_a_stage_fits_one_screen(compose):
