@@ -83,6 +83,9 @@ def register_configs() -> None:
         cs.store(group=group, name=f"{group}_schema", node=node)
 
 
+register_configs()  # on import: `hydra.compose` on conf/ works once hybrid_train is imported
+
+
 def _reject_unknown_keys(node: DictConfig, path: str) -> None:
     """Hydra's `+key=value` adds keys even to typed nodes; refuse any key a dataclass doesn't declare."""
     schema = OmegaConf.get_type(node)

@@ -84,3 +84,21 @@ def test_header_of_a_stage_fits_one_screen(compose):
                      "stage     extend: total tokens 2T -> 2.5T, weights from hf:/models/Bamba-9B",
                      "resumed   from /runs/extend/checkpoints/step_00001000 at step 1000"):
         assert expected in text, (expected, text)
+
+
+def test_hydra_compose_from_python_as_a_user_types_it():
+    """Hydra's own compose API on conf/ right after `import hybrid_train` (the schemas register on import),
+    then build and forward; a fresh process, so nothing registered them before."""
+    code = f"""
+import torch, hybrid_train
+from hydra import compose, initialize_config_dir
+with initialize_config_dir(config_dir={str(REPO / "conf")!r}, version_base=None):
+    cfg = compose(config_name="config", overrides=["model=bamba_9b"])
+assert hybrid_train.build_model(cfg.model, device="meta").cfg.n_layers == 32
+with initialize_config_dir(config_dir={str(REPO / "conf")!r}, version_base=None):
+    cfg = compose(config_name="config", overrides=["model.d_model=64"])
+print(tuple(hybrid_train.build_model(cfg.model)(torch.tensor([[72, 105]])).shape))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "(1, 2, 258)"
