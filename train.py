@@ -16,7 +16,11 @@ register_configs()
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    train(job_config_from_hydra(cfg, HydraConfig.get().overrides.task))
+    try:
+        job = job_config_from_hydra(cfg, HydraConfig.get().overrides.task)
+    except ValueError as err:  # a config error names its fields and values: no traceback needed
+        sys.exit(f"error: {err}")
+    train(job)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,12 @@ def test_misspelt_key_on_train_py_names_the_real_key():
     assert "Traceback" not in proc.stderr
 
 
+def test_two_lengths_on_train_py_are_refused_in_one_line():
+    proc = train_py("train.max_steps=3", "train.max_tokens=100")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip() == "error: set one of train.max_tokens (100) and train.max_steps (3)"
+
+
 @pytest.mark.parametrize("arg, suggestion", [
     ("+checkpoint.interval=5", "checkpoint.interval_steps"),
     ("seed=1", "train.seed"),
