@@ -110,8 +110,7 @@ def closest_keys(key: str, schema: type) -> list[str]:
             score += 0.1
         scored.append((score, cand))
     scored.sort(key=lambda s: -s[0])
-    best = [c for s, c in scored if s >= 0.6 and s >= scored[0][0] - 0.03]
-    return best[:2]
+    return [c for s, c in scored if s >= 0.6 and s >= scored[0][0] - 0.03][:2]
 
 
 def unknown_key_message(key: str, schema: type) -> str:
