@@ -137,13 +137,13 @@ def load_config(overrides: Sequence[str] = (), config_dir: str | Path | None = N
     conf = find_config_dir(config_dir)
     register_configs()
     check_keys(overrides, JobConfig, config_groups(conf))
-    hydra_state = GlobalHydra.instance()
-    outer, hydra_state.hydra = hydra_state.hydra, None  # an enclosing Hydra app keeps its own state
+    outer = GlobalHydra.instance().hydra  # an enclosing Hydra app's state, put back after
+    GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf), version_base=None):
             cfg = compose(config_name="config", overrides=overrides)
-    finally:
-        hydra_state.hydra = outer
+    finally:  # (the context leaves a copy of the singleton behind: set it on the current one)
+        GlobalHydra.instance().hydra = outer
     return job_config_from_hydra(cfg, overrides)
 
 

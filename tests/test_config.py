@@ -138,6 +138,20 @@ def test_a_job_built_in_code_with_two_lengths_is_refused():
         job.validate()
 
 
+def test_load_config_inside_a_hydra_app_leaves_its_state(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        outer = GlobalHydra.instance().hydra
+        assert compose_job(["train.max_steps=2"]).train.max_steps == 2
+        assert GlobalHydra.instance().hydra is outer
+        assert compose(config_name="config", overrides=["model=bamba_9b"]).model.n_layers == 32
+    assert not GlobalHydra.instance().is_initialized()
+    with pytest.raises(FileNotFoundError, match="no config.yaml in"):
+        compose_job([], config_dir=tmp_path)
+
+
 def test_loss_impl_auto_is_fused_unless_tensor_parallel(compose):
     assert compose([]).fused_loss()
     assert not compose(["parallel.tp=2"]).fused_loss()
