@@ -9,6 +9,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -174,10 +175,12 @@ def test_readme_commands_run_in_order(tmp_path, monkeypatch):
     merge_yaml = re.search(r"```yaml\n(# merge\.yaml.*?)```", README.read_text(), re.S).group(1)
     (cwd / "merge.yaml").write_text(stand_in(merge_yaml))
     for command in RUN:
+        start = time.perf_counter()
         if command.startswith("python: "):
             run_python_block(command)
         else:
             run_line(command, cwd, monkeypatch)
+        print(f"{time.perf_counter() - start:6.1f}s  {command}")  # shown with -s or on a failure
     assert sorted(p.name for p in (cwd / "outputs").iterdir()) == [
         "accum", "alternating", "constant-lr", "mamba2_tiny-sample", "tiny-sample"]
     assert (cwd / "merged-hf" / "config.json").is_file() and (cwd / "eval.json").is_file()

@@ -45,14 +45,14 @@ def run_header(job: JobConfig, total_steps: int, tokens_per_step: int, grad_accu
         f"{layout}, d_model {m.d_model}, vocab {m.vocab_size}",
         f"  data      {d.root} ({d.tokenizer} tokenizer): {shares}",
         f"  length    {total_steps:,} steps x {tokens_per_step:,} tokens = {count(total_steps * tokens_per_step)} "
-        f"tokens ({length}); {t.micro_batch_size} rows of {t.seq_len} per micro-batch, "
+        f"tokens ({length}); {t.micro_batch_size} rows of {t.seq_len} tokens per micro-batch, "
         f"grad accumulation {grad_accum}",
         f"  schedule  {s.name}: peak lr {job.optim.lr:g} after {warmup}, {shape}; AdamW, weight decay "
         f"{job.optim.weight_decay:g}, grad clip {t.grad_clip:g}",
         f"  devices   {world_size} process(es) on {device}, {precision}, "
         f"{'fused head + loss' if job.fused_loss() else 'loss from full logits'}",
-        f"  saves     {' and '.join(every) or 'at the end'} (keep last {c.keep_last or 'all'}); the same command "
-        "resumes",
+        f"  saves     {''.join(e + ', ' for e in every)}at the end (keep last {c.keep_last or 'all'}); the same "
+        "command resumes",
     ]
     if job.stage.name != "run" or start_total_tokens:
         window = f" -> {count(job.stage.end_tokens)}" if job.stage.end_tokens else ""
