@@ -1,9 +1,14 @@
 """Entry point: `python train.py [overrides]`, or `torchrun --nproc_per_node=N train.py ...`."""
 
+import sys
+from pathlib import Path
+
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from hybrid_train.config import job_config_from_hydra, register_configs
+from hybrid_train.overrides import check_command_line
 from hybrid_train.train.trainer import train
 
 register_configs()
@@ -11,8 +16,13 @@ register_configs()
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    train(job_config_from_hydra(cfg))
+    try:
+        job = job_config_from_hydra(cfg, HydraConfig.get().overrides.task)
+    except ValueError as err:  # a config error names its fields and values: no traceback needed
+        sys.exit(f"error: {err}")
+    train(job)
 
 
 if __name__ == "__main__":
+    check_command_line(sys.argv[1:], Path(__file__).parent / "conf")  # a misspelt key: the closest real one
     main()

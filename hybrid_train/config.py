@@ -1,20 +1,26 @@
 """The job configuration: one typed dataclass per section, registered with Hydra, validated once.
 
 `conf/*.yaml` only picks values; every knob is declared (with its default and meaning) in the
-section dataclasses, so a misspelt key or a wrong type fails when Hydra composes the config.
+section dataclasses, so a misspelt key (named with the closest real one) or a wrong type fails when
+the config is composed. `load_config(overrides)` composes it in Python exactly as train.py does.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional
+from pathlib import Path
+from typing import Optional, Sequence
 
+from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from hybrid_train.data.config import DataConfig
 from hybrid_train.model.config import ModelConfig
+from hybrid_train.overrides import (UnknownKeyError, check_keys, command_line_wins, config_groups,
+                                    unknown_key_message)
 from hybrid_train.parallel.config import ClusterConfig, ParallelConfig, PlanConfig
 from hybrid_train.train.config import (CheckpointConfig, LoggingConfig, OptimConfig, ScheduleConfig, StageConfig,
                                        TrainConfig, default_lr)
@@ -89,6 +95,9 @@ def register_configs() -> None:
         cs.store(group=group, name=f"{group}_schema", node=node)
 
 
+register_configs()  # on import: `hydra.compose` on conf/ works once hybrid_train is imported
+
+
 def _reject_unknown_keys(node: DictConfig, path: str) -> None:
     """Hydra's `+key=value` adds keys even to typed nodes; refuse any key a dataclass doesn't declare."""
     schema = OmegaConf.get_type(node)
@@ -96,22 +105,59 @@ def _reject_unknown_keys(node: DictConfig, path: str) -> None:
         known = {f.name for f in dataclasses.fields(schema)}
         unknown = sorted(set(node.keys()) - known)
         if unknown:
-            where = path or "the top level"
-            raise ValueError(f"unknown config key(s) {', '.join(f'{path}.{k}'.lstrip('.') for k in unknown)} "
-                             f"({schema.__name__} at {where} has no such field)")
+            raise UnknownKeyError("\n".join(unknown_key_message(f"{path}.{k}".lstrip("."), JobConfig)
+                                             for k in unknown))
     for key in node.keys():
         child = node._get_node(key)
         if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
             _reject_unknown_keys(child, f"{path}.{key}".lstrip("."))
 
 
-def job_config_from_hydra(cfg: DictConfig, require_init_from: bool = True) -> JobConfig:
-    """Convert Hydra's composed config to the dataclasses (interpolations resolved) and validate."""
+def job_config_from_hydra(cfg: DictConfig, overrides: Sequence[str] = (), require_init_from: bool = True) -> JobConfig:
+    """Convert Hydra's composed config to the dataclasses (interpolations resolved) and validate.
+
+    `overrides` are the command line's: a run length (or warmup) it gives replaces the one the config
+    files set (hybrid_train.overrides.EXCLUSIVE); two given together are still refused.
+    require_init_from=False: a plan of a stage needs no checkpoint to start from."""
     _reject_unknown_keys(cfg, "")
+    command_line_wins(cfg, list(overrides))
     job = OmegaConf.to_object(cfg)
     if not isinstance(job, JobConfig):
         raise TypeError("the composed config is not a JobConfig; conf/config.yaml must list job_schema first")
     return job.validate(require_init_from)
+
+
+def find_config_dir(config_dir: str | Path | None = None) -> Path:
+    """The folder holding config.yaml: `config_dir`, else the checkout's conf/ (next to train.py), else
+    ./conf."""
+    if config_dir is not None:
+        path = Path(config_dir).expanduser().resolve()
+        if not (path / "config.yaml").is_file():
+            raise FileNotFoundError(f"config_dir={str(config_dir)!r}: no config.yaml in {path}")
+        return path
+    candidates = [Path(__file__).resolve().parents[1] / "conf", Path.cwd() / "conf"]
+    for path in candidates:
+        if (path / "config.yaml").is_file():
+            return path
+    raise FileNotFoundError(f"no conf/config.yaml in {' or '.join(str(p.parent) for p in candidates)}: conf/ ships "
+                            "next to train.py in a hybrid_train checkout; pass config_dir=PATH/TO/conf")
+
+
+def load_config(overrides: Sequence[str] = (), config_dir: str | Path | None = None) -> JobConfig:
+    """The validated job `python train.py OVERRIDES...` runs: conf/config.yaml composed with the same
+    Hydra overrides (`["model=bamba_9b", "train.max_steps=10"]`) and converted to the dataclasses."""
+    overrides = list(overrides)
+    conf = find_config_dir(config_dir)
+    register_configs()
+    check_keys(overrides, JobConfig, config_groups(conf))
+    outer = GlobalHydra.instance().hydra  # an enclosing Hydra app's state, put back after
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf), version_base=None):
+            cfg = compose(config_name="config", overrides=overrides)
+    finally:  # (the context leaves a copy of the singleton behind: set it on the current one)
+        GlobalHydra.instance().hydra = outer
+    return job_config_from_hydra(cfg, overrides)
 
 
 def to_yaml(job: JobConfig) -> str:

@@ -31,12 +31,8 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-
-from hybrid_train.config import job_config_from_hydra, register_configs
+from hybrid_train.config import load_config
 from hybrid_train.train.trainer import train
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def steady_state(records: list[dict], warmup: int) -> dict:
@@ -78,13 +74,11 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"unrecognized arguments: {' '.join(unknown)} (Hydra overrides take no dashes)")
 
     tmp = tempfile.TemporaryDirectory(prefix="bench_train-")
-    ours = [f"train.max_steps={args.steps}", "train.max_tokens=0", f"logging.log_every={args.window}",
+    ours = [f"train.max_steps={args.steps}", f"logging.log_every={args.window}",
             "logging.progress=false", "checkpoint.final=false", "checkpoint.resume=false"]
     if not any(o.startswith("run.dir=") for o in overrides):
         ours.append(f"run.dir={tmp.name}")
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        job = job_config_from_hydra(compose(config_name="config", overrides=ours + overrides))
+    job = load_config(ours + overrides)
     start = time.perf_counter()
     result = train(job)
     wall = time.perf_counter() - start

@@ -1,6 +1,6 @@
 """Held-out loss and perplexity per data source of a checkpoint (native or a HF Bamba directory).
 
-    python scripts/eval.py --checkpoint outputs/tiny-sample data=sample [data.root=...] [train.seq_len=512] \
+    python scripts/eval.py --checkpoint outputs/tiny-sample data=sample [data.root=...] [train.seq_len=512]
         [--max-tokens 1000000] [--out eval.json]
 
 The data config is composed from conf/ exactly as train.py does (Hydra overrides: `data=NAME`,
@@ -23,25 +23,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from hybrid_train.config import load_config
 from hybrid_train.data import build_data_loader, build_tokenizer
 from hybrid_train.train.export import load_source_model
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-
-
-def compose(overrides: list[str], config_dir: Path = CONF):
-    """The job config of conf/config.yaml with Hydra overrides, validated as train.py does."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from hybrid_train.config import job_config_from_hydra, register_configs
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(config_dir.resolve()), version_base=None):
-        cfg = hydra_compose(config_name="config", overrides=overrides)
-    return job_config_from_hydra(cfg)
 
 
 @torch.no_grad()
@@ -60,7 +46,7 @@ def evaluate_source(model, loader, batches: int, device: torch.device, bar=None)
 
 def evaluate(checkpoint: str, overrides: list[str], max_tokens: int = 1_000_000, device: str = "auto",
              dtype: torch.dtype = torch.float32, progress: bool = True, config_dir: Path = CONF) -> dict:
-    job = compose(overrides, config_dir)
+    job = load_config(overrides, config_dir)
     device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                           ("cpu" if device == "auto" else device))
     model = load_source_model(checkpoint, device=device, dtype=dtype)

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -26,7 +27,7 @@ register_configs()
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    job = job_config_from_hydra(cfg, require_init_from=False)
+    job = job_config_from_hydra(cfg, HydraConfig.get().overrides.task, require_init_from=False)
     try:
         if job.plan.memory_table:
             rows = memory_table(job, list(job.plan.table_world_sizes))

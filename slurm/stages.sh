@@ -21,6 +21,7 @@ while [[ $# -gt 0 ]]; do
     --runs) RUNS=$2; shift 2 ;;
     --weights) WEIGHTS=$2; shift 2 ;;
     --) shift; EXTRA=("$@"); break ;;
+    -h|--help) sed -n '2,11s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "stages.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -31,6 +32,9 @@ fi
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 DRY_RUN=${DRY_RUN:-0}
+if [[ "$DRY_RUN" != 1 ]]; then
+  mkdir -p logs  # train.sbatch's --output folder; SLURM does not create it
+fi
 
 # submit NAME DEPENDENCY ARGS...: prints the job id (in a dry run, the job name stands for it).
 submit() {

@@ -4,11 +4,8 @@ import weakref
 from pathlib import Path
 
 import pytest
-from hydra import compose as hydra_compose
-from hydra import initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
-from hybrid_train.config import JobConfig, job_config_from_hydra, register_configs
+from hybrid_train.config import JobConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -16,11 +13,7 @@ CONF = REPO / "conf"
 
 def compose_job(overrides: list[str] | None = None, config_dir: Path = CONF) -> JobConfig:
     """Compose conf/config.yaml with overrides exactly as train.py does, and validate it."""
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(config_dir), version_base=None):
-        cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
-    return job_config_from_hydra(cfg)
+    return load_config(list(overrides or []), config_dir=config_dir)
 
 
 @pytest.fixture

@@ -34,6 +34,29 @@ def test_bamba_9b_parameter_count_on_meta(compose):
     assert sum(c.weight.shape[0] for c in mixer.conv1d.values()) == 8448
 
 
+def test_build_model_from_python_composition():
+    """The Python path: compose conf/ (as train.py does) -> build -> forward, from a JobConfig, Hydra's
+    own DictConfig (composed with the schemas registered), its `model` node, or a plain dict."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import hybrid_train
+    from conftest import CONF
+
+    job = hybrid_train.load_config(["model.d_model=64", "model.n_layers=2", "model.attn_layer_indices=[1]"])
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):  # load_config registered the schemas
+        cfg = compose(config_name="config", overrides=["model.d_model=64"])
+    ids = torch.tensor([[72, 105]])
+    for source in (job, job.model, cfg, cfg.model, OmegaConf.to_container(cfg.model), {"n_layers": 2}):
+        model = hybrid_train.build_model(source)
+        assert model(ids).shape == (1, 2, 258)
+    assert hybrid_train.build_model({"n_layers": "2", "attn_layer_indices": [1]}).cfg.layer_types == ["M", "A"]
+    with pytest.raises(ValueError, match="'d_modle'.*did you mean d_model\\?"):
+        hybrid_train.build_model({"d_modle": 64})
+    with pytest.raises(ValueError, match="n_heads=4 is not divisible by model.n_kv_heads=3"):
+        hybrid_train.build_model({"n_kv_heads": 3, "attn_layer_indices": [1]})
+
+
 def test_logits_shape_and_dtype():
     model = build_model(tiny_cfg())
     ids = torch.randint(0, 97, (2, 21))

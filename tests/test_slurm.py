@@ -64,3 +64,9 @@ def test_stages_dry_run_chains_dependencies():
 def test_stages_usage_errors(args):
     proc = run(["bash", "slurm/stages.sh", *args])
     assert proc.returncode == 2 and proc.stderr
+
+
+@pytest.mark.parametrize("script", ["slurm/stages.sh", "slurm/train.sbatch"])
+def test_help_prints_the_usage(script):
+    proc = run(["bash", script, "--help"])
+    assert proc.returncode == 0 and f"{script} " in proc.stdout and "DRY_RUN=1" in proc.stdout, proc.stdout

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from hybrid_train.model.config import ATTENTION, MAMBA, ModelConfig
+from hybrid_train.model.config import ATTENTION, MAMBA, ModelConfig, as_model_config
 from hybrid_train.model.hybrid import HybridLM
 
-__all__ = ["ModelConfig", "HybridLM", "build_model", "count_params", "flops_per_token"]
+__all__ = ["ModelConfig", "HybridLM", "as_model_config", "build_model", "count_params", "flops_per_token"]
 
 
-def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", init: bool = True) -> HybridLM:
-    """Build and (unless on meta or init=False) initialize a model from a validated config."""
-    cfg.validate()
+def build_model(cfg, device: str | torch.device = "cpu", init: bool = True) -> HybridLM:
+    """Build and (unless on meta or init=False) initialize a model. `cfg`: a ModelConfig, a job config
+    (`hybrid_train.load_config(...)`, or Hydra's composed config) or a mapping of ModelConfig fields;
+    it is validated first."""
+    cfg = as_model_config(cfg).validate()
     with torch.device(device):
         model = HybridLM(cfg)
     if init and torch.device(device).type != "meta":

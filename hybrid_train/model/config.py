@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import math
-from dataclasses import dataclass, field
-from typing import List, Optional
+from dataclasses import dataclass, field, fields
+from typing import List, Mapping, Optional
 
 MAMBA, ATTENTION = "M", "A"
 
@@ -146,3 +147,29 @@ class ModelConfig:
             need(0 < self.ssm_dt_min <= self.ssm_dt_max,
                  f"model.ssm_dt_min={self.ssm_dt_min} and model.ssm_dt_max={self.ssm_dt_max} must satisfy 0 < min <= max")
         return self
+
+
+def as_model_config(cfg) -> ModelConfig:
+    """A ModelConfig from a ModelConfig, from a job config holding one (hybrid_train.load_config's JobConfig,
+    or Hydra's composed DictConfig), or from a mapping of its fields (a DictConfig such as the composed
+    config's `model`, or a dict), whose values are converted and type-checked as the YAML files' are."""
+    if isinstance(cfg, ModelConfig):
+        return cfg
+    if isinstance(getattr(cfg, "model", None), ModelConfig):  # a JobConfig
+        return cfg.model
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    if not isinstance(cfg, Mapping):
+        raise TypeError(f"expected a ModelConfig, a job config or a mapping of ModelConfig fields, got "
+                        f"{type(cfg).__name__}")
+    if "model" in cfg and isinstance(cfg["model"], Mapping):  # the whole job
+        cfg = cfg["model"]
+    names = [f.name for f in fields(ModelConfig)]
+    for key in cfg:
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1)
+            raise ValueError(f"unknown model config key {key!r} (ModelConfig, hybrid_train/model/config.py)"
+                             + (f"; did you mean {near[0]}?" if near else ""))
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), cfg))

@@ -23,6 +23,7 @@ from hybrid_train.train.loss import lm_loss
 from hybrid_train.train.metrics import MetricsLogger, StepTimer, device_peak_flops, peak_memory_gb
 from hybrid_train.train.optim import build_lr_scheduler, build_optimizer, clip_and_step
 from hybrid_train.train.preemption import StopRequest
+from hybrid_train.train.summary import run_header
 
 
 class NonFiniteLossError(RuntimeError):
@@ -169,12 +170,10 @@ def train(job: JobConfig) -> TrainResult:
     logger = MetricsLogger(job.logging, run_dir, job.run.name, env.is_main, plan.total_steps, state.step,
                            dataclasses.asdict(job))
     fused_loss = job.fused_loss()
-    logger.info(f"model {job.model.name}: {n_params / 1e6:.2f}M parameters ({n_embedding / 1e6:.2f}M embedding), "
-                f"{''.join(job.model.layer_types)}; {env.world_size} process(es) on {device_type}; stage "
-                f"{job.stage.name}: {plan.total_steps} steps x {plan.tokens_per_step} tokens (grad accumulation "
-                f"{plan.grad_accum}), from {stage_start_total:,} total tokens; "
-                f"{'fused head + loss' if fused_loss else 'loss from full logits'}"
-                + (f"; resumed from {resume_from} at step {state.step}" if resume_from else ""))
+    logger.info(run_header(job, plan.total_steps, plan.tokens_per_step, plan.grad_accum, n_params=n_params,
+                           n_embedding=n_embedding, world_size=env.world_size, device=device_type,
+                           precision="bf16" if autocast_dtype is not None else "fp32",
+                           start_total_tokens=stage_start_total, resumed_from=resume_from, resumed_step=state.step))
     autocast = (torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
     stop = StopRequest(run_dir, env.cpu_group)

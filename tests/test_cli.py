@@ -1,0 +1,110 @@
+"""train.py as a user types it: a step count alone, misspelt keys, and the header a run prints first."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hybrid_train.overrides import check_command_line
+from hybrid_train.train.summary import run_header
+from hybrid_train.train.trainer import plan_run
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["train.seq_len=32", "train.micro_batch_size=2", "logging.progress=false"]
+
+
+def train_py(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_a_step_count_alone_runs_and_the_header_says_what_the_run_does(tmp_path):
+    """conf/config.yaml sets train.max_tokens; `train.max_steps=3` alone replaces it."""
+    proc = train_py("train.max_steps=3", *TINY, f"run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 3 and records[-1]["tokens"] == 3 * 2 * 32
+    header = proc.stdout.splitlines()[:8]
+    assert header[0] == f"run tiny-sample: outputs in {tmp_path} (config.yaml, metrics.jsonl, checkpoints/)"
+    text = "\n".join(header)
+    for expected in ("model     tiny: 1.47M parameters", "MMAMMA (4 Mamba-2, 2 attention)",
+                     "data      data/sample (byte tokenizer): web 70%, code 30%",
+                     "length    3 steps x 64 tokens = 192 tokens (train.max_steps=3)",
+                     "schedule  cosine: peak lr 0.003 after 20 warmup steps (covers the whole run)",
+                     "devices   1 process(es) on cpu, fp32"):
+        assert expected in text, (expected, text)
+
+
+def test_misspelt_key_on_train_py_names_the_real_key():
+    proc = train_py("checkpoint.interval=5")
+    assert proc.returncode == 1
+    assert "did you mean checkpoint.interval_steps" in proc.stderr and "+checkpoint" not in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_two_lengths_on_train_py_are_refused_in_one_line():
+    proc = train_py("train.max_steps=3", "train.max_tokens=100")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip() == "error: set one of train.max_tokens (100) and train.max_steps (3)"
+
+
+@pytest.mark.parametrize("arg, suggestion", [
+    ("+checkpoint.interval=5", "checkpoint.interval_steps"),
+    ("seed=1", "train.seed"),
+    ("model.mamba.n_groups=2", "model.ssm_n_groups"),
+])
+def test_train_py_key_check(arg, suggestion):
+    """What train.py runs on its arguments before Hydra composes them (Hydra's flags pass through)."""
+    with pytest.raises(SystemExit) as info:
+        check_command_line(["--config-name", "config", "train.max_steps=3", arg], REPO / "conf")
+    assert f"did you mean {suggestion}" in str(info.value) and "+" not in str(info.value).split(":", 1)[1]
+    check_command_line(["--cfg", "job", "-m", "train.seed=1,2", "+stage=extend", "~data.sources.web"], REPO / "conf")
+
+
+def test_a_config_group_of_ones_own_passes_the_key_check(tmp_path):
+    """Hydra's `--config-dir` adds groups (here conf/experiment/); choosing one is not a misspelt key."""
+    (tmp_path / "experiment").mkdir()
+    check_command_line(["--config-dir", str(tmp_path), "+experiment=short"], REPO / "conf")
+    check_command_line([f"--config-dir={tmp_path}", "+experiment=short"], REPO / "conf")
+    with pytest.raises(SystemExit, match="'experiment'"):
+        check_command_line(["+experiment=short"], REPO / "conf")
+
+
+def test_header_of_a_stage_fits_one_screen(compose):
+    job = compose(["+stage=extend", "checkpoint.init_from=hf:/models/Bamba-9B", "run.dir=/runs/extend"])
+    plan = plan_run(job, 192, job.stage.end_tokens - job.stage.start_tokens)
+    text = run_header(job, plan.total_steps, plan.tokens_per_step, plan.grad_accum, n_params=9_780_000_000,
+                      n_embedding=525_336_576, world_size=192, device="cuda", precision="bf16",
+                      start_total_tokens=job.stage.start_tokens, resumed_from="/runs/extend/checkpoints/step_00001000",
+                      resumed_step=1000)
+    lines = text.splitlines()
+    assert len(lines) <= 10, text
+    for expected in ("outputs in /runs/extend", "bamba_9b: 9.78B parameters (525M embedding), 32 blocks (29 Mamba-2, "
+                     "attention at 9, 18, 27)", "dclm 90.5%, starcoder 4.5%",
+                     "317,892 steps x 1,572,864 tokens = 500B tokens (stage.end_tokens=2.5T)",
+                     "constant: peak lr 2e-05 after 100 warmup steps", "every 10B tokens",
+                     "stage     extend: total tokens 2T -> 2.5T, weights from hf:/models/Bamba-9B",
+                     "resumed   from /runs/extend/checkpoints/step_00001000 at step 1000"):
+        assert expected in text, (expected, text)
+
+
+def test_hydra_compose_from_python_as_a_user_types_it():
+    """Hydra's own compose API on conf/ right after `import hybrid_train` (the schemas register on import),
+    then build and forward; a fresh process, so nothing registered them before."""
+    code = f"""
+import torch, hybrid_train
+from hydra import compose, initialize_config_dir
+with initialize_config_dir(config_dir={str(REPO / "conf")!r}, version_base=None):
+    cfg = compose(config_name="config", overrides=["model=bamba_9b"])
+assert hybrid_train.build_model(cfg.model, device="meta").cfg.n_layers == 32
+with initialize_config_dir(config_dir={str(REPO / "conf")!r}, version_base=None):
+    cfg = compose(config_name="config", overrides=["model.d_model=64"])
+print(tuple(hybrid_train.build_model(cfg.model)(torch.tensor([[72, 105]])).shape))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "(1, 2, 258)"
