@@ -37,6 +37,9 @@ class ScheduleConfig:
     """Linear warmup length in optimizer steps (exclusive with warmup_tokens)."""
     warmup_tokens: int = 0
     """Linear warmup length in tokens, rounded up to whole steps."""
+    warmup_fraction: float = 0.0
+    """Linear warmup as a fraction of the run's (or stage's) optimizer steps, e.g. 0.01; exclusive with
+    warmup_steps and warmup_tokens. A warmup of more than half the run is clamped to half, with a warning."""
     min_lr_ratio: float = 0.1
     """Floor of cosine/linear/wsd decay as a fraction of the peak LR."""
     decay_fraction: float = 0.2
@@ -47,9 +50,12 @@ class ScheduleConfig:
             raise ValueError(f"schedule.name={self.name!r} must be one of {', '.join(SCHEDULES)}")
         if self.warmup_steps < 0 or self.warmup_tokens < 0:
             raise ValueError("schedule.warmup_steps and schedule.warmup_tokens must be >= 0")
-        if self.warmup_steps and self.warmup_tokens:
-            raise ValueError(f"set schedule.warmup_steps ({self.warmup_steps}) or schedule.warmup_tokens "
-                             f"({self.warmup_tokens}), not both")
+        if not 0 <= self.warmup_fraction <= 0.5:
+            raise ValueError(f"schedule.warmup_fraction must be in [0, 0.5], got {self.warmup_fraction}")
+        given = [f"schedule.{k}={getattr(self, k)}" for k in ("warmup_steps", "warmup_tokens", "warmup_fraction")
+                 if getattr(self, k)]
+        if len(given) > 1:
+            raise ValueError(f"set one warmup length, not {' and '.join(given)} (the others to 0)")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"schedule.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not 0 < self.decay_fraction <= 1:
