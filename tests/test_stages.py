@@ -151,9 +151,12 @@ def test_windows_relative_to_the_source(compose, tmp_path):
     assert ext.state.total_tokens == 128 + 192 and ext.state.step == 3
     assert "128 -> 320 total tokens (stage.tokens=192 from checkpoint.init_from's counter); stage.start_tokens=" \
            "2,000,000,000,000" in (tmp_path / "rel" / "train.log").read_text()
-    plain = train(compose([*TINY, f"checkpoint.init_from={src}", "train.max_tokens=128", f"run.dir={tmp_path / 'plain'}"]))
-    assert [r["total_tokens"] for r in records(tmp_path / "plain")] == [192, 256]
-    assert plain.state.stage_tokens == 128
+    plain = train(compose([*TINY, f"checkpoint.init_from={src}", "train.max_tokens=256", "train.global_batch_tokens=128",
+                           f"run.dir={tmp_path / 'plain'}"]))
+    assert [r["total_tokens"] for r in records(tmp_path / "plain")] == [256, 384]
+    assert plain.state.stage_tokens == 256
+    assert ("checkpoint.init_from trained 64 tokens per step; this stage trains 128 (train.global_batch_tokens=64 "
+            "keeps the source's)") in (tmp_path / "plain" / "train.log").read_text()
     with pytest.raises(ValueError, match=r"stage.end_tokens=256 must be above stage.start_tokens=2,000,000,000,000; "
                                          r"to give the stage's length .* set stage.tokens=256"):
         compose(["+stage=extend", *TINY, f"checkpoint.init_from={src}", "stage.end_tokens=256"])

@@ -19,7 +19,7 @@ from hybrid_train.model import build_model, count_params, flops_per_token
 from hybrid_train.ops import set_kernels
 from hybrid_train.parallel import (all_reduce_mean, barrier, clip_grad_norm_, destroy, full_tensor, full_tensor_init,
                                    init_distributed, loss_context, parallelize, sum_over_data_parallel)
-from hybrid_train.train.checkpoint import read_meta
+from hybrid_train.train.checkpoint import read_meta, resolve_checkpoint
 from hybrid_train.train.checkpointer import Checkpointer, TrainState, find_resume_point
 from hybrid_train.train.loss import lm_loss
 from hybrid_train.train.metrics import MetricsLogger, RunLog, device_peak_flops, peak_memory_gb
@@ -289,9 +289,17 @@ def start_state(job: JobConfig, checkpointer: Checkpointer, model,
                                  "stage.allow_token_mismatch=true (the counter then continues from the checkpoint)")
         if source_tokens is not None:
             total, origin = source_tokens, "checkpoint.init_from's counter"
+            source_step = Saved.from_meta(read_meta(resolve_checkpoint(job.checkpoint.init_from))).tokens_per_step
+            if source_step and source_step != step_tokens:
+                notes.append(("info", f"checkpoint.init_from trained {source_step:,} tokens per step; this stage "
+                                      f"trains {step_tokens:,} (train.global_batch_tokens={source_step} keeps the "
+                                      "source's)"))
     if stage.relative:
-        replaced = (f"; stage.start_tokens={stage.start_tokens:,} / end_tokens={stage.end_tokens:,} are not used"
-                    if stage.start_tokens or stage.end_tokens else "")
+        if origin == "stage.start_tokens":  # no init_from, or a Hugging Face model without a counter
+            replaced = f"; stage.end_tokens={stage.end_tokens:,} is not used" if stage.end_tokens else ""
+        else:
+            replaced = (f"; stage.start_tokens={stage.start_tokens:,} / end_tokens={stage.end_tokens:,} are not used"
+                        if stage.start_tokens or stage.end_tokens else "")
         notes.append(("info", f"stage {stage.name}: {total:,} -> {total + int(stage.tokens):,} total tokens "
                               f"(stage.tokens={int(stage.tokens):,} from {origin}){replaced}"))
     return TrainState(total_tokens=total, stage=stage.name), None, notes
