@@ -67,10 +67,12 @@ class JobConfig:
         if require_init_from and self.stage.needs_init_from and not self.checkpoint.init_from:
             raise ValueError(f"stage {self.stage.name!r} continues an earlier stage: set checkpoint.init_from "
                              "(a checkpoint or run directory of that stage, or hf:DIR for a Hugging Face model)")
-        if not (self.stage.end_tokens or self.train.max_tokens or self.train.max_steps):
-            raise ValueError("no run length: set train.max_tokens, train.max_steps or stage.end_tokens")
-        if self.stage.end_tokens and (self.train.max_tokens or self.train.max_steps):
-            raise ValueError(f"stage.end_tokens={self.stage.end_tokens} sets the run length; leave train.max_tokens "
+        stage_length = (f"stage.tokens={self.stage.tokens}" if self.stage.relative else
+                        f"stage.end_tokens={self.stage.end_tokens}" if self.stage.end_tokens else None)
+        if not (stage_length or self.train.max_tokens or self.train.max_steps):
+            raise ValueError("no run length: set train.max_tokens, train.max_steps, stage.tokens or stage.end_tokens")
+        if stage_length and (self.train.max_tokens or self.train.max_steps):
+            raise ValueError(f"{stage_length} sets the run length; leave train.max_tokens "
                              f"({self.train.max_tokens}) and train.max_steps ({self.train.max_steps}) at 0")
         if self.train.loss_impl == "fused" and self.parallel.tp > 1:
             raise ValueError(f"train.loss_impl='fused' needs the whole LM head but parallel.tp={self.parallel.tp} "

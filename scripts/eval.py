@@ -7,8 +7,10 @@ The data config is composed from conf/ exactly as train.py does (Hydra overrides
 `data.sources.web.paths=[...]`, `train.seq_len`, `train.micro_batch_size`, ...); the model comes from
 the checkpoint. Each source is read on its own through the training data loader (same tokenizer,
 framing, packing and document masking as in training) and scored on its first --max-tokens tokens
-(rounded up to whole batches). Prints and writes JSON:
-{"sources": {name: {"tokens", "loss", "perplexity"}}, "all": {...}, ...}.
+(rounded up to whole batches). A source's held-out split is its `eval_paths` (shards training never
+reads, e.g. `data.sources.web.eval_paths=[web/part-00003.jsonl.zst]`); a source without one is scored on
+its training shards, which is said on stderr and marked `"held_out": false`. Prints and writes JSON:
+{"sources": {name: {"tokens", "loss", "perplexity", "held_out"}}, "all": {...}, ...}.
 """
 
 from __future__ import annotations
@@ -59,7 +61,14 @@ def evaluate(checkpoint: str, overrides: list[str], max_tokens: int = 1_000_000,
     result = {"checkpoint": str(checkpoint), "seq_len": seq_len, "batch_size": batch_size, "sources": {}}
     all_loss, all_tokens = 0.0, 0
     for name in sorted(job.data.sources):
-        only = dataclasses.replace(job.data, sources={name: dataclasses.replace(job.data.sources[name], weight=1.0)})
+        source = job.data.sources[name]
+        held_out = bool(source.eval_paths)
+        if held_out:  # the held-out shards as the whole source
+            source = dataclasses.replace(source, paths=list(source.eval_paths), eval_paths=[])
+        else:
+            print(f"eval: source {name!r} has no held-out split (data.sources.{name}.eval_paths is empty): scoring "
+                  "the shards it trains on, not held-out data", file=sys.stderr, flush=True)
+        only = dataclasses.replace(job.data, sources={name: dataclasses.replace(source, weight=1.0)})
         loader = build_data_loader(only, tokenizer, seq_len, batch_size, 0, 1, job.train.seed)
         bar = None
         if progress:
@@ -69,9 +78,10 @@ def evaluate(checkpoint: str, overrides: list[str], max_tokens: int = 1_000_000,
         loss, tokens = evaluate_source(model, loader, batches, device, bar)
         if bar is not None:
             bar.close()
-        result["sources"][name] = _summary(loss, tokens)
+        result["sources"][name] = {**_summary(loss, tokens), "held_out": held_out}
         all_loss, all_tokens = all_loss + loss, all_tokens + tokens
-    result["all"] = _summary(all_loss, all_tokens)
+    result["all"] = {**_summary(all_loss, all_tokens),
+                     "held_out": all(r["held_out"] for r in result["sources"].values())}
     return result
 
 

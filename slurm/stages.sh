@@ -8,7 +8,11 @@
 #   slurm/stages.sh --init hf:/models/Bamba-9B --runs /runs/bamba-v2 [--weights 0.5,0.5] [-- extra overrides]
 #
 # Each stage starts from the final checkpoint of the one before (checkpoint.init_from) in its own
-# run directory, and resumes itself if preempted. DRY_RUN=1 prints the sbatch commands.
+# run directory, and resumes itself if preempted. Every job runs this checkout's train.py and
+# scripts/merge.py with one interpreter: $PYTHON, else the python3 on PATH when the chain is submitted.
+# The stages train Bamba's global batch of 1,572,864 tokens per step on any number of nodes (gradient
+# accumulation makes up for fewer GPUs); `-- train.global_batch_tokens=N` changes it.
+# DRY_RUN=1 prints the sbatch commands.
 set -euo pipefail
 
 INIT=""
@@ -31,10 +35,18 @@ if [[ -z "$INIT" || -z "$RUNS" ]]; then
 fi
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(dirname "$here")
 DRY_RUN=${DRY_RUN:-0}
 if [[ "$DRY_RUN" != 1 ]]; then
   mkdir -p logs  # train.sbatch's --output folder; SLURM does not create it
 fi
+PYTHON=${PYTHON:-$(command -v python3 || command -v python || true)}
+if [[ -z "$PYTHON" ]]; then
+  echo "stages.sh: no python3 on PATH; set PYTHON=/path/to/python" >&2
+  exit 2
+fi
+PYTHON=$("$PYTHON" -c "import sys; print(sys.executable)")  # the real interpreter (not a shim), absolute
+BAMBA_BATCH=1572864
 
 # submit NAME DEPENDENCY ARGS...: prints the job id (in a dry run, the job name stands for it).
 submit() {
@@ -52,8 +64,9 @@ submit() {
 
 stage() {  # stage STAGE RUN_NAME DEPENDENCY INIT_FROM
   local stage=$1 run=$2 dep=$3 init=$4
-  submit "$run" "$dep" "$here/train.sbatch" "+stage=$stage" "checkpoint.init_from=$init" \
-    "run.dir=$RUNS/$run" "run.name=$run" ${EXTRA[@]+"${EXTRA[@]}"}
+  submit "$run" "$dep" --export="ALL,PYTHON=$PYTHON,TRAIN_PY=$repo/train.py" "$here/train.sbatch" \
+    "+stage=$stage" "checkpoint.init_from=$init" "run.dir=$RUNS/$run" "run.name=$run" \
+    "train.global_batch_tokens=$BAMBA_BATCH" ${EXTRA[@]+"${EXTRA[@]}"}
 }
 
 extend=$(stage extend extend "" "$INIT")
@@ -61,6 +74,8 @@ mix=$(stage mix mix "$extend" "$RUNS/extend")
 mix_cosine=$(stage mix_cosine mix_cosine "$extend" "$RUNS/extend")
 anneal_a=$(stage anneal anneal_mix "$mix" "$RUNS/mix")
 anneal_b=$(stage anneal anneal_mix_cosine "$mix_cosine" "$RUNS/mix_cosine")
-submit merge "$anneal_a:$anneal_b" --nodes=1 --wrap \
-  "python scripts/merge.py --models $RUNS/anneal_mix $RUNS/anneal_mix_cosine --weights ${WEIGHTS/,/ } --out $RUNS/merged" >/dev/null
+merge_cmd=$(printf '%q ' cd "$repo")$(printf '&& %q %q' "$PYTHON" "$repo/scripts/merge.py")
+merge_cmd+=$(printf ' %q' --models "$RUNS/anneal_mix" "$RUNS/anneal_mix_cosine" --weights "${WEIGHTS%%,*}" \
+  "${WEIGHTS#*,}" --out "$RUNS/merged")
+submit merge "$anneal_a:$anneal_b" --nodes=1 --wrap "$merge_cmd" >/dev/null
 echo "submitted: extend=$extend mix=$mix mix_cosine=$mix_cosine anneal=$anneal_a,$anneal_b"

@@ -84,7 +84,9 @@ def test_falls_back_past_an_incomplete_checkpoint(compose, tmp_path):
         result = train(longer)
     assert result.state.step == 6
     steps = [s for s, _ in losses(tmp_path)]
-    assert steps == [1, 2, 3, 4, 3, 4, 5, 6]  # steps 3-4 retrained from the step-2 checkpoint
+    # Steps 3-4 were retrained from the step-2 checkpoint; the rows the first run logged for them are
+    # dropped at the resume, so each step keeps one row (it used to read 1, 2, 3, 4, 3, 4, 5, 6).
+    assert steps == [1, 2, 3, 4, 5, 6]
 
 
 def test_keep_last_prunes_but_keeps_permanent(compose, tmp_path):
@@ -189,6 +191,8 @@ def test_resume_on_a_different_world_size(tmp_path):
     assert "resumed from" in one.stdout + one.stderr
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
-    # Two ranks made 3 steps of 2 x 64 tokens; one rank then adds 3 steps of 64.
-    assert records[2]["tokens"] == 3 * 128 and records[-1]["tokens"] == 3 * 128 + 3 * 64
+    # Two ranks made 3 steps of 2 x 64 tokens; one rank keeps the run's 128 tokens per step, accumulating
+    # two micro-batches (it used to drop to 64 per step without a word).
+    assert records[2]["tokens"] == 3 * 128 and records[-1]["tokens"] == 6 * 128
+    assert "with gradient accumulation 2 on 1" in one.stdout + one.stderr
     assert sum(records[-1]["source_tokens"].values()) == records[-1]["tokens"]

@@ -239,3 +239,33 @@ def test_eval_script_reports_loss_per_source(tmp_path):
     hf = evaluate.main(["--checkpoint", str(tmp_path / "hf"), *args])
     for name in native["sources"]:
         assert abs(hf["sources"][name]["loss"] - native["sources"][name]["loss"]) < 1e-5
+
+
+def test_eval_scores_a_held_out_split_and_says_when_there_is_none(tmp_path):
+    """scripts/eval.py read the training shards with the training seed, so its 'held-out' loss was
+    measured on data the model trained on. A source's eval_paths are held out of training and scored."""
+    import subprocess
+    import sys
+
+    from hybrid_train.data import build_data_loader, build_tokenizer
+
+    ckpt = saved_model(tmp_path / "ckpt", tiny_cfg(vocab_size=258))
+    held = "data.sources.web.eval_paths=[web/part-00003.jsonl.zst]"
+    cmd = [sys.executable, "scripts/eval.py", "--checkpoint", str(ckpt), "data=sample", held, "train.seq_len=48",
+           "--max-tokens", "200", "--no-progress", "--out", str(tmp_path / "eval.json")]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["sources"]["web"]["held_out"] is True and result["sources"]["code"]["held_out"] is False
+    assert result["all"]["held_out"] is False
+    assert "source 'code' has no held-out split (data.sources.code.eval_paths is empty)" in proc.stderr
+    assert "'web' has no held-out" not in proc.stderr
+    # Training never reads the held-out shard, though paths' glob matches it.
+    job = compose_job(["data=sample", held])
+    loader = build_data_loader(job.data, build_tokenizer("byte"), 48, 2, 0, 1, 0)
+    web = [Path(f).name for f in loader.spec.files["web"]]
+    assert web == ["part-00000.jsonl.zst", "part-00001.jsonl.zst", "part-00002.jsonl.zst"]
+    loader.close()
+    with pytest.raises(ValueError, match="every shard of paths .* is held out"):
+        build_data_loader(compose_job(["data=sample", "data.sources.web.eval_paths=[web/*.zst]"]).data,
+                          build_tokenizer("byte"), 48, 2, 0, 1, 0)

@@ -7,7 +7,8 @@ import torch
 
 from hybrid_train.model import ModelConfig, build_model
 from hybrid_train.train.config import OptimConfig, ScheduleConfig
-from hybrid_train.train.optim import build_lr_scheduler, build_optimizer, lr_multiplier, warmup_steps_for
+from hybrid_train.train.optim import (build_lr_scheduler, build_optimizer, clamped_warmup, lr_multiplier,
+                                     warmup_steps_for)
 
 
 def lrs(name, total=110, warmup=10, **kw):
@@ -43,6 +44,26 @@ def test_wsd_stable_then_decay():
 
 def test_warmup_in_tokens_rounds_up():
     assert warmup_steps_for(ScheduleConfig(warmup_tokens=10_001), tokens_per_step=1000) == 11
+
+
+def test_warmup_fraction_scales_with_the_run():
+    assert warmup_steps_for(ScheduleConfig(warmup_fraction=0.05), tokens_per_step=64, total_steps=200) == 10
+    assert clamped_warmup(ScheduleConfig(warmup_fraction=0.01), 64, 50) == (1, None)  # rounded up
+
+
+def test_a_warmup_longer_than_half_the_run_is_clamped_with_a_warning():
+    """A stage file's 100 warmup steps in a 10-step stage ran at 1e-6..2e-6 and never reached 2e-5."""
+    assert clamped_warmup(ScheduleConfig(warmup_steps=100), 64, 200) == (100, None)
+    steps, warning = clamped_warmup(ScheduleConfig(warmup_steps=100), 64, 10)
+    assert steps == 5 and warning.startswith("schedule.warmup_steps=100 is more than half of the run's 10 steps; "
+                                             "warming up over 5 steps instead")
+    steps, warning = clamped_warmup(ScheduleConfig(warmup_tokens=6400), 64, 10)
+    assert steps == 5 and "schedule.warmup_tokens=6400 (100 steps)" in warning
+    with pytest.raises(ValueError, match="set one warmup length, not schedule.warmup_steps=20 and "
+                                         "schedule.warmup_fraction=0.1"):
+        ScheduleConfig(warmup_steps=20, warmup_fraction=0.1).validate()
+    with pytest.raises(ValueError, match=r"warmup_fraction must be in \[0, 0.5\]"):
+        ScheduleConfig(warmup_steps=0, warmup_fraction=0.7).validate()
 
 
 def test_scheduler_drives_optimizer_lr():

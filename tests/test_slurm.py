@@ -1,8 +1,10 @@
 """SLURM scripts: shellcheck-clean, and their dry runs print the commands a real cluster would run."""
 
 import os
+import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,6 +60,27 @@ def test_stages_dry_run_chains_dependencies():
     assert "checkpoint.init_from=/runs/v2/mix_cosine" in anneal_b and "run.dir=/runs/v2/anneal_mix_cosine" in anneal_b
     assert "--dependency=afterok:anneal_mix:anneal_mix_cosine" in merge and "scripts/merge.py" in merge
     assert all("train.seq_len=4096" in job for job in jobs[:5])
+    assert all("train.global_batch_tokens=1572864 train.seq_len=4096" in job for job in jobs[:5])
+
+
+def test_stages_jobs_share_one_interpreter_and_checkout(tmp_path):
+    """The merge job ran a bare `python scripts/merge.py` (whatever python its node had, relative to its
+    working directory); every job now names the submitting interpreter and this checkout."""
+    proc = subprocess.run(["bash", str(REPO / "slurm" / "stages.sh"), "--init", "hf:/m", "--runs", "/runs/v2"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stderr
+    jobs = [shlex.split(line) for line in proc.stderr.splitlines() if line.startswith("sbatch")]
+    python = subprocess.run([sys.executable, "-c", "import sys; print(sys.executable)"], capture_output=True,
+                            text=True).stdout.strip()
+    for job in jobs[:5]:
+        assert f"--export=ALL,PYTHON={python},TRAIN_PY={REPO}/train.py" in job and f"{REPO}/slurm/train.sbatch" in job
+    wrap = shlex.split(jobs[5][jobs[5].index("--wrap") + 1])
+    assert wrap[:5] == ["cd", str(REPO), "&&", python, f"{REPO}/scripts/merge.py"]
+    assert wrap[5:] == ["--models", "/runs/v2/anneal_mix", "/runs/v2/anneal_mix_cosine", "--weights", "0.5", "0.5",
+                        "--out", "/runs/v2/merged"]
+    launch = run(["bash", "slurm/train.sbatch", "run.dir=/r"], PYTHON=python).stdout.split()
+    assert launch[3:6] == [python, "-m", "torch.distributed.run"]
 
 
 @pytest.mark.parametrize("args", [[], ["--init", "x"], ["--bogus"]])

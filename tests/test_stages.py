@@ -1,13 +1,21 @@
 """A tiny model walked through pretrain -> extend -> mix_cosine -> anneal, with the counters, LR schedules
-and data mixtures checked at every boundary; and the refusals at a stage start."""
+and data mixtures checked at every boundary; the README's stage chain run as written; windows relative
+to the source; and the refusals at a stage start."""
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from hybrid_train import load_model
 from hybrid_train.train.checkpoint import read_meta
 from hybrid_train.train.trainer import train
+
+REPO = Path(__file__).resolve().parents[1]
 
 TINY = ["model=tiny", "data=sample", "model.d_model=64", "model.mlp_hidden=128", "model.n_layers=3",
         "model.attn_layer_indices=[1]", "model.ssm_d_state=8", "model.ssm_head_dim=16", "model.head_dim=16",
@@ -86,3 +94,72 @@ def test_stage_start_refusals(compose, tmp_path):
         train(stage(compose, tmp_path, "extend", 128, 256, f"checkpoint.init_from={src}", f"run.dir={src}"))
     with pytest.raises(ValueError, match="stage 'extend' continues an earlier stage: set checkpoint.init_from"):
         compose(["+stage=extend", *TINY, f"run.dir={tmp_path / 'none'}"])
+
+
+def readme_block(marker: str) -> str:
+    text = (REPO / "README.md").read_text()
+    block = re.search(rf"<!-- {marker} -->\n```bash\n(.*?)```\n<!-- /{marker} -->", text, re.S)
+    assert block, f"README.md has no {marker} block"
+    return block.group(1)
+
+
+def run_as_written(script: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run shell commands as a user types them in a checkout: `python` is this interpreter, and the
+    checkout's files are seen from cwd (symlinks), so everything the commands write stays under cwd."""
+    for name in ("train.py", "conf", "scripts", "data"):
+        (cwd / name).symlink_to(REPO / name)
+    bin_dir = cwd / ".bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_readme_stage_chain_runs_as_written(tmp_path):
+    """A small chain used to take nine overrides found by trial and error (the llama-3 tokenizer, the 2T
+    window, Bamba's batch), and its stages never reached their LR: the README's block works as typed."""
+    proc = run_as_written(readme_block("stage-walk-through"), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    walk = tmp_path / "outputs" / "walk"
+    ends = {"pretrain": (0, 1280), "extend": (1280, 1920), "mix": (1920, 2560), "mix_cosine": (1920, 2560),
+            "anneal_mix": (2560, 2880), "anneal_mix_cosine": (2560, 2880)}
+    for run, (start, end) in ends.items():
+        rows = records(walk / run)
+        assert [r["total_tokens"] for r in rows][-1] == end, run
+        assert rows[-1]["tokens"] == end - start and rows[-1]["step"] == (end - start) // 64, run
+        log = (walk / run / "train.log").read_text()
+        assert f"{start:,} -> {end:,} total tokens (stage.tokens={end - start:,}" in log, run
+        assert "warming up over" in log and log.rstrip().splitlines()[-1].split(" ", 2)[2].startswith("finished"), run
+    extend = [r["lr"] for r in records(walk / "extend")]
+    assert max(extend) == pytest.approx(2e-5) and extend[-1] == pytest.approx(2e-5)  # the peak is reached
+    assert records(walk / "mix_cosine")[-1]["lr"] == pytest.approx(2e-6)
+    assert records(walk / "anneal_mix")[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert load_model(walk / "merged").cfg.name == "tiny"
+    assert "extend (tiny-sample): 100%" in proc.stderr  # the progress bar names the stage
+
+
+def test_windows_relative_to_the_source(compose, tmp_path):
+    """stage.tokens counts from init_from's counter (the stage file's 2T window is not used); init_from
+    without a stage continues the source's counter; an absolute window is still checked."""
+    train(stage(compose, tmp_path, "pretrain", 0, 128))
+    src = tmp_path / "pretrain"
+    ext = train(compose(["+stage=extend", *TINY, f"checkpoint.init_from={src}", "stage.tokens=192",
+                         f"run.dir={tmp_path / 'rel'}"]))
+    assert ext.state.total_tokens == 128 + 192 and ext.state.step == 3
+    assert "128 -> 320 total tokens (stage.tokens=192 from checkpoint.init_from's counter); stage.start_tokens=" \
+           "2,000,000,000,000" in (tmp_path / "rel" / "train.log").read_text()
+    plain = train(compose([*TINY, f"checkpoint.init_from={src}", "train.max_tokens=256", "train.global_batch_tokens=128",
+                           f"run.dir={tmp_path / 'plain'}"]))
+    assert [r["total_tokens"] for r in records(tmp_path / "plain")] == [256, 384]
+    assert plain.state.stage_tokens == 256
+    assert ("checkpoint.init_from trained 64 tokens per step; this stage trains 128 (train.global_batch_tokens=64 "
+            "keeps the source's)") in (tmp_path / "plain" / "train.log").read_text()
+    with pytest.raises(ValueError, match=r"stage.end_tokens=256 must be above stage.start_tokens=2,000,000,000,000; "
+                                         r"to give the stage's length .* set stage.tokens=256"):
+        compose(["+stage=extend", *TINY, f"checkpoint.init_from={src}", "stage.end_tokens=256"])
+    with pytest.raises(ValueError, match=r"has seen 128 tokens but stage.start_tokens=2,000,000,000,000 .* set "
+                                         r"stage.tokens=N to run N tokens from the checkpoint's 128"):
+        train(compose(["+stage=extend", *TINY, f"checkpoint.init_from={src}", f"run.dir={tmp_path / 'abs'}"]))

@@ -153,7 +153,7 @@ def test_default_run_learns(tmp_path):
     assert model.cfg.name == "tiny"
 
 
-def test_wandb_offline_keeps_one_run_across_resume(compose, tmp_path, monkeypatch):
+def test_wandb_offline_keeps_one_run_across_resume(compose, tmp_path, monkeypatch, capsys):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_SILENT", "true")
     run_dir = tmp_path / "wb"
@@ -162,6 +162,9 @@ def test_wandb_offline_keeps_one_run_across_resume(compose, tmp_path, monkeypatc
     run_id = (run_dir / "wandb_id").read_text().strip()
     offline = list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
+    # Where the offline run is, and how to upload it: on the console and in train.log.
+    line = f"wandb: offline run in {offline[0]}; upload it with: wandb sync {offline[0]}"
+    assert line in capsys.readouterr().out and line in (run_dir / "train.log").read_text()
     train(compose(common + ["train.max_steps=4"]))  # resumes the run directory: same wandb run id
     assert (run_dir / "wandb_id").read_text().strip() == run_id
     assert len(list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))) == 2

@@ -19,6 +19,9 @@ class SourceConfig:
 
     paths: List[str] = field(default_factory=list)
     """Glob patterns of shard files (raw text shards or token files), relative to DataConfig.root unless absolute."""
+    eval_paths: List[str] = field(default_factory=list)
+    """Held-out shards (globs, like paths): never trained on, even where paths match them too; what
+    scripts/eval.py scores. Empty: the source has no held-out split."""
     weight: float = 1.0
     """Target share of served tokens; normalized over all sources."""
     text_field: str = "text"
@@ -72,6 +75,8 @@ class DataConfig:
                 raise ValueError(f"{where}.paths is empty; give at least one glob")
             if any(not p for p in source.paths):
                 raise ValueError(f"{where}.paths contains an empty pattern: {source.paths}")
+            if any(not p for p in source.eval_paths):
+                raise ValueError(f"{where}.eval_paths contains an empty pattern: {source.eval_paths}")
             if not (math.isfinite(source.weight) and source.weight > 0):
                 raise ValueError(f"{where}.weight must be a positive number, got {source.weight}")
             if not source.text_field:

@@ -69,6 +69,19 @@ def resolve_paths(source: str, patterns: list[str], root: str) -> list[str]:
     return sorted(files)
 
 
+def training_files(name: str, source, root: str) -> list[str]:
+    """The shards a source trains on: its paths' matches less its held-out eval_paths' matches."""
+    files = resolve_paths(name, source.paths, root)
+    if not source.eval_paths:
+        return files
+    held_out = set(resolve_paths(name, source.eval_paths, root))
+    left = [f for f in files if f not in held_out]
+    if not left:
+        raise ValueError(f"source {name!r}: every shard of paths {source.paths} is held out by eval_paths "
+                         f"{source.eval_paths}; nothing is left to train on")
+    return left
+
+
 # ---------------------------------------------------------------------------------------------------
 # JSON lines
 

@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 
 from .config import DataConfig
-from .formats import resolve_paths
+from .formats import training_files
 from .slot import Slot, SlotSpec
 from .state import STATE_VERSION, merge_rank_states, slot_states
 from .workers import WorkerPool
@@ -56,7 +56,7 @@ class PackedDataLoader:
         self.slots_per_rank = max(1, self.num_workers)
         self.num_slots = dp_size * self.slots_per_rank
         self.names = sorted(cfg.sources)
-        files = {name: resolve_paths(name, cfg.sources[name].paths, cfg.root) for name in self.names}
+        files = {name: training_files(name, cfg.sources[name], cfg.root) for name in self.names}
         self.spec = SlotSpec(cfg, tokenizer, files, seq_len, batch_size, seed)
         self.fingerprint = _fingerprint(cfg, files, tokenizer, seed)
         first = dp_rank * self.slots_per_rank

@@ -74,7 +74,7 @@ class Checkpointer:
         self.cfg = cfg
         self.env = env
         self.root = run_dir / "checkpoints"
-        self.meta = meta  # run-constant metadata: model_config, job, stage name
+        self.meta = meta  # run-constant metadata: model_config, job, stage name; the trainer adds its plan
         self._pending = None  # an async save in flight: (future, tmp dir, final dir, meta)
         self._group = None
         if cfg.async_save and dist.is_initialized():
@@ -101,7 +101,9 @@ class Checkpointer:
         torch.save({"data": loader.state_dict(), "rng": _rng_state(), "scheduler": scheduler.state_dict()},
                    tmp / _rank_file(self.env.rank))
         app_state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+        run_complete = bool(self.meta.get("planned_steps")) and state.step >= self.meta["planned_steps"]
         meta = {**self.meta, **dataclasses.asdict(state), "tokens": state.total_tokens, "final": final,
+                "run_complete": run_complete,
                 "world_size": self.env.world_size, "code_version": code_version(), "saved_at": time.time()}
         if self.cfg.async_save and not final:
             future = dcp.async_save(app_state, checkpoint_id=str(tmp), process_group=self._group)
@@ -145,25 +147,7 @@ class Checkpointer:
     # ---- resuming -----------------------------------------------------------------------------
     def find_resume_point(self) -> Path | None:
         """The checkpoint to resume from: resume_from, else the newest complete one in this run."""
-        if self.cfg.resume_from:
-            ckpt = resolve_checkpoint(self.cfg.resume_from)
-            problem = checkpoint_problem(ckpt)
-            if problem:
-                raise ValueError(f"checkpoint.resume_from={self.cfg.resume_from}: {ckpt} is incomplete ({problem})")
-            return ckpt
-        if not self.cfg.resume or not self.root.is_dir():
-            return None
-        candidates = sorted((p for p in self.root.glob("step_*") if p.is_dir()), reverse=True)
-        latest = self.root / LATEST
-        if latest.is_file():
-            named = self.root / latest.read_text().strip()
-            candidates = [named] + [c for c in candidates if c != named]
-        for ckpt in candidates:
-            problem = checkpoint_problem(ckpt)
-            if problem is None:
-                return ckpt
-            warnings.warn(f"checkpoint {ckpt} is incomplete ({problem}); looking for an older complete one")
-        return None
+        return find_resume_point(self.cfg, self.root)
 
     def resume(self, ckpt: Path, model, optimizer, scheduler, loader, model_cfg: ModelConfig) -> TrainState:
         meta = read_meta(ckpt)
@@ -202,6 +186,31 @@ class Checkpointer:
             raise ValueError(f"checkpoint.init_what=model+optimizer but {ckpt} holds weights only")
         _load_app_state(ckpt, model, optimizer if with_optimizer else None)
         return int(meta.get("tokens", 0))
+
+
+def find_resume_point(cfg: CheckpointConfig, root: Path, warn: bool = True) -> Path | None:
+    """The checkpoint a run resumes from: cfg.resume_from, else the newest complete one under root
+    (falling back past incomplete ones, with a warning each when warn)."""
+    if cfg.resume_from:
+        ckpt = resolve_checkpoint(cfg.resume_from)
+        problem = checkpoint_problem(ckpt)
+        if problem:
+            raise ValueError(f"checkpoint.resume_from={cfg.resume_from}: {ckpt} is incomplete ({problem})")
+        return ckpt
+    if not cfg.resume or not root.is_dir():
+        return None
+    candidates = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
+    latest = root / LATEST
+    if latest.is_file():
+        named = root / latest.read_text().strip()
+        candidates = [named] + [c for c in candidates if c != named]
+    for ckpt in candidates:
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return ckpt
+        if warn:
+            warnings.warn(f"checkpoint {ckpt} is incomplete ({problem}); looking for an older complete one")
+    return None
 
 
 def _load_app_state(ckpt: Path, model, optimizer) -> None:

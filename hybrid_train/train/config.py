@@ -45,6 +45,9 @@ class ScheduleConfig:
     """Linear warmup length in optimizer steps (exclusive with warmup_tokens)."""
     warmup_tokens: int = 0
     """Linear warmup length in tokens, rounded up to whole steps."""
+    warmup_fraction: float = 0.0
+    """Linear warmup as a fraction of the run's (or stage's) optimizer steps, e.g. 0.01; exclusive with
+    warmup_steps and warmup_tokens. A warmup of more than half the run is clamped to half, with a warning."""
     min_lr_ratio: float = 0.1
     """Floor of cosine/linear/wsd decay as a fraction of the peak LR."""
     decay_fraction: float = 0.2
@@ -55,9 +58,12 @@ class ScheduleConfig:
             raise ValueError(f"schedule.name={self.name!r} must be one of {', '.join(SCHEDULES)}")
         if self.warmup_steps < 0 or self.warmup_tokens < 0:
             raise ValueError("schedule.warmup_steps and schedule.warmup_tokens must be >= 0")
-        if self.warmup_steps and self.warmup_tokens:
-            raise ValueError(f"set schedule.warmup_steps ({self.warmup_steps}) or schedule.warmup_tokens "
-                             f"({self.warmup_tokens}), not both")
+        if not 0 <= self.warmup_fraction <= 0.5:
+            raise ValueError(f"schedule.warmup_fraction must be in [0, 0.5], got {self.warmup_fraction}")
+        given = [f"schedule.{k}={getattr(self, k)}" for k in ("warmup_steps", "warmup_tokens", "warmup_fraction")
+                 if getattr(self, k)]
+        if len(given) > 1:
+            raise ValueError(f"set one warmup length, not {' and '.join(given)} (the others to 0)")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"schedule.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not 0 < self.decay_fraction <= 1:
@@ -73,7 +79,9 @@ class TrainConfig:
     micro_batch_size: int = 8
     """Rows per data-parallel rank per forward/backward."""
     global_batch_tokens: int = 0
-    """Tokens per optimizer step across all ranks; 0 = one micro-batch per rank (no accumulation)."""
+    """Tokens per optimizer step across all ranks; 0 = one micro-batch per rank (no accumulation) when a run
+    starts. A resumed run keeps the global batch its checkpoint recorded (gradient accumulation adapts to
+    the world size); a nonzero value that differs from it changes the batch for the rest of the run."""
     max_tokens: int = 0
     """Run length in tokens (exclusive with max_steps); the LR schedule spans it."""
     max_steps: int = 0
@@ -177,13 +185,35 @@ class StageConfig:
     """Total tokens the model has seen when this stage starts (checked against init_from's counter)."""
     end_tokens: int = 0
     """Total tokens at which this stage ends (0 = the run length is train.max_tokens / max_steps)."""
+    tokens: float = 0
+    """Length of the stage in tokens (500e9 is accepted: a whole number written as a float), counted from where init_from stopped (from start_tokens without
+    init_from, or from a Hugging Face model, which records no counter). Replaces the absolute window
+    start_tokens/end_tokens, which are then not checked; 0 = use the absolute window."""
     allow_token_mismatch: bool = False
     """Start even if init_from's token counter differs from start_tokens (the counter continues from it)."""
     needs_init_from: bool = False
     """The stage continues an earlier one, so checkpoint.init_from must be set."""
 
+    def __post_init__(self) -> None:
+        if isinstance(self.tokens, float) and self.tokens.is_integer():
+            self.tokens = int(self.tokens)
+
     def validate(self) -> None:
-        if self.start_tokens < 0 or self.end_tokens < 0:
-            raise ValueError("stage.start_tokens and stage.end_tokens must be >= 0")
-        if self.end_tokens and self.end_tokens <= self.start_tokens:
-            raise ValueError(f"stage.end_tokens={self.end_tokens} must be above stage.start_tokens={self.start_tokens}")
+        if self.tokens != int(self.tokens):
+            raise ValueError(f"stage.tokens must be a whole number of tokens, got {self.tokens}")
+        if self.start_tokens < 0 or self.end_tokens < 0 or self.tokens < 0:
+            raise ValueError("stage.start_tokens, stage.end_tokens and stage.tokens must be >= 0")
+        if not self.tokens and self.end_tokens and self.end_tokens <= self.start_tokens:
+            raise ValueError(f"stage.end_tokens={self.end_tokens:,} must be above stage.start_tokens="
+                             f"{self.start_tokens:,}; to give the stage's length from where checkpoint.init_from "
+                             f"stopped instead, set stage.tokens={self.end_tokens}")
+
+    @property
+    def relative(self) -> bool:
+        """The window is stage.tokens from the source's counter, not start_tokens/end_tokens."""
+        return self.tokens > 0
+
+    @property
+    def absolute(self) -> bool:
+        """An absolute window that a source's token counter must match at the start."""
+        return not self.relative and bool(self.start_tokens or self.end_tokens)

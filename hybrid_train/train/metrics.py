@@ -1,4 +1,4 @@
-"""What a user sees of a run: progress bar, log lines, metrics.jsonl, wandb; throughput and MFU."""
+"""What a user sees of a run: progress bar, log lines, train.log, metrics.jsonl, wandb; throughput and MFU."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import resource
 import secrets
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -38,25 +39,97 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
 
 
+LOG_FILE = "train.log"
+
+
+class RunLog:
+    """<run.dir>/train.log: what the console shows (the header, log lines, resume and checkpoint lines,
+    the summary) plus every Python warning (skipped records, checkpoint fallbacks) and a setup error.
+    Rank 0 writes all of it; the other ranks append only their warnings, prefixed `[rank N]`.
+    While open it also routes `warnings.warn` here (and still to the console)."""
+
+    def __init__(self, run_dir: Path, rank: int = 0):
+        self.rank = rank
+        self.prefix = "" if rank == 0 else f"[rank {rank}] "
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / LOG_FILE
+        self._file = self.path.open("a", buffering=1)  # one line per write: ranks may share the file
+        self._showwarning = warnings.showwarning
+        warnings.showwarning = self._on_warning
+
+    def write(self, message: str) -> None:
+        """Add message to the file (rank 0 only; see warning for the other ranks)."""
+        if self.rank == 0:
+            self._write(message)
+
+    def warning(self, message: str, echo: bool = True) -> None:
+        """A warning from any rank: to the file (prefixed on ranks > 0) and, with echo, to stderr."""
+        self._write(f"warning: {message}")
+        if echo:
+            print(f"{self.prefix}warning: {message}", file=sys.stderr, flush=True)
+
+    def _write(self, message: str) -> None:
+        if self._file is None:
+            return
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        self._file.write("".join(f"{stamp} {self.prefix}{line}\n" for line in message.splitlines() or [""]))
+
+    def _on_warning(self, message, category, filename, lineno, file=None, line=None) -> None:
+        self._showwarning(message, category, filename, lineno, file, line)
+        self._write(f"warning: {message}")
+
+    def close(self) -> None:
+        if warnings.showwarning == self._on_warning:
+            warnings.showwarning = self._showwarning
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def drop_rows_after(path: Path, step: int) -> int:
+    """Remove the records of metrics.jsonl logged after `step` (a run that resumes from that step logs
+    them again), so every step keeps one row; returns how many were dropped."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) == len(lines):
+        return 0
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+    return len(lines) - len(kept)
+
+
 class MetricsLogger:
-    """Rank 0 writes; the other ranks only keep time. Resumed runs append to metrics.jsonl."""
+    """Rank 0 writes; the other ranks only keep time. A resumed run first drops the metrics.jsonl rows
+    logged after its checkpoint's step, then appends."""
 
     def __init__(self, cfg: LoggingConfig, run_dir: Path, run_name: str, is_main: bool, total_steps: int,
-                 start_step: int, config_dict: dict):
+                 start_step: int, config_dict: dict, run_log: RunLog | None = None, stage: str = "run"):
         self.cfg = cfg
         self.is_main = is_main
         self.path = run_dir / "metrics.jsonl"
+        self.run_log = run_log
         self.bar = None
         self.wandb = None
         self._last_time = time.perf_counter()
         self._last_tokens: int | None = None
         if not is_main:
             return
+        dropped = drop_rows_after(self.path, start_step)
         if cfg.progress:
-            self.bar = tqdm(total=total_steps, initial=start_step, desc=run_name, unit="step",
+            label = run_name if stage in ("run", run_name) else f"{stage} ({run_name})"
+            self.bar = tqdm(total=total_steps, initial=start_step, desc=label, unit="step",
                             dynamic_ncols=True, file=sys.stderr)
+        if dropped:
+            self.info(f"metrics.jsonl: dropped {dropped} row(s) logged after step {start_step}, where this run "
+                      "continues (they were written before an interruption, after the last checkpoint)")
         if cfg.wandb:
             self.wandb = _start_wandb(cfg, run_dir, run_name, config_dict)
+            if cfg.wandb_mode == "offline":
+                where = Path(self.wandb.dir).parent  # .../wandb/offline-run-<time>-<id>
+                self.info(f"wandb: offline run in {where}; upload it with: wandb sync {where}")
 
     def start_window(self, tokens: int) -> None:
         self._last_time, self._last_tokens = time.perf_counter(), tokens
@@ -86,13 +159,24 @@ class MetricsLogger:
         line = " ".join(_fmt(k, v) for k, v in record.items() if k not in QUIET_KEYS and v is not None)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
-            self.bar.write(line)
-        else:
-            print(line, flush=True)
+        self.info(line)
 
     def info(self, message: str) -> None:
+        """A line for the console (above the progress bar) and train.log; rank 0 only."""
         if not self.is_main:
             return
+        if self.run_log is not None:
+            self.run_log.write(message)
+        self._show(message)
+
+    def warning(self, message: str) -> None:
+        """A warning on any rank: console and train.log (prefixed with the rank on ranks > 0)."""
+        if self.run_log is not None:
+            self.run_log.warning(message, echo=not self.is_main)
+        if self.is_main:
+            self._show(f"warning: {message}")
+
+    def _show(self, message: str) -> None:
         if self.bar is not None:
             self.bar.write(message)
         else:

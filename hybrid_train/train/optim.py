@@ -87,14 +87,31 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int, cfg: ScheduleC
     return 1.0 - (1.0 - floor) * progress  # linear
 
 
-def warmup_steps_for(cfg: ScheduleConfig, tokens_per_step: int) -> int:
+def warmup_steps_for(cfg: ScheduleConfig, tokens_per_step: int, total_steps: int = 0) -> int:
+    """The configured warmup in steps (before any clamp; see clamped_warmup)."""
     if cfg.warmup_tokens:
         return math.ceil(cfg.warmup_tokens / tokens_per_step)
+    if cfg.warmup_fraction:
+        return math.ceil(cfg.warmup_fraction * total_steps)
     return cfg.warmup_steps
 
 
+def clamped_warmup(cfg: ScheduleConfig, tokens_per_step: int, total_steps: int) -> tuple[int, str | None]:
+    """(warmup steps, warning or None): a warmup of more than half the run is clamped to half, so the
+    peak LR is always reached (a stage file's 100 warmup steps in a 10-step test stage would never get there)."""
+    warmup = warmup_steps_for(cfg, tokens_per_step, total_steps)
+    cap = total_steps // 2
+    if warmup <= cap:
+        return warmup, None
+    given = (f"schedule.warmup_tokens={cfg.warmup_tokens} ({warmup} steps)" if cfg.warmup_tokens
+             else f"schedule.warmup_steps={cfg.warmup_steps}")
+    return cap, (f"{given} is more than half of the run's {total_steps} steps; warming up over {cap} steps "
+                 "instead (schedule.warmup_fraction, e.g. 0.01, scales the warmup with the run)")
+
+
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int,
-                       tokens_per_step: int) -> torch.optim.lr_scheduler.LambdaLR:
-    warmup = warmup_steps_for(cfg, tokens_per_step)
+                       tokens_per_step: int, warmup_steps: int | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """warmup_steps: the warmup already resolved (and clamped) by the caller; None = from cfg as given."""
+    warmup = warmup_steps_for(cfg, tokens_per_step, total_steps) if warmup_steps is None else warmup_steps
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, total_steps, warmup, cfg))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -17,11 +18,12 @@ from hybrid_train.model import build_model, count_params, flops_per_token
 from hybrid_train.ops import set_kernels
 from hybrid_train.parallel import (all_reduce_mean, any_rank, barrier, destroy, full_tensor, full_tensor_init, grad_norm,
                                    init_distributed, loss_context, parallelize, sum_over_data_parallel)
-from hybrid_train.train.checkpoint import read_meta
-from hybrid_train.train.checkpointer import Checkpointer, TrainState
+from hybrid_train.train.checkpoint import read_meta, resolve_checkpoint
+from hybrid_train.train.checkpointer import Checkpointer, TrainState, find_resume_point
 from hybrid_train.train.loss import lm_loss
-from hybrid_train.train.metrics import MetricsLogger, StepTimer, device_peak_flops, peak_memory_gb
+from hybrid_train.train.metrics import MetricsLogger, RunLog, StepTimer, device_peak_flops, peak_memory_gb
 from hybrid_train.train.optim import build_lr_scheduler, build_optimizer, clip_and_step
+from hybrid_train.train.plan import RunPlan, Saved, plan_run, stage_window  # noqa: F401 (RunPlan: API)
 from hybrid_train.train.preemption import StopRequest
 from hybrid_train.train.summary import run_header
 
@@ -69,36 +71,34 @@ class SkippedStepWatch:
 class TrainResult:
     checkpoint: Path | None
     """The last checkpoint written (or resumed from)."""
-    model: torch.nn.Module
-    """The trained model (sharded when run under FSDP)."""
+    model: torch.nn.Module | None
+    """The trained model (sharded when run under FSDP); None when the run was already complete."""
     state: TrainState
     """Counters at the end."""
     stopped: bool
     """True when the run stopped early on request (signal or STOP file) after checkpointing."""
 
 
-@dataclasses.dataclass
-class RunPlan:
-    """Batch geometry and run length, derived once from the config and the world size."""
-    tokens_per_micro_batch: int  # per rank
-    grad_accum: int
-    tokens_per_step: int  # all ranks
-    total_steps: int  # optimizer steps in this stage
-
-
-def plan_run(job: JobConfig, dp_size: int, stage_budget_tokens: int | None = None) -> RunPlan:
-    """stage_budget_tokens: tokens left to train in this stage, when the stage window sets the length."""
-    t = job.train
-    per_micro = t.micro_batch_size * t.seq_len
-    global_tokens = t.global_batch_tokens or per_micro * dp_size
-    if global_tokens % (per_micro * dp_size):
-        raise ValueError(f"train.global_batch_tokens={t.global_batch_tokens} is not a multiple of "
-                         f"train.micro_batch_size x train.seq_len x data-parallel size = {per_micro * dp_size}")
-    if stage_budget_tokens is not None:
-        total = math.ceil(stage_budget_tokens / global_tokens)
-    else:
-        total = t.max_steps or math.ceil(t.max_tokens / global_tokens)
-    return RunPlan(per_micro, global_tokens // (per_micro * dp_size), global_tokens, total)
+def finished_run(job: JobConfig) -> TrainResult | None:
+    """The run's newest checkpoint when it finished this very run (same length), else None. Reads files
+    only, so a re-run of a finished job writes nothing."""
+    ckpt = find_resume_point(job.checkpoint, Path(job.run.dir) / "checkpoints", warn=False)
+    if ckpt is None:
+        return None
+    meta = read_meta(ckpt)
+    saved_job = meta.get("job", {})
+    same_length = all(saved_job.get(section, {}).get(key) == getattr(getattr(job, section), key)
+                      for section, key in (("train", "max_tokens"), ("train", "max_steps"),
+                                           ("stage", "end_tokens"), ("stage", "tokens")))
+    if not (meta.get("run_complete") and same_length and meta.get("stage", "run") == job.stage.name):
+        return None
+    fields = {f.name for f in dataclasses.fields(TrainState)}
+    state = TrainState(**{k: v for k, v in meta.items() if k in fields})
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"run {job.run.dir} is complete: stage {state.stage}, step {state.step}, {state.stage_tokens:,} tokens "
+              f"({state.total_tokens:,} in total), checkpoint {ckpt}. Nothing to do: for more training give it a "
+              "longer run (train.max_tokens, stage.tokens) or start a new stage in another run.dir", flush=True)
+    return TrainResult(ckpt, None, state, False)
 
 
 def resolve_device(job: JobConfig) -> tuple[str, torch.dtype | None]:
@@ -120,7 +120,36 @@ def seed_everything(seed: int) -> None:
 
 
 def train(job: JobConfig) -> TrainResult:
-    """Run a training job (or stage) to its end, resuming it if its run directory has a checkpoint."""
+    """Run a training job (or stage) to its end, resuming it if its run directory has a checkpoint; a run
+    that already finished is left untouched. Everything shown is also written to <run.dir>/train.log."""
+    done = finished_run(job)
+    if done is not None:
+        return done
+    run_log = RunLog(Path(job.run.dir), int(os.environ.get("RANK", "0")))
+    started = time.perf_counter()
+    try:
+        result = _train(job, run_log)
+        line = summary(result, time.perf_counter() - started)
+        run_log.write(line)
+        if run_log.rank == 0:
+            print(line, flush=True)
+    except Exception as err:
+        run_log.write(f"error: {type(err).__name__}: {err}")
+        raise
+    finally:
+        run_log.close()
+    return result
+
+
+def summary(result: TrainResult, seconds: float) -> str:
+    """The last line of a run: where it ended and its final checkpoint."""
+    state = result.state
+    how = "stopped on request" if result.stopped else "finished"
+    return (f"{how}: stage {state.stage}, step {state.step}, {state.stage_tokens:,} tokens "
+            f"({state.total_tokens:,} in total) in {seconds:.1f} s; checkpoint {result.checkpoint}")
+
+
+def _train(job: JobConfig, run_log: RunLog) -> TrainResult:
     # 1. Processes, device, run directory.
     device_type, autocast_dtype = resolve_device(job)
     env = init_distributed(job.parallel, device_type, job.model, job.train.seq_len)
@@ -156,11 +185,13 @@ def train(job: JobConfig) -> TrainResult:
     checkpointer = Checkpointer(job.checkpoint, run_dir, env, {
         "stage": job.stage.name, "model_config": dataclasses.asdict(job.model),
         "job": dataclasses.asdict(job)})
-    state, resume_from = start_state(job, checkpointer, model, optimizer)
+    state, resume_from, notes = start_state(job, checkpointer, model, optimizer)
     stage_start_total = state.total_tokens - state.stage_tokens
-    budget = job.stage.end_tokens - stage_start_total if job.stage.end_tokens else None
-    plan = plan_run(job, env.dp_size, budget)
-    scheduler = build_lr_scheduler(optimizer, job.schedule, plan.total_steps, plan.tokens_per_step)
+    saved = Saved.from_meta(read_meta(resume_from)) if resume_from is not None else None
+    plan = plan_run(job, env.dp_size, stage_window(job, stage_start_total), saved)
+    checkpointer.meta.update(tokens_per_step=plan.tokens_per_step, planned_steps=plan.total_steps)
+    scheduler = build_lr_scheduler(optimizer, job.schedule, plan.total_steps, plan.tokens_per_step,
+                                   plan.warmup_steps)
     if resume_from is not None:
         state = checkpointer.resume(resume_from, model, optimizer, scheduler, loader, job.model)
 
@@ -168,12 +199,14 @@ def train(job: JobConfig) -> TrainResult:
     flops_token = flops_per_token(job.model, n_params, n_embedding, job.train.seq_len)
     peak = device_peak_flops(env.device, job.logging.peak_tflops)
     logger = MetricsLogger(job.logging, run_dir, job.run.name, env.is_main, plan.total_steps, state.step,
-                           dataclasses.asdict(job))
+                           dataclasses.asdict(job), run_log, job.stage.name)
     fused_loss = job.fused_loss()
     logger.info(run_header(job, plan.total_steps, plan.tokens_per_step, plan.grad_accum, n_params=n_params,
                            n_embedding=n_embedding, world_size=env.world_size, device=device_type,
                            precision="bf16" if autocast_dtype is not None else "fp32",
                            start_total_tokens=stage_start_total, resumed_from=resume_from, resumed_step=state.step))
+    for level, message in notes + plan.notes:
+        (logger.warning if level == "warning" else logger.info)(message)
     autocast = (torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
     stop = StopRequest(run_dir, env.cpu_group)
@@ -278,8 +311,11 @@ def forward_backward(model, batch: dict, z_loss: float, fused: bool, grad_accum:
     return ce
 
 
-def start_state(job: JobConfig, checkpointer: Checkpointer, model, optimizer) -> tuple[TrainState, object]:
-    """Counters for a fresh start or a stage start (weights loaded here), or the checkpoint to resume."""
+def start_state(job: JobConfig, checkpointer: Checkpointer, model,
+                optimizer) -> tuple[TrainState, Path | None, list[tuple[str, str]]]:
+    """Counters for a fresh start or a stage start (weights loaded here), or the checkpoint to resume;
+    and notes for the log. The counter continues from init_from's; an absolute window (stage.start_tokens
+    / end_tokens without stage.tokens) must start there."""
     stage = job.stage
     resume_from = checkpointer.find_resume_point()
     if resume_from is not None:
@@ -288,21 +324,35 @@ def start_state(job: JobConfig, checkpointer: Checkpointer, model, optimizer) ->
             raise ValueError(f"{resume_from} belongs to stage {meta.get('stage')!r} but this job is stage "
                              f"{stage.name!r}: give the new stage its own run.dir and checkpoint.init_from={resume_from}")
         fields = {f.name for f in dataclasses.fields(TrainState)}
-        return TrainState(**{k: v for k, v in meta.items() if k in fields}), resume_from
-    total = stage.start_tokens
+        return TrainState(**{k: v for k, v in meta.items() if k in fields}), resume_from, []
+    total, notes, origin = stage.start_tokens, [], "stage.start_tokens"
     if job.checkpoint.init_from:
         source_tokens = checkpointer.init_from(job.checkpoint.init_from, model, optimizer, job.model,
                                                job.checkpoint.init_what == "model+optimizer")
         # A stage ends on the first whole step past its end, so the next one may start a step late.
         step_tokens = plan_run(job, checkpointer.env.dp_size, 1).tokens_per_step
-        if source_tokens is not None and not 0 <= source_tokens - stage.start_tokens < step_tokens:
+        if stage.absolute and source_tokens is not None and not 0 <= source_tokens - stage.start_tokens < step_tokens:
             if not stage.allow_token_mismatch:
                 raise ValueError(f"checkpoint.init_from={job.checkpoint.init_from} has seen {source_tokens:,} tokens but "
-                                 f"stage.start_tokens={stage.start_tokens:,} (a step is {step_tokens:,}); fix one, or set "
+                                 f"stage.start_tokens={stage.start_tokens:,} (a step is {step_tokens:,}); fix one, set "
+                                 f"stage.tokens=N to run N tokens from the checkpoint's {source_tokens:,}, or set "
                                  "stage.allow_token_mismatch=true (the counter then continues from the checkpoint)")
         if source_tokens is not None:
-            total = source_tokens
-    return TrainState(total_tokens=total, stage=stage.name), None
+            total, origin = source_tokens, "checkpoint.init_from's counter"
+            source_step = Saved.from_meta(read_meta(resolve_checkpoint(job.checkpoint.init_from))).tokens_per_step
+            if source_step and source_step != step_tokens:
+                notes.append(("info", f"checkpoint.init_from trained {source_step:,} tokens per step; this stage "
+                                      f"trains {step_tokens:,} (train.global_batch_tokens={source_step} keeps the "
+                                      "source's)"))
+    if stage.relative:
+        if origin == "stage.start_tokens":  # no init_from, or a Hugging Face model without a counter
+            replaced = f"; stage.end_tokens={stage.end_tokens:,} is not used" if stage.end_tokens else ""
+        else:
+            replaced = (f"; stage.start_tokens={stage.start_tokens:,} / end_tokens={stage.end_tokens:,} are not used"
+                        if stage.start_tokens or stage.end_tokens else "")
+        notes.append(("info", f"stage {stage.name}: {total:,} -> {total + int(stage.tokens):,} total tokens "
+                              f"(stage.tokens={int(stage.tokens):,} from {origin}){replaced}"))
+    return TrainState(total_tokens=total, stage=stage.name), None, notes
 
 
 def _next_batches(loader, n: int, env) -> tuple[list[dict], str | None]:
