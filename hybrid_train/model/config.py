@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 MAMBA, ATTENTION = "M", "A"
+MOE_SCORES = ("softmax", "sigmoid")
+MOE_IMPLS = ("auto", "grouped", "loop")
 
 
 @dataclass
@@ -38,6 +40,34 @@ class ModelConfig:
     # MLP
     mlp_hidden: int = 384
     """SwiGLU intermediate width (0 = no MLP in the blocks)."""
+
+    # Mixture of experts (replaces the MLP of the blocks it is placed in)
+    moe_n_experts: int = 0
+    """Routed experts per MoE block (0 = no MoE: every block has the dense MLP)."""
+    moe_top_k: int = 2
+    """Experts each token is routed to (dropless: every token reaches all of its top_k)."""
+    moe_hidden: int = 0
+    """SwiGLU intermediate width of each routed expert (0 = mlp_hidden)."""
+    moe_shared_hidden: int = 0
+    """Width of the shared expert every token also goes through (0 = none; k shared experts of width w
+    are one of width k*w)."""
+    moe_score: str = "softmax"
+    """Router score of each expert from its logit: softmax (over experts) or sigmoid."""
+    moe_norm_topk: bool = True
+    """Rescale the top_k scores of a token to sum to 1 (Mixtral, Granite; Jamba does not)."""
+    moe_aux_loss_coef: float = 0.01
+    """Weight of the load-balancing loss E * sum_e f_e * P_e (Switch/Mixtral form), mean over MoE blocks."""
+    moe_z_loss_coef: float = 0.001
+    """Weight of the router z-loss mean(logsumexp(router logits)^2) (ST-MoE), mean over MoE blocks."""
+    moe_layer_indices: Optional[List[int]] = None
+    """Blocks with an MoE MLP; None = every moe_every-th block from moe_offset."""
+    moe_every: int = 1
+    """Without moe_layer_indices: MoE in blocks i with i % moe_every == moe_offset (Jamba: 2 and 1)."""
+    moe_offset: int = 0
+    """See moe_every."""
+    moe_impl: str = "auto"
+    """Expert compute: grouped (one torch._grouped_mm per projection over tokens sorted by expert), loop
+    (one matmul per expert, the reference), auto (grouped where the build, dtype and widths allow it)."""
 
     # Attention
     n_heads: int = 4
@@ -87,6 +117,19 @@ class ModelConfig:
     @property
     def ssm_n_heads(self) -> int:
         return self.d_inner // self.ssm_head_dim
+
+    @property
+    def expert_hidden(self) -> int:
+        return self.moe_hidden or self.mlp_hidden
+
+    @property
+    def moe_layers(self) -> List[int]:
+        """Indices of the blocks whose MLP is a mixture of experts."""
+        if not self.moe_n_experts:
+            return []
+        if self.moe_layer_indices is not None:
+            return sorted(self.moe_layer_indices)
+        return [i for i in range(self.n_layers) if i % self.moe_every == self.moe_offset]
 
     @property
     def layer_types(self) -> List[str]:
@@ -145,4 +188,34 @@ class ModelConfig:
                  f"model.ssm_dt_limit={list(self.ssm_dt_limit)} must be [low, high] with 0 <= low < high")
             need(0 < self.ssm_dt_min <= self.ssm_dt_max,
                  f"model.ssm_dt_min={self.ssm_dt_min} and model.ssm_dt_max={self.ssm_dt_max} must satisfy 0 < min <= max")
+        self._validate_moe(need)
         return self
+
+    def _validate_moe(self, need) -> None:
+        need(self.moe_n_experts >= 0, f"model.moe_n_experts must be >= 0, got {self.moe_n_experts}")
+        if not self.moe_n_experts:
+            need(self.moe_layer_indices in (None, []),
+                 f"model.moe_layer_indices={self.moe_layer_indices} needs model.moe_n_experts > 0")
+            return
+        need(1 <= self.moe_top_k <= self.moe_n_experts,
+             f"model.moe_top_k={self.moe_top_k} must be in 1..model.moe_n_experts={self.moe_n_experts}")
+        need(self.moe_hidden >= 0 and self.moe_shared_hidden >= 0,
+             f"model.moe_hidden={self.moe_hidden} and model.moe_shared_hidden={self.moe_shared_hidden} must be >= 0")
+        need(self.expert_hidden > 0, "the experts' width is model.moe_hidden, or model.mlp_hidden when it is 0; "
+                                     "both are 0")
+        need(self.moe_score in MOE_SCORES, f"model.moe_score={self.moe_score!r}; expected one of {', '.join(MOE_SCORES)}")
+        need(self.moe_impl in MOE_IMPLS, f"model.moe_impl={self.moe_impl!r}; expected one of {', '.join(MOE_IMPLS)}")
+        need(self.moe_aux_loss_coef >= 0 and self.moe_z_loss_coef >= 0,
+             f"model.moe_aux_loss_coef={self.moe_aux_loss_coef} and model.moe_z_loss_coef={self.moe_z_loss_coef} "
+             "must be >= 0")
+        need(self.moe_every >= 1 and 0 <= self.moe_offset < self.moe_every,
+             f"model.moe_every={self.moe_every} and model.moe_offset={self.moe_offset} must satisfy "
+             "moe_every >= 1 and 0 <= moe_offset < moe_every")
+        if self.moe_layer_indices is not None:
+            for i in self.moe_layer_indices:
+                need(0 <= i < self.n_layers, f"model.moe_layer_indices has {i}, outside 0..n_layers-1={self.n_layers - 1}")
+            need(len(set(self.moe_layer_indices)) == len(self.moe_layer_indices),
+                 f"model.moe_layer_indices={list(self.moe_layer_indices)} repeats an index")
+        need(bool(self.moe_layers), f"model.moe_n_experts={self.moe_n_experts} but no block is an MoE block "
+                                    f"(model.moe_layer_indices={self.moe_layer_indices}, model.moe_every={self.moe_every}, "
+                                    f"model.moe_offset={self.moe_offset}, model.n_layers={self.n_layers})")

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hybrid_train.model.config import ATTENTION, ModelConfig
+from hybrid_train.model.moe import MoE
 from hybrid_train.ops import causal_attention, conv_ssd_scan, fused_linear_cross_entropy, gated_rms_norm
 
 
@@ -175,15 +176,15 @@ class Mamba2Mixer(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm block: x + mixer(norm(x)), then + mlp(norm(x))."""
+    """Pre-norm block: x + mixer(norm(x)), then + mlp(norm(x)); the MLP is dense or a mixture of experts."""
 
-    def __init__(self, cfg: ModelConfig, layer_type: str):
+    def __init__(self, cfg: ModelConfig, layer_type: str, moe: bool = False):
         super().__init__()
         self.layer_type = layer_type
         self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mixer = Attention(cfg) if layer_type == ATTENTION else Mamba2Mixer(cfg)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.mlp_hidden else None
-        self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden) if cfg.mlp_hidden else None
+        self.mlp = MoE(cfg) if moe else SwiGLU(cfg.d_model, cfg.mlp_hidden) if cfg.mlp_hidden else None
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if self.mlp is not None else None
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
         x = x + self.mixer(self.mixer_norm(x), position_ids, seq_idx)
@@ -220,7 +221,8 @@ class HybridLM(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         # Keyed by layer index so parameter names are stable across stages, checkpoints and export.
-        self.layers = nn.ModuleDict({str(i): Block(cfg, kind) for i, kind in enumerate(cfg.layer_types)})
+        moe = set(cfg.moe_layers)
+        self.layers = nn.ModuleDict({str(i): Block(cfg, kind, i in moe) for i, kind in enumerate(cfg.layer_types)})
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = LMHead(cfg.d_model, cfg.vocab_size, bias=False)
         self.tie_weights()
@@ -236,7 +238,8 @@ class HybridLM(nn.Module):
         """input_ids (b, t) -> logits (b, t, vocab). seq_idx (b, t) separates packed documents.
 
         With labels (b, t): (loss, cross entropy) of the fused head instead, equal to
-        `lm_loss(logits, labels, z_loss)` without materializing the logits."""
+        `lm_loss(logits, labels, z_loss)` without materializing the logits; the loss includes the
+        routers' losses (`router_loss()`) when the model has MoE blocks."""
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         if not self.cfg.doc_masking:
@@ -247,7 +250,33 @@ class HybridLM(nn.Module):
         h = self.norm(h)
         if labels is None:
             return self.lm_head(h)
-        return self.lm_head(h, labels, z_loss)
+        loss, ce = self.lm_head(h, labels, z_loss)
+        if self.cfg.moe_n_experts:
+            loss = loss + self.router_loss()
+        return loss, ce
+
+    def moe_blocks(self) -> dict[str, MoE]:
+        """Layer index -> MoE of the blocks that have one."""
+        return {i: block.mlp for i, block in self.layers.items() if isinstance(block.mlp, MoE)}
+
+    def router_loss(self) -> torch.Tensor:
+        """moe_aux_loss_coef * load-balancing loss + moe_z_loss_coef * z-loss, each the mean over MoE
+        blocks, of the last forward (with gradients; add it to a loss computed from the logits)."""
+        blocks = [m.stats for m in self.moe_blocks().values() if m.stats]
+        if not blocks:
+            return torch.zeros((), device=self.embed.weight.device)
+        aux = torch.stack([s["aux"] for s in blocks]).mean()
+        z = torch.stack([s["z"] for s in blocks]).mean()
+        return self.cfg.moe_aux_loss_coef * aux + self.cfg.moe_z_loss_coef * z
+
+    @torch.no_grad()
+    def router_stats(self) -> dict[str, torch.Tensor]:
+        """Of the last forward, detached: `counts` (MoE blocks, E) tokens per expert, `aux` and `z` (MoE
+        blocks,) the unweighted losses; in the order of moe_blocks()."""
+        blocks = [m.stats for m in self.moe_blocks().values()]
+        if not blocks or not all(blocks):
+            return {}
+        return {key: torch.stack([s[key].detach().float() for s in blocks]) for key in ("counts", "aux", "z")}
 
     @torch.no_grad()
     def init_weights(self) -> None:
