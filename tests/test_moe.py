@@ -193,3 +193,19 @@ def test_active_parameters_and_flops_count_top_k_experts():
     f_moe = flops_per_token(cfg, total, embedding, 16)
     f_all = flops_per_token(ModelConfig(**{**vars(cfg), "moe_top_k": 6}), total, embedding, 16)
     assert f_all - f_moe == 6 * 2 * 4 * expert
+
+
+@pytest.mark.parametrize("name, total, active, layout, moe_layers", [
+    ("jamba_52b", 51_485_722_112, 12_025_710_080, "MMMMAMMM" * 4, list(range(1, 32, 2))),
+    ("granite4_h_small", 32_207_337_984, 8_803_121_664, ("M" * 5 + "A" + "M" * 4) * 4, list(range(40))),
+])
+def test_large_moe_configs_parameter_counts_on_meta(compose, name, total, active, layout, moe_layers):
+    """Jamba-v0.1's layout and sizes with Mamba-2 mixers (Jamba itself: 52B total, 12B active with
+    Mamba-1 mixers); Granite-4.0-H-Small's sizes (32.2B total, 9B active as IBM states it)."""
+    job = compose([f"model={name}"])
+    model = build_model(job.model, device="meta")
+    n, _ = count_params(model)
+    assert (n, active_params(job.model, n)) == (total, active)
+    assert "".join(job.model.layer_types) == layout and job.model.moe_layers == moe_layers
+    expert = model.layers[str(moe_layers[0])].mlp.experts
+    assert expert.gate_up_proj.shape == (job.model.moe_n_experts, 2 * job.model.expert_hidden, job.model.d_model)

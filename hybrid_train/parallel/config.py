@@ -76,6 +76,9 @@ class ParallelConfig:
         tp = self.tp
         if tp == 1:
             return
+        if model_cfg.moe_n_experts:
+            raise ValueError(f"parallel.tp={tp} with model.moe_n_experts={model_cfg.moe_n_experts}: tensor parallelism "
+                             "of MoE blocks is not supported; shard the model with FSDP (parallel.tp=1)")
         types = model_cfg.layer_types
         counts = []
         if ATTENTION in types:

@@ -36,6 +36,23 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
 
 
+def router_metrics(model, env) -> dict:
+    """Expert load and router losses of the last micro-batch, over all data-parallel ranks (every rank
+    calls it): `moe_load` per MoE block (layer index -> max/mean tokens per expert; 1 is balanced),
+    its largest value `moe_load_max`, and the unweighted losses `moe_aux_loss` (top_k when balanced) and
+    `moe_z_loss`, means over MoE blocks. Empty for a model without MoE blocks."""
+    from hybrid_train.parallel import all_reduce_mean, sum_over_data_parallel
+
+    stats = model.router_stats()
+    if not stats:
+        return {}
+    counts = sum_over_data_parallel(stats["counts"].to(torch.float64), env.tp_size)  # (blocks, E)
+    load = (counts.max(1).values / counts.mean(1).clamp(min=1e-9)).tolist()
+    return {"moe_load": dict(zip(model.moe_blocks(), load)), "moe_load_max": max(load),
+            "moe_aux_loss": all_reduce_mean(stats["aux"].mean()).item(),
+            "moe_z_loss": all_reduce_mean(stats["z"].mean()).item()}
+
+
 class MetricsLogger:
     """Rank 0 writes; the other ranks only keep time. Resumed runs append to metrics.jsonl."""
 
@@ -77,10 +94,11 @@ class MetricsLogger:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             flat = {k: v for k, v in record.items() if isinstance(v, (int, float)) and v is not None}
-            for name, n in record.get("source_tokens", {}).items():
-                flat[f"source_tokens/{name}"] = n
+            for key in ("source_tokens", "moe_load"):
+                for name, n in record.get(key, {}).items():
+                    flat[f"{key}/{name}"] = n
             self.wandb.log(flat, step=record["step"])
-        line = " ".join(_fmt(k, v) for k, v in record.items() if k != "source_tokens" and v is not None)
+        line = " ".join(_fmt(k, v) for k, v in record.items() if k not in ("source_tokens", "moe_load") and v is not None)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
             self.bar.write(line)

@@ -13,14 +13,14 @@ import torch.distributed
 
 from hybrid_train.config import JobConfig, to_yaml
 from hybrid_train.data import DataExhausted, build_data_loader, build_tokenizer
-from hybrid_train.model import build_model, count_params, flops_per_token
+from hybrid_train.model import active_params, build_model, count_params, flops_per_token
 from hybrid_train.ops import set_kernels
 from hybrid_train.parallel import (all_reduce_mean, barrier, clip_grad_norm_, destroy, full_tensor, full_tensor_init,
                                    init_distributed, loss_context, parallelize, sum_over_data_parallel)
 from hybrid_train.train.checkpoint import read_meta
 from hybrid_train.train.checkpointer import Checkpointer, TrainState
 from hybrid_train.train.loss import lm_loss
-from hybrid_train.train.metrics import MetricsLogger, device_peak_flops, peak_memory_gb
+from hybrid_train.train.metrics import MetricsLogger, device_peak_flops, peak_memory_gb, router_metrics
 from hybrid_train.train.optim import build_lr_scheduler, build_optimizer
 from hybrid_train.train.preemption import StopRequest
 
@@ -134,7 +134,8 @@ def train(job: JobConfig) -> TrainResult:
     logger = MetricsLogger(job.logging, run_dir, job.run.name, env.is_main, plan.total_steps, state.step,
                            dataclasses.asdict(job))
     fused_loss = job.fused_loss()
-    logger.info(f"model {job.model.name}: {n_params / 1e6:.2f}M parameters ({n_embedding / 1e6:.2f}M embedding), "
+    active = (f", {active_params(job.model, n_params) / 1e6:.2f}M active per token" if job.model.moe_n_experts else "")
+    logger.info(f"model {job.model.name}: {n_params / 1e6:.2f}M parameters ({n_embedding / 1e6:.2f}M embedding{active}), "
                 f"{''.join(job.model.layer_types)}; {env.world_size} process(es) on {device_type}; stage "
                 f"{job.stage.name}: {plan.total_steps} steps x {plan.tokens_per_step} tokens (grad accumulation "
                 f"{plan.grad_accum}), from {stage_start_total:,} total tokens; "
@@ -191,6 +192,7 @@ def train(job: JobConfig) -> TrainResult:
                     "mem_gb": peak_memory_gb(env.device),
                     "source_tokens": state.source_tokens,
                     "skipped_records": _global_source_tokens(loader.skipped_records, env),
+                    **router_metrics(model, env),
                 })
             if last or stopped or checkpointer.due(state, plan.tokens_per_step):
                 state.source_tokens = _global_source_tokens(loader.source_tokens, env)
@@ -223,6 +225,8 @@ def forward_backward(model, batch: dict, z_loss: float, fused: bool, grad_accum:
         logits = model(*inputs)
     with loss_context(env):  # vocabulary-parallel cross entropy when parallel.loss_parallel
         loss, ce = lm_loss(logits, batch["labels"], z_loss)
+        if model.cfg.moe_n_experts:
+            loss = loss + model.router_loss()  # the fused path adds it inside the model
         (loss / grad_accum).backward()
     return ce
 
