@@ -55,3 +55,15 @@ def test_bench_fused_loss_adds_the_cross_entropy_step(monkeypatch):
     results = bench.main(["--device", "cpu", "--tiny", "--layers", "1", "--attn", "--seq-len", "16",
                           "--steps", "1", "--warmup", "0", "--fused-loss"])
     assert [r["variant"] for r in results] == ["kernels"] and results[0]["fused_loss"]
+
+
+def test_bench_moe_slice_smoke_on_cpu(monkeypatch):
+    """--moe: the grouped-GEMM experts and the loop-over-experts baseline, MFU on active parameters."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    results = load_bench().main(["--device", "cpu", "--tiny", "--moe", "--layers", "2", "--attn", "0",
+                                 "--seq-len", "16", "--steps", "1", "--warmup", "0"])
+    assert [r["variant"] for r in results] == ["moe_grouped", "moe_loop"]
+    grouped, loop = results
+    assert grouped["moe_grouped_mm"] == hasattr(torch, "_grouped_mm") and loop["moe_grouped_mm"] is False
+    assert grouped["active_params"] == grouped["params"] - (8 - 2) * 3 * 64 * 64  # one MoE block (index 1)
+    assert all(r["tokens_per_s"] > 0 for r in results)
