@@ -170,6 +170,10 @@ def test_model_loss_includes_router_losses_and_trains_the_router():
     router = model.router_loss()
     stats = model.router_stats()
     assert stats["counts"].shape == (2, 6) and (stats["counts"].sum(1) == 2 * 13 * 2).all()
+    model(ids)  # the load sums forwards until reset
+    assert torch.equal(model.router_stats(reset=True)["load"], 2 * stats["counts"])
+    model(ids)
+    assert torch.equal(model.router_stats()["load"], stats["counts"])
     expected = 0.1 * stats["aux"].mean() + 0.01 * stats["z"].mean()
     torch.testing.assert_close(router.detach(), expected, rtol=1e-6, atol=0)
     ref_loss, ref_ce = lm_loss(model(ids), labels)

@@ -270,13 +270,19 @@ class HybridLM(nn.Module):
         return self.cfg.moe_aux_loss_coef * aux + self.cfg.moe_z_loss_coef * z
 
     @torch.no_grad()
-    def router_stats(self) -> dict[str, torch.Tensor]:
-        """Of the last forward, detached: `counts` (MoE blocks, E) tokens per expert, `aux` and `z` (MoE
-        blocks,) the unweighted losses; in the order of moe_blocks()."""
-        blocks = [m.stats for m in self.moe_blocks().values()]
-        if not blocks or not all(blocks):
+    def router_stats(self, reset: bool = False) -> dict[str, torch.Tensor]:
+        """Detached, in the order of moe_blocks(): `load` (MoE blocks, E) tokens per expert summed over
+        the forwards since the last reset; `counts` the same of the last forward; `aux` and `z` (MoE
+        blocks,) the unweighted losses of the last forward. reset: start the next sum afresh."""
+        blocks = list(self.moe_blocks().values())
+        if not blocks or not all(m.stats for m in blocks):
             return {}
-        return {key: torch.stack([s[key].detach().float() for s in blocks]) for key in ("counts", "aux", "z")}
+        out = {key: torch.stack([m.stats[key].detach().float() for m in blocks]) for key in ("counts", "aux", "z")}
+        out["load"] = torch.stack([m.load.float() for m in blocks])
+        if reset:
+            for m in blocks:
+                m.reset_load()
+        return out
 
     @torch.no_grad()
     def init_weights(self) -> None:

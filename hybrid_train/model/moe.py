@@ -9,12 +9,14 @@ Dropless: there is no capacity; every token reaches its k experts. The (token, e
 sorted by expert, so each expert's tokens are one contiguous block: the experts then run as one
 grouped GEMM per projection (`torch._grouped_mm` over the blocks' offsets) or, as the reference, one
 matmul per expert. `GroupedExperts.forward(x_sorted, counts)` is that step alone, so expert
-parallelism (hybrid_train.parallel) can wrap it with its all-to-all dispatch and combine.
+parallelism (hybrid_train.parallel.ep) can replace it with all-to-all dispatch, `compute` on the
+rank's own experts, and all-to-all combine.
 
 Expert weights are stored as transformers' GraniteMoeHybrid / Jamba store them: `gate_up_proj`
 (E, 2*hidden, d) with gate rows first, and `down_proj` (E, d, hidden).
 
-Each forward leaves the router's auxiliary losses and the tokens per expert in `self.stats`:
+Each forward leaves the router's auxiliary losses and the tokens per expert in `self.stats`, and adds
+the tokens per expert to `self.load` (until `reset_load()`):
 - aux: E * sum_e f_e * P_e, f_e = tokens routed to e / tokens (sums to k), P_e = mean router
   probability of e (softmax; normalized sigmoid scores). k when perfectly balanced (as transformers'
   `load_balancing_loss_func`).
@@ -81,8 +83,11 @@ class GroupedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n_experts, d_model, hidden))
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x (n, d): rows sorted by expert; counts (E,): rows of each expert held here (sum n)."""
-        gate_up, down = self.gate_up_proj, self.down_proj
+        """x (n, d): rows sorted by expert; counts (E,): rows of each expert (sum n)."""
+        return self.compute(x, counts, self.gate_up_proj, self.down_proj)
+
+    def compute(self, x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        """The experts whose weights are given (plain tensors) on x sorted by them, counts rows each."""
         dtype = _compute_dtype(x, gate_up)
         x, gate_up, down = x.to(dtype), gate_up.to(dtype), down.to(dtype)
         grouped = self.impl == "grouped" or (self.impl == "auto" and grouped_mm_supported(x, gate_up, down))
@@ -118,6 +123,7 @@ class MoE(nn.Module):
         self.experts = GroupedExperts(cfg.moe_n_experts, cfg.d_model, cfg.expert_hidden, cfg.moe_impl)
         self.shared_expert = SharedExpert(cfg.d_model, cfg.moe_shared_hidden) if cfg.moe_shared_hidden else None
         self.stats: dict[str, torch.Tensor] = {}
+        self.load: torch.Tensor | None = None  # tokens per expert summed since reset_load()
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (T, d) -> (router logits (T, E), top-k weights (T, k), top-k experts (T, k)); logits and
@@ -143,7 +149,11 @@ class MoE(nn.Module):
         if self.shared_expert is not None:
             out = out + self.shared_expert(x)
         self.stats = router_stats(logits, counts, self.score)
+        self.load = self.stats["counts"] if self.load is None else self.load + self.stats["counts"]
         return out.view(shape)
+
+    def reset_load(self) -> None:
+        self.load = None
 
     def init_weights(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.router.weight, std=std)

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from hybrid_train.parallel.config import ParallelConfig
+from hybrid_train.parallel.ep import build_ep_mesh
 
 MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
 
@@ -24,6 +25,8 @@ class Distributed:
     """(dp_replicate, dp_shard, tp) mesh when more than one process, else None."""
     cfg: ParallelConfig = field(default_factory=ParallelConfig)
     """The layout and knobs `parallelize` applies."""
+    ep_mesh: DeviceMesh | None = None
+    """(ep_dp, ep) mesh of expert parallelism when parallel.ep > 1, else None."""
 
     @property
     def is_main(self) -> bool:
@@ -85,4 +88,5 @@ def init_distributed(cfg: ParallelConfig, device_type: str, model_cfg=None, seq_
         return Distributed(rank, world, local_rank, device, None, cfg)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    return Distributed(rank, world, local_rank, device, build_mesh(cfg, world, device_type), cfg)
+    ep_mesh = build_ep_mesh(device_type, world, cfg.ep) if cfg.ep > 1 else None
+    return Distributed(rank, world, local_rank, device, build_mesh(cfg, world, device_type), cfg, ep_mesh)

@@ -37,16 +37,16 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def router_metrics(model, env) -> dict:
-    """Expert load and router losses of the last micro-batch, over all data-parallel ranks (every rank
-    calls it): `moe_load` per MoE block (layer index -> max/mean tokens per expert; 1 is balanced),
-    its largest value `moe_load_max`, and the unweighted losses `moe_aux_loss` (top_k when balanced) and
-    `moe_z_loss`, means over MoE blocks. Empty for a model without MoE blocks."""
+    """Expert load since the last call and router losses of the last micro-batch, over all data-parallel
+    ranks (every rank calls it): `moe_load` per MoE block (layer index -> max/mean tokens per expert,
+    1 when balanced), its largest value `moe_load_max`, and the unweighted losses `moe_aux_loss` (top_k
+    when balanced) and `moe_z_loss`, means over MoE blocks. Empty for a model without MoE blocks."""
     from hybrid_train.parallel import all_reduce_mean, sum_over_data_parallel
 
-    stats = model.router_stats()
+    stats = model.router_stats(reset=True)
     if not stats:
         return {}
-    counts = sum_over_data_parallel(stats["counts"].to(torch.float64), env.tp_size)  # (blocks, E)
+    counts = sum_over_data_parallel(stats["load"].to(torch.float64), env.tp_size)  # (blocks, E)
     load = (counts.max(1).values / counts.mean(1).clamp(min=1e-9)).tolist()
     return {"moe_load": dict(zip(model.moe_blocks(), load)), "moe_load_max": max(load),
             "moe_aux_loss": all_reduce_mean(stats["aux"].mean()).item(),
