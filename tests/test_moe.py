@@ -213,3 +213,26 @@ def test_large_moe_configs_parameter_counts_on_meta(compose, name, total, active
     assert "".join(job.model.layer_types) == layout and job.model.moe_layers == moe_layers
     expert = model.layers[str(moe_layers[0])].mlp.experts
     assert expert.gate_up_proj.shape == (job.model.moe_n_experts, 2 * job.model.expert_hidden, job.model.d_model)
+
+
+def test_training_logs_expert_load_and_router_losses(tmp_path):
+    """Two steps of the trainer on the Jamba-layout tiny config: metrics.jsonl carries the per-block
+    expert load (max/mean over the steps since the last line) and the router losses; both loss paths
+    (fused head and logits) train."""
+    import json
+
+    from conftest import compose_job
+    from hybrid_train.train.trainer import train
+
+    small = ["model=jamba_mamba2_tiny", "train.max_tokens=0", "train.max_steps=2", "train.seq_len=32",
+             "train.micro_batch_size=2", "logging.progress=false", "logging.log_every=1"]
+    for impl in ("fused", "logits"):
+        run = tmp_path / impl
+        train(compose_job(small + [f"run.dir={run}", f"train.loss_impl={impl}"]))
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records] == [1, 2]
+        for r in records:
+            assert sorted(r["moe_load"]) == ["1", "3", "5", "7"]
+            assert all(1.0 <= v <= 16.0 for v in r["moe_load"].values())
+            assert r["moe_load_max"] == max(r["moe_load"].values())
+            assert r["moe_aux_loss"] > 0 and r["moe_z_loss"] > 0
