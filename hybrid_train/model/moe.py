@@ -142,7 +142,7 @@ class MoE(nn.Module):
         logits, weights, experts = self.route(x)
         flat = experts.flatten()  # (T*k,) the expert of each (token, slot) pair
         order = flat.argsort(stable=True)  # pairs sorted by expert
-        counts = torch.bincount(flat, minlength=self.n_experts)  # (E,)
+        counts = flat.new_zeros(self.n_experts).index_add_(0, flat, torch.ones_like(flat))  # (E,), a static shape
         y = self.experts(x[order // self.top_k], counts)  # (T*k, d), sorted by expert
         y = y[order.argsort()].view(-1, self.top_k, shape[-1])  # (T, k, d), back in token order
         out = (y.to(weights.dtype) * weights.unsqueeze(-1)).sum(1).to(y.dtype)  # (T, d)
