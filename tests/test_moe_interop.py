@@ -43,6 +43,9 @@ def granite_logits_match(hf_dir, ckpt, vocab: int, length: int = 29) -> None:
     dict(moe_shared_hidden=0, tie_embeddings=True, ssm_n_groups=1),  # no shared expert
     dict(moe_top_k=1, moe_n_experts=4, attn_layer_indices=[0, 2], rope_theta=500.0, ssm_conv_bias=False,
          ssm_dt_limit=[0.01, 0.2]),
+    # Granite 4.0-H's attention and scalars: no positional encoding, score scale 1/head_dim, multipliers.
+    dict(attn_rope=False, attn_scale=1 / 16, embedding_multiplier=12.0,
+         residual_multiplier=0.22, logits_scaling=6.0, tie_embeddings=True),
 ])
 def test_moe_export_loads_in_transformers_granite_with_equal_logits(tmp_path, overrides):
     cfg = granite_cfg(**overrides)
@@ -70,7 +73,8 @@ def test_import_of_a_model_saved_by_transformers(tmp_path):
         vocab_size=97, hidden_size=64, intermediate_size=32, shared_intermediate_size=48, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
         layer_types=["mamba", "attention"], mamba_n_heads=8, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1,
-        mamba_chunk_size=8, position_embedding_type="rope", attention_multiplier=0.25, rms_norm_eps=1e-5)
+        mamba_chunk_size=8, position_embedding_type="nope", attention_multiplier=1 / 16, rms_norm_eps=1e-5,
+        embedding_multiplier=12.0, residual_multiplier=0.22, logits_scaling=6.0)  # Granite 4.0-H's kind
     torch.manual_seed(0)
     hf = transformers.GraniteMoeHybridForCausalLM(hf_cfg).eval()
     with torch.no_grad():
@@ -103,13 +107,22 @@ def test_import_refuses_what_this_model_cannot_express(tmp_path):
     export_hf(ckpt, tmp_path / "hf")
     path = tmp_path / "hf" / "config.json"
     config = json.loads(path.read_text())
-    for key, value, words in [("position_embedding_type", None, "position_embedding_type=None"),
-                              ("embedding_multiplier", 12.0, "embedding_multiplier=12.0"),
-                              ("attention_multiplier", 0.0078125, "attention_multiplier=0.0078125")]:
+    for key, value, words in [("position_embedding_type", "alibi", "position_embedding_type='alibi'"),
+                              ("hidden_act", "gelu", "hidden_act='gelu'"),
+                              ("num_local_experts", 0, "num_local_experts=0")]:
         path.write_text(json.dumps({**config, key: value}))
         with pytest.raises(ValueError, match="GraniteMoeHybrid config of 'hf' is not supported") as err:
             HFCheckpoint(tmp_path / "hf")
         assert words in str(err.value)
+
+
+def test_multipliers_and_nope_are_refused_by_the_bamba_export(tmp_path):
+    from test_model import tiny_cfg
+
+    ckpt = saved_model(tmp_path / "ckpt", tiny_cfg(attn_rope=False, logits_scaling=2.0))
+    with pytest.raises(ValueError, match="cannot be expressed as a transformers Bamba model") as err:
+        export_hf(ckpt, tmp_path / "hf")
+    assert "attn_rope=false" in str(err.value) and "logits_scaling=2.0" in str(err.value)
 
 
 def test_merge_of_moe_checkpoints(tmp_path):

@@ -80,6 +80,18 @@ class ModelConfig:
     """RoPE base."""
     partial_rotary_factor: float = 0.5
     """Fraction of each head's dims rotated by RoPE (first dims, non-interleaved halves)."""
+    attn_rope: bool = True
+    """RoPE in attention; false: no positional encoding in attention (NoPE, as Jamba and Granite 4.0-H)."""
+    attn_scale: Optional[float] = None
+    """Scale of the attention scores; None = head_dim**-0.5 (Granite's attention_multiplier)."""
+
+    # Scalar multipliers (Granite 4.0; 1.0 = none)
+    embedding_multiplier: float = 1.0
+    """The embedding output is multiplied by this."""
+    residual_multiplier: float = 1.0
+    """Each mixer's and MLP's output is multiplied by this before it joins the residual stream."""
+    logits_scaling: float = 1.0
+    """The logits are divided by this."""
 
     # Mamba-2
     ssm_d_state: int = 16
@@ -169,11 +181,14 @@ class ModelConfig:
             need(len(set(self.attn_layer_indices)) == len(self.attn_layer_indices),
                  f"model.attn_layer_indices={list(self.attn_layer_indices)} repeats an index")
         types = self.layer_types
+        for key in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
+            need(getattr(self, key) > 0, f"model.{key} must be positive, got {getattr(self, key)}")
+        need(self.attn_scale is None or self.attn_scale > 0, f"model.attn_scale={self.attn_scale} must be positive")
         if ATTENTION in types:
             need(self.n_heads % self.n_kv_heads == 0,
                  f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}")
             rot = self.head_dim * self.partial_rotary_factor
-            need(0 < self.partial_rotary_factor <= 1 and rot == int(rot) and int(rot) % 2 == 0,
+            need(not self.attn_rope or (0 < self.partial_rotary_factor <= 1 and rot == int(rot) and int(rot) % 2 == 0),
                  f"model.partial_rotary_factor={self.partial_rotary_factor} times model.head_dim={self.head_dim} "
                  "must be an even number of dims")
         if MAMBA in types:

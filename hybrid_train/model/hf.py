@@ -46,12 +46,19 @@ def hf_bamba_config(cfg: ModelConfig, bos_token_id: int | None = None, eos_token
     problems = []
     if cfg.moe_n_experts:
         problems.append(f"moe_n_experts={cfg.moe_n_experts} (transformers' Bamba has no MoE; GraniteMoeHybrid does)")
+    for key in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
+        if getattr(cfg, key) != 1.0:
+            problems.append(f"{key}={getattr(cfg, key)} (transformers' Bamba has no such multiplier)")
     if ATTENTION in cfg.layer_types:  # without attention layers these fields shape no tensor
         if cfg.n_heads * cfg.head_dim != cfg.d_model:
             problems.append(f"head_dim={cfg.head_dim} x n_heads={cfg.n_heads} != d_model={cfg.d_model} "
                             "(transformers derives head_dim from d_model)")
         if cfg.partial_rotary_factor != 0.5:
             problems.append(f"partial_rotary_factor={cfg.partial_rotary_factor} (transformers' Bamba fixes 0.5)")
+        if not cfg.attn_rope:
+            problems.append("attn_rope=false (transformers' Bamba always rotates)")
+        if cfg.attn_scale is not None and not math.isclose(cfg.attn_scale, cfg.head_dim ** -0.5, rel_tol=1e-9):
+            problems.append(f"attn_scale={cfg.attn_scale} (transformers' Bamba scales by head_dim**-0.5)")
     if cfg.mlp_hidden == 0:
         problems.append("mlp_hidden=0 (transformers' Bamba has an MLP in every block)")
     if problems:

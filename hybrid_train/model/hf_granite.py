@@ -54,7 +54,7 @@ def granite_problems(cfg: ModelConfig) -> list[str]:
         if cfg.n_heads * cfg.head_dim != cfg.d_model:
             problems.append(f"head_dim={cfg.head_dim} x n_heads={cfg.n_heads} != d_model={cfg.d_model} "
                             "(transformers derives head_dim from d_model)")
-        if cfg.partial_rotary_factor != 1.0:
+        if cfg.attn_rope and cfg.partial_rotary_factor != 1.0:
             problems.append(f"partial_rotary_factor={cfg.partial_rotary_factor} (GraniteMoeHybrid rotates whole heads)")
     return problems
 
@@ -85,16 +85,16 @@ def hf_granite_config(cfg: ModelConfig, bos_token_id=None, eos_token_id=None, pa
         "max_position_embeddings": 262144,
         "attention_dropout": 0.0,
         "attention_bias": False,
-        "embedding_multiplier": 1.0,
-        "logits_scaling": 1.0,
-        "residual_multiplier": 1.0,
-        "attention_multiplier": cfg.head_dim ** -0.5,  # the scale of the attention scores
+        "embedding_multiplier": cfg.embedding_multiplier,
+        "logits_scaling": cfg.logits_scaling,
+        "residual_multiplier": cfg.residual_multiplier,
+        "attention_multiplier": cfg.head_dim ** -0.5 if cfg.attn_scale is None else cfg.attn_scale,
         "num_local_experts": cfg.moe_n_experts,
         "num_experts_per_tok": cfg.moe_top_k,
         "output_router_logits": False,
         "router_aux_loss_coef": cfg.moe_aux_loss_coef,
         "shared_intermediate_size": cfg.moe_shared_hidden,
-        "position_embedding_type": "rope",
+        "position_embedding_type": "rope" if cfg.attn_rope else "nope",
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         "rope_theta": cfg.rope_theta,  # transformers 4.x reads it here
         "layer_types": ["attention" if kind == ATTENTION else "mamba" for kind in cfg.layer_types],
@@ -122,14 +122,8 @@ def model_config_from_granite(hf: Mapping, name: str, as_float) -> ModelConfig:
         problems.append(f"hidden_act={get('hidden_act')!r} (the experts are SwiGLU with silu)")
     if get("attention_bias"):
         problems.append("attention_bias=true (attention has no biases here)")
-    for key in ("embedding_multiplier", "logits_scaling", "residual_multiplier"):
-        if float(get(key)) != 1.0:
-            problems.append(f"{key}={get(key)} (no such multiplier here; 1.0 only)")
-    if not math.isclose(float(get("attention_multiplier")), head_dim ** -0.5, rel_tol=1e-6):
-        problems.append(f"attention_multiplier={get('attention_multiplier')} (attention scales by "
-                        f"head_dim**-0.5 = {head_dim ** -0.5:.6g} here)")
-    if get("position_embedding_type") != "rope":
-        problems.append(f"position_embedding_type={get('position_embedding_type')!r} (attention always has RoPE here)")
+    if get("position_embedding_type") not in ("rope", "nope", None):
+        problems.append(f"position_embedding_type={get('position_embedding_type')!r} (rope or none)")
     rope = hf.get("rope_parameters") or {}
     if rope.get("rope_type", "default") != "default":
         problems.append(f"rope_type={rope.get('rope_type')!r} (only default RoPE)")
@@ -142,6 +136,7 @@ def model_config_from_granite(hf: Mapping, name: str, as_float) -> ModelConfig:
     if problems:
         raise ValueError(f"HF GraniteMoeHybrid config of '{name}' is not supported: " + "; ".join(problems))
     expand, mamba_heads, d_head = get("mamba_expand"), get("mamba_n_heads"), get("mamba_d_head")
+    scale = float(get("attention_multiplier"))
     limit = hf.get("time_step_limit")
     return ModelConfig(
         name=name,
@@ -158,6 +153,11 @@ def model_config_from_granite(hf: Mapping, name: str, as_float) -> ModelConfig:
         head_dim=head_dim,
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
         partial_rotary_factor=1.0,
+        attn_rope=get("position_embedding_type") == "rope",
+        attn_scale=None if math.isclose(scale, head_dim ** -0.5, rel_tol=1e-9) else scale,
+        embedding_multiplier=float(get("embedding_multiplier")),
+        residual_multiplier=float(get("residual_multiplier")),
+        logits_scaling=float(get("logits_scaling")),
         ssm_d_state=get("mamba_d_state"),
         ssm_d_conv=get("mamba_d_conv"),
         ssm_expand=expand,

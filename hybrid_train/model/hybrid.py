@@ -71,8 +71,9 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.head_dim = cfg.head_dim
-        self.rotary_dim = int(cfg.head_dim * cfg.partial_rotary_factor)
+        self.rotary_dim = int(cfg.head_dim * cfg.partial_rotary_factor) if cfg.attn_rope else 0
         self.rope_theta = cfg.rope_theta
+        self.scale = cfg.attn_scale
         self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
@@ -83,9 +84,11 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, -1, self.head_dim)  # (b, t, hq, d)
         k = self.k_proj(x).view(b, t, -1, self.head_dim)  # (b, t, hkv, d)
         v = self.v_proj(x).view(b, t, -1, self.head_dim)
-        q = apply_rotary(q, position_ids, self.rotary_dim, self.rope_theta)
-        k = apply_rotary(k, position_ids, self.rotary_dim, self.rope_theta)
-        y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), seq_idx)  # (b, hq, t, d)
+        if self.rotary_dim:
+            q = apply_rotary(q, position_ids, self.rotary_dim, self.rope_theta)
+            k = apply_rotary(k, position_ids, self.rotary_dim, self.rope_theta)
+        y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), seq_idx,
+                             self.scale)  # (b, hq, t, d)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
     def init_weights(self, std: float, out_std: float) -> None:
@@ -185,12 +188,16 @@ class Block(nn.Module):
         self.mixer = Attention(cfg) if layer_type == ATTENTION else Mamba2Mixer(cfg)
         self.mlp = MoE(cfg) if moe else SwiGLU(cfg.d_model, cfg.mlp_hidden) if cfg.mlp_hidden else None
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if self.mlp is not None else None
+        self.residual_multiplier = cfg.residual_multiplier
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.mixer(self.mixer_norm(x), position_ids, seq_idx)
+        x = x + self._scaled(self.mixer(self.mixer_norm(x), position_ids, seq_idx))
         if self.mlp is not None:
-            x = x + self.mlp(self.mlp_norm(x))
+            x = x + self._scaled(self.mlp(self.mlp_norm(x)))
         return x
+
+    def _scaled(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.residual_multiplier == 1.0 else y * self.residual_multiplier
 
     def init_weights(self, std: float, out_std: float) -> None:
         self.mixer_norm.init_weights()
@@ -245,9 +252,13 @@ class HybridLM(nn.Module):
         if not self.cfg.doc_masking:
             seq_idx = None
         h = self.embed(input_ids)  # (b, t, d)
+        if self.cfg.embedding_multiplier != 1.0:
+            h = h * self.cfg.embedding_multiplier
         for block in self.layers.values():
             h = block(h, position_ids, seq_idx)
         h = self.norm(h)
+        if self.cfg.logits_scaling != 1.0:  # logits / s, by linearity of the head (and so of the fused loss)
+            h = h / self.cfg.logits_scaling
         if labels is None:
             return self.lm_head(h)
         loss, ce = self.lm_head(h, labels, z_loss)
