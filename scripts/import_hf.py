@@ -18,7 +18,8 @@ from hybrid_train.train.export import import_hf, parse_dtype
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hf", required=True, help="HF Bamba or GraniteMoeHybrid directory: config.json + *.safetensors")
+    parser.add_argument("--hf", required=True,
+                        help="HF Bamba or GraniteMoeHybrid directory: config.json + *.safetensors")
     parser.add_argument("--out", required=True, help="native checkpoint directory to create")
     parser.add_argument("--dtype", default="auto", help="auto (as stored), bf16, fp16 or fp32")
     parser.add_argument("--name", default=None, help="model name in the written config (default: the HF dir's name)")

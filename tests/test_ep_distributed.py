@@ -22,7 +22,8 @@ from torch.distributed.tensor import DTensor
 
 from distributed import run_distributed
 from hybrid_train.model import ModelConfig, build_model
-from hybrid_train.parallel import ParallelConfig, all_reduce_mean, clip_grad_norm_, full_tensor_init, init_distributed, parallelize
+from hybrid_train.parallel import (ParallelConfig, all_reduce_mean, clip_grad_norm_, full_tensor_init, init_distributed,
+                                   parallelize)
 from hybrid_train.train.config import OptimConfig
 from hybrid_train.train.loss import lm_loss
 from hybrid_train.train.optim import build_optimizer
@@ -45,8 +46,8 @@ def make_batches(n: int) -> list[dict[str, torch.Tensor]]:
     out = []
     for _ in range(n):
         ids = torch.randint(0, MODEL.vocab_size, (ROWS, SEQ + 1), generator=gen)
-        out.append({"input_ids": ids[:, :-1], "labels": ids[:, 1:],
-                    "position_ids": torch.arange(SEQ).expand(ROWS, SEQ), "seq_idx": torch.zeros(ROWS, SEQ, dtype=torch.int32)})
+        out.append({"input_ids": ids[:, :-1], "labels": ids[:, 1:], "position_ids": torch.arange(SEQ).expand(ROWS, SEQ),
+                    "seq_idx": torch.zeros(ROWS, SEQ, dtype=torch.int32)})
     return out
 
 
@@ -133,7 +134,8 @@ def check(results: list[dict], ref: dict, what: str) -> None:
     torch.testing.assert_close(got["norms"], ref["norms"], rtol=RTOL, atol=0, msg=f"{what}: grad norms")
     torch.testing.assert_close(got["losses"], ref["losses"], rtol=RTOL, atol=0, msg=f"{what}: losses")
     for n, w in ref["trained"].items():
-        torch.testing.assert_close(got["final"][n], w, rtol=RTOL, atol=STEP_ATOL, msg=f"{what}: {n} after {STEPS} steps")
+        torch.testing.assert_close(got["final"][n], w, rtol=RTOL, atol=STEP_ATOL,
+                                   msg=f"{what}: {n} after {STEPS} steps")
 
 
 def test_ep2_matches_single_process_and_its_checkpoint_loads_in_one_process(reference, tmp_path):

@@ -92,7 +92,8 @@ def test_grouped_gemm_path_equals_loop_over_experts(shared, tokens):
 
 
 def test_auto_falls_back_to_the_loop_where_grouped_mm_cannot_run():
-    assert not grouped_mm_supported(torch.zeros(2, 32, dtype=torch.float64), torch.zeros(2, 48, 32, dtype=torch.float64))
+    f64 = torch.float64
+    assert not grouped_mm_supported(torch.zeros(2, 32, dtype=f64), torch.zeros(2, 48, 32, dtype=f64))
     assert not grouped_mm_supported(torch.zeros(2, 30), torch.zeros(2, 48, 30))  # 120-byte rows
     moe = build_moe(moe_cfg(moe_impl="grouped"))  # float64
     with pytest.raises(RuntimeError, match="model.moe_impl=grouped"):

@@ -218,7 +218,8 @@ class ModelConfig:
              f"model.moe_hidden={self.moe_hidden} and model.moe_shared_hidden={self.moe_shared_hidden} must be >= 0")
         need(self.expert_hidden > 0, "the experts' width is model.moe_hidden, or model.mlp_hidden when it is 0; "
                                      "both are 0")
-        need(self.moe_score in MOE_SCORES, f"model.moe_score={self.moe_score!r}; expected one of {', '.join(MOE_SCORES)}")
+        need(self.moe_score in MOE_SCORES,
+             f"model.moe_score={self.moe_score!r}; expected one of {', '.join(MOE_SCORES)}")
         need(self.moe_impl in MOE_IMPLS, f"model.moe_impl={self.moe_impl!r}; expected one of {', '.join(MOE_IMPLS)}")
         need(self.moe_aux_loss_coef >= 0 and self.moe_z_loss_coef >= 0,
              f"model.moe_aux_loss_coef={self.moe_aux_loss_coef} and model.moe_z_loss_coef={self.moe_z_loss_coef} "
@@ -228,9 +229,11 @@ class ModelConfig:
              "moe_every >= 1 and 0 <= moe_offset < moe_every")
         if self.moe_layer_indices is not None:
             for i in self.moe_layer_indices:
-                need(0 <= i < self.n_layers, f"model.moe_layer_indices has {i}, outside 0..n_layers-1={self.n_layers - 1}")
+                need(0 <= i < self.n_layers,
+                     f"model.moe_layer_indices has {i}, outside 0..n_layers-1={self.n_layers - 1}")
             need(len(set(self.moe_layer_indices)) == len(self.moe_layer_indices),
                  f"model.moe_layer_indices={list(self.moe_layer_indices)} repeats an index")
-        need(bool(self.moe_layers), f"model.moe_n_experts={self.moe_n_experts} but no block is an MoE block "
-                                    f"(model.moe_layer_indices={self.moe_layer_indices}, model.moe_every={self.moe_every}, "
-                                    f"model.moe_offset={self.moe_offset}, model.n_layers={self.n_layers})")
+        need(bool(self.moe_layers),
+             f"model.moe_n_experts={self.moe_n_experts} but no block is an MoE block (model.moe_layer_indices="
+             f"{self.moe_layer_indices}, model.moe_every={self.moe_every}, model.moe_offset={self.moe_offset}, "
+             f"model.n_layers={self.n_layers})")

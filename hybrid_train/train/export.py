@@ -181,8 +181,8 @@ def export_hf(source, out_dir: str | os.PathLike, dtype: torch.dtype | None = No
     GraniteMoeHybrid one for an MoE model).
 
     config.json (every BambaConfig / GraniteMoeHybridConfig field), safetensors shards +
-    model.safetensors.index.json, generation_config.json, and the tokenizer files. `tokenizer`: "auto" (the source's, see
-    `source_tokenizer`), "byte", a tokenizer.json or a folder, or None. `token_ids` (bos/eos/pad)
+    model.safetensors.index.json, generation_config.json, and the tokenizer files. `tokenizer`: "auto"
+    (the source's, see `source_tokenizer`), "byte", a tokenizer.json or a folder, or None. `token_ids` (bos/eos/pad)
     override the tokenizer's. Refuses to overwrite a non-empty `out_dir`.
     """
     if isinstance(source, (str, os.PathLike)):

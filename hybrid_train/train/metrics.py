@@ -98,7 +98,8 @@ class MetricsLogger:
                 for name, n in record.get(key, {}).items():
                     flat[f"{key}/{name}"] = n
             self.wandb.log(flat, step=record["step"])
-        line = " ".join(_fmt(k, v) for k, v in record.items() if k not in ("source_tokens", "moe_load") and v is not None)
+        line = " ".join(_fmt(k, v) for k, v in record.items()
+                        if k not in ("source_tokens", "moe_load") and v is not None)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
             self.bar.write(line)

@@ -134,13 +134,15 @@ def train(job: JobConfig) -> TrainResult:
     logger = MetricsLogger(job.logging, run_dir, job.run.name, env.is_main, plan.total_steps, state.step,
                            dataclasses.asdict(job))
     fused_loss = job.fused_loss()
-    active = (f", {active_params(job.model, n_params) / 1e6:.2f}M active per token" if job.model.moe_n_experts else "")
-    logger.info(f"model {job.model.name}: {n_params / 1e6:.2f}M parameters ({n_embedding / 1e6:.2f}M embedding{active}), "
+    logger.info(f"model {job.model.name}: {n_params / 1e6:.2f}M parameters ({n_embedding / 1e6:.2f}M embedding), "
                 f"{''.join(job.model.layer_types)}; {env.world_size} process(es) on {device_type}; stage "
                 f"{job.stage.name}: {plan.total_steps} steps x {plan.tokens_per_step} tokens (grad accumulation "
                 f"{plan.grad_accum}), from {stage_start_total:,} total tokens; "
                 f"{'fused head + loss' if fused_loss else 'loss from full logits'}"
                 + (f"; resumed from {resume_from} at step {state.step}" if resume_from else ""))
+    if job.model.moe_n_experts:
+        logger.info(f"MoE blocks {job.model.moe_layers}: {active_params(job.model, n_params) / 1e6:.2f}M parameters "
+                    f"active per token ({job.model.moe_top_k} of {job.model.moe_n_experts} experts)")
     autocast = (torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
     stop = StopRequest(run_dir, env.device)
