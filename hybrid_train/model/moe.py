@@ -34,14 +34,15 @@ from hybrid_train.model.config import ModelConfig
 
 def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """Whether `torch._grouped_mm` runs these operands here: the op exists in this build, the dtype is
-    one it takes (bf16 on CUDA, which needs compute capability 9.0+; fp32 / bf16 on CPU), and every
-    row stride is a multiple of 16 bytes."""
+    one it takes (bf16 on CUDA, which needs compute capability 9.0+, and under torch.compile; fp32 / bf16
+    on CPU), and every row stride is a multiple of 16 bytes."""
     if not hasattr(torch, "_grouped_mm"):
         return False
-    if x.device.type == "cuda":
-        if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (9, 0):
-            return False
-    elif x.dtype not in (torch.float32, torch.bfloat16):
+    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (9, 0):
+        return False
+    if (x.device.type == "cuda" or torch.compiler.is_compiling()) and x.dtype != torch.bfloat16:
+        return False  # (its traced, meta form takes bf16 only)
+    if x.dtype not in (torch.float32, torch.bfloat16):
         return False
     sizes = [x.shape[-1]] + [s for w in weights for s in w.shape[1:]]
     return all(s * x.element_size() % 16 == 0 for s in sizes)
