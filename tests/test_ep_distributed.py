@@ -170,3 +170,29 @@ def test_bad_expert_parallel_layouts_name_the_fields(fields, world, model, words
     with pytest.raises(ValueError, match=words.replace("(", r"\(")):
         cfg.resolve(world)
         cfg.check_model(model)
+
+
+@pytest.mark.slow
+def test_torchrun_expert_parallel_losses_match_fsdp(tmp_path):
+    """`torchrun --nproc_per_node=2 train.py model=jamba_mamba2_tiny parallel.ep=2` logs the losses,
+    gradient norms and expert loads of the same job under FSDP 2 without EP (both data-parallel over
+    the same batches, so their load-balancing losses are the same per-rank losses)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    args = ["model=jamba_mamba2_tiny", "train.seq_len=64", "train.micro_batch_size=2", "train.max_steps=3",
+            "train.max_tokens=0", "logging.log_every=1", "logging.progress=false"]
+    metrics = {}
+    for ep in (1, 2):
+        run = tmp_path / f"ep{ep}"
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               "train.py", *args, f"parallel.ep={ep}", f"run.dir={run}"], cwd=repo,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        metrics[ep] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for key in ("loss", "grad_norm", "moe_aux_loss", "moe_load_max"):
+        assert [r[key] for r in metrics[2]] == pytest.approx([r[key] for r in metrics[1]], rel=RTOL), key
