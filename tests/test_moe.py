@@ -277,3 +277,18 @@ def test_compiled_moe_blocks_match_eager():
     torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-6, atol=0)
     for name, g in out[0][1].items():
         torch.testing.assert_close(out[1][1][name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("impl", ["grouped", "loop"])
+def test_experts_with_no_rows_keep_the_graph(impl):
+    """An expert-parallel rank may receive no rows: the output still depends on the weights (zero
+    gradients), so every rank runs the same backward collectives."""
+    from hybrid_train.model.moe import GroupedExperts
+
+    experts = GroupedExperts(2, 32, 16, impl)
+    experts.init_weights(0.1, 0.1)
+    x = torch.zeros(0, 32, requires_grad=True)
+    y = experts(x, torch.zeros(2, dtype=torch.long))
+    assert y.shape == (0, 32) and y.requires_grad
+    y.sum().backward()
+    assert torch.equal(experts.gate_up_proj.grad, torch.zeros_like(experts.gate_up_proj))

@@ -91,6 +91,8 @@ class GroupedExperts(nn.Module):
         """The experts whose weights are given (plain tensors) on x sorted by them, counts rows each."""
         dtype = _compute_dtype(x, gate_up)
         x, gate_up, down = x.to(dtype), gate_up.to(dtype), down.to(dtype)
+        if x.shape[0] == 0:  # no rows here (an expert-parallel rank sent none): zero gradients, still a graph
+            return x.new_zeros(0, down.shape[1]) + 0 * (x.sum() + gate_up.sum() + down.sum())
         grouped = self.impl == "grouped" or (self.impl == "auto" and grouped_mm_supported(x, gate_up, down))
         if self.impl == "grouped" and not grouped_mm_supported(x, gate_up, down):
             raise RuntimeError(f"model.moe_impl=grouped: torch._grouped_mm cannot run {dtype} experts of widths "
