@@ -289,14 +289,13 @@ class HFCheckpoint:
         cfg = self.model_config
         expected = {hf: (sum(shapes[p][0] for p in parts), *shapes[parts[0]][1:]) for hf, parts in hf_layout(cfg)}
         present = set(self._where)
-        for name, shape in hf_empty_tensors(cfg).items():
-            if name in present and tuple(self._slice(name).get_shape()) != shape:
-                problems_empty = f"{name}: stored {tuple(self._slice(name).get_shape())} vs config {shape}"
-                raise ValueError(f"{self.dir}: tensors do not match its config.json:\n  {problems_empty}")
-            present.discard(name)
+        empty = hf_empty_tensors(cfg)  # read for no tensor; checked when stored
+        empty_problems = [f"{n}: stored {tuple(self._slice(n).get_shape())} vs config {shape}"
+                          for n, shape in empty.items() if n in present and tuple(self._slice(n).get_shape()) != shape]
+        present -= set(empty)
         if cfg.tie_embeddings:
             present.discard("lm_head.weight")  # some tied exports still store the head; it is the embedding
-        problems = [f"missing {n}" for n in sorted(set(expected) - present)]
+        problems = empty_problems + [f"missing {n}" for n in sorted(set(expected) - present)]
         problems += [f"unexpected {n}" for n in sorted(present - set(expected))]
         for name in sorted(set(expected) & present):
             shape = tuple(self._slice(name).get_shape())
