@@ -49,8 +49,7 @@ class ModelConfig:
     moe_hidden: int = 0
     """SwiGLU intermediate width of each routed expert (0 = mlp_hidden)."""
     moe_shared_hidden: int = 0
-    """Width of the shared expert every token also goes through (0 = none; k shared experts of width w
-    are one of width k*w)."""
+    """Width of the shared SwiGLU expert every token also goes through (0 = none; k of width w = one of k*w)."""
     moe_score: str = "softmax"
     """Router score of each expert from its logit: softmax (over experts) or sigmoid."""
     moe_norm_topk: bool = True
@@ -66,8 +65,7 @@ class ModelConfig:
     moe_offset: int = 0
     """See moe_every."""
     moe_impl: str = "auto"
-    """Expert compute: grouped (one torch._grouped_mm per projection over tokens sorted by expert), loop
-    (one matmul per expert, the reference), auto (grouped where the build, dtype and widths allow it)."""
+    """Experts as grouped GEMMs (torch._grouped_mm), a loop of matmuls (the reference), or auto (grouped if it runs)."""
 
     # Attention
     n_heads: int = 4
