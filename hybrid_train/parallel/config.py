@@ -19,8 +19,7 @@ class ParallelConfig:
     tp: int = 1
     """Tensor-parallel degree (keep it within a node); divides attention/KV heads, Mamba-2 heads and groups."""
     ep: int = 1
-    """Expert-parallel degree: each MoE block's routed experts split over ep adjacent data-parallel ranks
-    (all-to-all dispatch and combine); divides parallel.dp_shard and model.moe_n_experts."""
+    """Expert-parallel degree: routed experts split over ep adjacent FSDP ranks; divides dp_shard and moe_n_experts."""
     sequence_parallel: bool = True
     """With tp > 1: norms and the residual stream hold 1/tp of the sequence (less activation memory)."""
     loss_parallel: bool = False
