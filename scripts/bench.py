@@ -3,12 +3,19 @@
     python scripts/bench.py --layers 8 --attn 4 --seq-len 4096 --batch 1
     python scripts/bench.py --ladder                      # kernels switched on one at a time
     python scripts/bench.py --device cpu --tiny --ladder --seq-len 64 --steps 1 --warmup 0   # smoke
+    python scripts/bench.py --moe --layers 8 --attn 4 --seq-len 4096    # Jamba-width MoE slice
 
 Forward + backward (+ AdamW step with --optimizer) of a slice of Bamba-9B (all widths exact, fewer
 layers), parameters in bf16, loss outside the model, median over timed steps after warm-up.
 
 ``--fused-loss`` computes the loss in the model's head (``model(ids, labels=...)``, the fused linear
 cross-entropy) instead of ``lm_loss`` on the logits.
+
+``--moe`` benchmarks the MoE slice instead: Jamba's width and layout (d 4096, vocab 65536, MoE MLP in
+every 2nd block from 1 with 16 experts of width 14336, top-2; dense SwiGLU 14336 in the others;
+Mamba-2 mixers of Bamba's shape), once with the experts as grouped GEMMs (``torch._grouped_mm``
+where this build and GPU run it) and once as a loop over experts (the baseline). MFU counts the
+active parameters (top-2 of 16 experts).
 
 ``--ladder`` runs the same model once per variant: all PyTorch reference; +ssd; +conv1d; +gated_norm;
 +mixer (conv1d + SSD fused, conv outputs recomputed in backward); with --fused-loss also
@@ -32,8 +39,9 @@ from typing import Iterable
 
 import torch
 
-from hybrid_train.model import ModelConfig, build_model, count_params, flops_per_token
+from hybrid_train.model import ModelConfig, active_params, build_model, count_params, flops_per_token
 from hybrid_train.model.config import MAMBA
+from hybrid_train.model.moe import grouped_mm_supported
 from hybrid_train.ops import set_kernels
 from hybrid_train.ops.dispatch import OPS, interpreting, torch_ops
 from hybrid_train.train.config import OptimConfig
@@ -45,6 +53,11 @@ BAMBA_9B = dict(name="bamba_9b_slice", vocab_size=128256, d_model=4096, mlp_hidd
                 head_dim=128, ssm_d_state=128, ssm_head_dim=64, ssm_n_groups=1, ssm_chunk_size=256)
 TINY = dict(name="tiny_slice", vocab_size=512, d_model=64, mlp_hidden=128, n_heads=4, n_kv_heads=2, head_dim=16,
             ssm_d_state=16, ssm_head_dim=16, ssm_n_groups=2, ssm_chunk_size=16)
+# --moe: Jamba's MoE placement and sizes on top of the widths above (Jamba-v0.1: vocab 65536).
+JAMBA_MOE = dict(name="jamba_slice", vocab_size=65536, moe_n_experts=16, moe_top_k=2, moe_hidden=14336,
+                 moe_norm_topk=False, moe_every=2, moe_offset=1)
+TINY_MOE = dict(name="tiny_moe_slice", moe_n_experts=8, moe_top_k=2, moe_hidden=64, moe_every=2, moe_offset=1)
+MOE_VARIANTS = ("grouped", "loop")
 # --ladder switches these on in this order, each variant keeping the ones before it.
 LADDER = ("ssd", "conv1d", "gated_norm", "mixer")
 
@@ -87,8 +100,11 @@ class SavedBytes:
         self._hooks.__exit__(*exc)
 
 
-def variants(ladder: bool, fused_loss: bool) -> list[tuple[str, tuple[str, ...]]]:
-    """(name, ops forced to the PyTorch reference) of each variant to run."""
+def variants(ladder: bool, fused_loss: bool, moe: bool = False) -> list[tuple[str, tuple[str, ...]]]:
+    """(name, ops forced to the PyTorch reference) of each variant to run; with moe, one per expert
+    implementation (all kernels on)."""
+    if moe:
+        return [(f"moe_{impl}", ()) for impl in MOE_VARIANTS]
     if not ladder:
         return [("kernels", ())]
     steps = LADDER + (("cross_entropy",) if fused_loss else ())
@@ -120,6 +136,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--compile", action="store_true", help="torch.compile each block")
     parser.add_argument("--fused-loss", action="store_true", help="loss in the model's head, fused with it")
     parser.add_argument("--ladder", action="store_true", help="switch the kernels on one at a time")
+    parser.add_argument("--moe", action="store_true", help="the Jamba-width MoE slice: grouped GEMM vs expert loop")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run (with --tiny)")
     parser.add_argument("--tiny", action="store_true", help="tiny widths instead of Bamba-9B's")
     parser.add_argument("--json", help="append the results as JSON lines to this file")
@@ -129,8 +146,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     cuda = device.type == "cuda"
     # On CPU the kernels run only through Triton's interpreter; "auto" would pick the reference.
     mode = "triton" if not cuda and interpreting() else "auto"
-    cfg = ModelConfig(**(TINY if args.tiny else BAMBA_9B), n_layers=args.layers,
-                      attn_layer_indices=args.attn).validate()
+    if args.moe and args.ladder:
+        parser.error("--moe and --ladder are separate benchmarks; pick one")
+    widths = {**(TINY if args.tiny else BAMBA_9B), **((TINY_MOE if args.tiny else JAMBA_MOE) if args.moe else {})}
+    cfg = ModelConfig(**widths, n_layers=args.layers, attn_layer_indices=args.attn).validate()
     torch.manual_seed(0)
     model = build_model(cfg, device=device).to(torch.bfloat16)
     if args.compile:
@@ -166,8 +185,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     flops = flops_per_token(cfg, n_params, n_emb, t)
     results = []
     try:
-        for name, reference_ops in variants(args.ladder, args.fused_loss):
+        for name, reference_ops in variants(args.ladder, args.fused_loss, args.moe):
             set_kernels(mode, reference_ops)
+            experts = [moe.experts for moe in model.moe_blocks().values()]
+            for e in experts:  # auto: grouped GEMMs where this build and device run them
+                e.impl = "loop" if name == "moe_loop" else "auto"
+            grouped = bool(experts) and name != "moe_loop" and grouped_mm_supported(
+                torch.empty(1, cfg.d_model, device=device, dtype=torch.bfloat16), experts[0].gate_up_proj,
+                experts[0].down_proj)
             if args.compile:
                 torch._dynamo.reset()  # the kernel choice is baked into compiled graphs
             for _ in range(args.warmup):
@@ -199,6 +224,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "layers": args.layers, "mamba_layers": cfg.layer_types.count(MAMBA), "attn": args.attn,
                 "seq_len": t, "batch": b, "documents": args.documents, "compile": args.compile,
                 "optimizer": args.optimizer, "fused_loss": args.fused_loss, "params": n_params,
+                "active_params": active_params(cfg, n_params), "moe_grouped_mm": grouped if args.moe else None,
                 "step_ms": seconds * 1e3, "tokens_per_s": tokens_per_s,
                 "mfu": tokens_per_s * flops / peak if peak else None,
                 "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None,
@@ -209,7 +235,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(json.dumps(results[-1]), flush=True)
     finally:
         set_kernels("auto")
-    if args.ladder:
+    if args.ladder or args.moe:
         print(_table(results))
     if args.json:
         with open(args.json, "a") as f:

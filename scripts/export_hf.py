@@ -1,10 +1,11 @@
-"""Export a native checkpoint (or re-export a HF directory) as a Hugging Face Bamba directory.
+"""Export a native checkpoint (or re-export a HF directory) as a Hugging Face Bamba directory, or a
+GraniteMoeHybrid one for a mixture-of-experts model.
 
     python scripts/export_hf.py --checkpoint outputs/tiny-sample --out exports/tiny-hf [--dtype bf16]
 
-Writes config.json (every BambaConfig field), safetensors shards of at most --max-shard-size with
-model.safetensors.index.json, generation_config.json and the tokenizer files (by default the run's
-`data.tokenizer`, or the tokenizer an import kept). Streams tensor by tensor: memory about one shard.
+Writes config.json (every BambaConfig / GraniteMoeHybridConfig field), safetensors shards of at most
+--max-shard-size with model.safetensors.index.json, generation_config.json and the tokenizer files (by
+default the run's `data.tokenizer`, or the tokenizer an import kept). Streams tensor by tensor: memory about one shard.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Import a Hugging Face Bamba directory (e.g. a local copy of ibm-fms/Bamba-9B) as a native checkpoint.
+"""Import a Hugging Face Bamba directory (e.g. a local copy of ibm-fms/Bamba-9B) or a GraniteMoeHybrid one
+(Granite 4.0 hybrid) as a native checkpoint.
 
     python scripts/import_hf.py --hf /models/Bamba-9B --out checkpoints/bamba-9b-2T --tokens 2e12 [--dtype fp32]
 
@@ -17,7 +18,8 @@ from hybrid_train.train.export import import_hf, parse_dtype
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hf", required=True, help="HF Bamba directory: config.json + *.safetensors")
+    parser.add_argument("--hf", required=True,
+                        help="HF Bamba or GraniteMoeHybrid directory: config.json + *.safetensors")
     parser.add_argument("--out", required=True, help="native checkpoint directory to create")
     parser.add_argument("--dtype", default="auto", help="auto (as stored), bf16, fp16 or fp32")
     parser.add_argument("--name", default=None, help="model name in the written config (default: the HF dir's name)")

@@ -73,3 +73,15 @@ def test_bench_train_runs_the_trainer_and_reports_its_split(tmp_path):
     assert [s for s, _ in result["losses"]] == [2, 4]
     assert json.loads(out.read_text())["tokens_per_s"] == result["tokens_per_s"]
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_bench_moe_slice_smoke_on_cpu(monkeypatch):
+    """--moe: the grouped-GEMM experts and the loop-over-experts baseline, MFU on active parameters."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    results = load_bench().main(["--device", "cpu", "--tiny", "--moe", "--layers", "2", "--attn", "0",
+                                 "--seq-len", "16", "--steps", "1", "--warmup", "0"])
+    assert [r["variant"] for r in results] == ["moe_grouped", "moe_loop"]
+    grouped, loop = results
+    assert grouped["moe_grouped_mm"] == hasattr(torch, "_grouped_mm") and loop["moe_grouped_mm"] is False
+    assert grouped["active_params"] == grouped["params"] - (8 - 2) * 3 * 64 * 64  # one MoE block (index 1)
+    assert all(r["tokens_per_s"] > 0 for r in results)

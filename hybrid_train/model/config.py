@@ -8,6 +8,8 @@ from dataclasses import dataclass, field, fields
 from typing import List, Mapping, Optional
 
 MAMBA, ATTENTION = "M", "A"
+MOE_SCORES = ("softmax", "sigmoid")
+MOE_IMPLS = ("auto", "grouped", "loop")
 
 
 @dataclass
@@ -40,6 +42,32 @@ class ModelConfig:
     mlp_hidden: int = 384
     """SwiGLU intermediate width (0 = no MLP in the blocks)."""
 
+    # Mixture of experts (replaces the MLP of the blocks it is placed in)
+    moe_n_experts: int = 0
+    """Routed experts per MoE block (0 = no MoE: every block has the dense MLP)."""
+    moe_top_k: int = 2
+    """Experts each token is routed to (dropless: every token reaches all of its top_k)."""
+    moe_hidden: int = 0
+    """SwiGLU intermediate width of each routed expert (0 = mlp_hidden)."""
+    moe_shared_hidden: int = 0
+    """Width of the shared SwiGLU expert every token also goes through (0 = none; k of width w = one of k*w)."""
+    moe_score: str = "softmax"
+    """Router score of each expert from its logit: softmax (over experts) or sigmoid."""
+    moe_norm_topk: bool = True
+    """Rescale the top_k scores of a token to sum to 1 (Mixtral, Granite; Jamba does not)."""
+    moe_aux_loss_coef: float = 0.01
+    """Weight of the load-balancing loss E * sum_e f_e * P_e (Switch/Mixtral form), mean over MoE blocks."""
+    moe_z_loss_coef: float = 0.001
+    """Weight of the router z-loss mean(logsumexp(router logits)^2) (ST-MoE), mean over MoE blocks."""
+    moe_layer_indices: Optional[List[int]] = None
+    """Blocks with an MoE MLP; None = every moe_every-th block from moe_offset."""
+    moe_every: int = 1
+    """Without moe_layer_indices: MoE in blocks i with i % moe_every == moe_offset (Jamba: 2 and 1)."""
+    moe_offset: int = 0
+    """See moe_every."""
+    moe_impl: str = "auto"
+    """Experts as grouped GEMMs (torch._grouped_mm), a loop of matmuls (the reference), or auto (grouped if it runs)."""
+
     # Attention
     n_heads: int = 4
     """Query heads."""
@@ -51,6 +79,18 @@ class ModelConfig:
     """RoPE base."""
     partial_rotary_factor: float = 0.5
     """Fraction of each head's dims rotated by RoPE (first dims, non-interleaved halves)."""
+    attn_rope: bool = True
+    """RoPE in attention; false: no positional encoding in attention (NoPE, as Jamba and Granite 4.0-H)."""
+    attn_scale: Optional[float] = None
+    """Scale of the attention scores; None = head_dim**-0.5 (Granite's attention_multiplier)."""
+
+    # Scalar multipliers (Granite 4.0; 1.0 = none)
+    embedding_multiplier: float = 1.0
+    """The embedding output is multiplied by this."""
+    residual_multiplier: float = 1.0
+    """Each mixer's and MLP's output is multiplied by this before it joins the residual stream."""
+    logits_scaling: float = 1.0
+    """The logits are divided by this."""
 
     # Mamba-2
     ssm_d_state: int = 16
@@ -90,6 +130,19 @@ class ModelConfig:
         return self.d_inner // self.ssm_head_dim
 
     @property
+    def expert_hidden(self) -> int:
+        return self.moe_hidden or self.mlp_hidden
+
+    @property
+    def moe_layers(self) -> List[int]:
+        """Indices of the blocks whose MLP is a mixture of experts."""
+        if not self.moe_n_experts:
+            return []
+        if self.moe_layer_indices is not None:
+            return sorted(self.moe_layer_indices)
+        return [i for i in range(self.n_layers) if i % self.moe_every == self.moe_offset]
+
+    @property
     def layer_types(self) -> List[str]:
         """'M' or 'A' for each block, from whichever layout field is set."""
         if self.layer_pattern is not None:
@@ -127,11 +180,14 @@ class ModelConfig:
             need(len(set(self.attn_layer_indices)) == len(self.attn_layer_indices),
                  f"model.attn_layer_indices={list(self.attn_layer_indices)} repeats an index")
         types = self.layer_types
+        for key in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
+            need(getattr(self, key) > 0, f"model.{key} must be positive, got {getattr(self, key)}")
+        need(self.attn_scale is None or self.attn_scale > 0, f"model.attn_scale={self.attn_scale} must be positive")
         if ATTENTION in types:
             need(self.n_heads % self.n_kv_heads == 0,
                  f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}")
             rot = self.head_dim * self.partial_rotary_factor
-            need(0 < self.partial_rotary_factor <= 1 and rot == int(rot) and int(rot) % 2 == 0,
+            need(not self.attn_rope or (0 < self.partial_rotary_factor <= 1 and rot == int(rot) and int(rot) % 2 == 0),
                  f"model.partial_rotary_factor={self.partial_rotary_factor} times model.head_dim={self.head_dim} "
                  "must be an even number of dims")
         if MAMBA in types:
@@ -146,8 +202,40 @@ class ModelConfig:
                  f"model.ssm_dt_limit={list(self.ssm_dt_limit)} must be [low, high] with 0 <= low < high")
             need(0 < self.ssm_dt_min <= self.ssm_dt_max,
                  f"model.ssm_dt_min={self.ssm_dt_min} and model.ssm_dt_max={self.ssm_dt_max} must satisfy 0 < min <= max")
+        self._validate_moe(need)
         return self
 
+    def _validate_moe(self, need) -> None:
+        need(self.moe_n_experts >= 0, f"model.moe_n_experts must be >= 0, got {self.moe_n_experts}")
+        if not self.moe_n_experts:
+            need(self.moe_layer_indices in (None, []),
+                 f"model.moe_layer_indices={self.moe_layer_indices} needs model.moe_n_experts > 0")
+            return
+        need(1 <= self.moe_top_k <= self.moe_n_experts,
+             f"model.moe_top_k={self.moe_top_k} must be in 1..model.moe_n_experts={self.moe_n_experts}")
+        need(self.moe_hidden >= 0 and self.moe_shared_hidden >= 0,
+             f"model.moe_hidden={self.moe_hidden} and model.moe_shared_hidden={self.moe_shared_hidden} must be >= 0")
+        need(self.expert_hidden > 0, "the experts' width is model.moe_hidden, or model.mlp_hidden when it is 0; "
+                                     "both are 0")
+        need(self.moe_score in MOE_SCORES,
+             f"model.moe_score={self.moe_score!r}; expected one of {', '.join(MOE_SCORES)}")
+        need(self.moe_impl in MOE_IMPLS, f"model.moe_impl={self.moe_impl!r}; expected one of {', '.join(MOE_IMPLS)}")
+        need(self.moe_aux_loss_coef >= 0 and self.moe_z_loss_coef >= 0,
+             f"model.moe_aux_loss_coef={self.moe_aux_loss_coef} and model.moe_z_loss_coef={self.moe_z_loss_coef} "
+             "must be >= 0")
+        need(self.moe_every >= 1 and 0 <= self.moe_offset < self.moe_every,
+             f"model.moe_every={self.moe_every} and model.moe_offset={self.moe_offset} must satisfy "
+             "moe_every >= 1 and 0 <= moe_offset < moe_every")
+        if self.moe_layer_indices is not None:
+            for i in self.moe_layer_indices:
+                need(0 <= i < self.n_layers,
+                     f"model.moe_layer_indices has {i}, outside 0..n_layers-1={self.n_layers - 1}")
+            need(len(set(self.moe_layer_indices)) == len(self.moe_layer_indices),
+                 f"model.moe_layer_indices={list(self.moe_layer_indices)} repeats an index")
+        need(bool(self.moe_layers),
+             f"model.moe_n_experts={self.moe_n_experts} but no block is an MoE block (model.moe_layer_indices="
+             f"{self.moe_layer_indices}, model.moe_every={self.moe_every}, model.moe_offset={self.moe_offset}, "
+             f"model.n_layers={self.n_layers})")
 
 def as_model_config(cfg) -> ModelConfig:
     """A ModelConfig from a ModelConfig, from a job config holding one (hybrid_train.load_config's JobConfig,

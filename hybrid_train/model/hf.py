@@ -1,5 +1,6 @@
-"""Mapping between this model and Hugging Face transformers' Bamba: config fields both ways, tensor
-names both ways, and a lazy reader of a HF Bamba directory (safetensors) in this model's names.
+"""Mapping between this model and Hugging Face transformers' Bamba (dense MLPs) or GraniteMoeHybrid
+(MoE MLPs, hf_granite.py): config fields both ways, tensor names both ways, and a lazy reader of a
+HF directory (safetensors) in this model's names.
 
 transformers packs the Mamba-2 in_proj as [z | x | B | C | dt] and the conv channels as [x | B | C];
 here they are separate tensors, so every native tensor is a row range of one HF tensor and is read
@@ -17,6 +18,8 @@ from typing import Iterator, Mapping
 import torch
 
 from hybrid_train.model.config import ATTENTION, ModelConfig
+from hybrid_train.model.hf_granite import (granite_empty_tensors, granite_mlp_layout, hf_granite_config, legacy_name,
+                                           model_config_from_granite)
 
 # transformers' BambaConfig defaults: what transformers assumes when a config.json leaves a field
 # out. They are not Bamba-9B's (d_state 256, vocab 128000, ...), so an export writes every field.
@@ -41,12 +44,21 @@ def hf_bamba_config(cfg: ModelConfig, bos_token_id: int | None = None, eos_token
     """Every BambaConfig field written out (its defaults are not Bamba-9B's). Raises ValueError naming
     what transformers' Bamba cannot express."""
     problems = []
+    if cfg.moe_n_experts:
+        problems.append(f"moe_n_experts={cfg.moe_n_experts} (transformers' Bamba has no MoE; GraniteMoeHybrid does)")
+    for key in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
+        if getattr(cfg, key) != 1.0:
+            problems.append(f"{key}={getattr(cfg, key)} (transformers' Bamba has no such multiplier)")
     if ATTENTION in cfg.layer_types:  # without attention layers these fields shape no tensor
         if cfg.n_heads * cfg.head_dim != cfg.d_model:
             problems.append(f"head_dim={cfg.head_dim} x n_heads={cfg.n_heads} != d_model={cfg.d_model} "
                             "(transformers derives head_dim from d_model)")
         if cfg.partial_rotary_factor != 0.5:
             problems.append(f"partial_rotary_factor={cfg.partial_rotary_factor} (transformers' Bamba fixes 0.5)")
+        if not cfg.attn_rope:
+            problems.append("attn_rope=false (transformers' Bamba always rotates)")
+        if cfg.attn_scale is not None and not math.isclose(cfg.attn_scale, cfg.head_dim ** -0.5, rel_tol=1e-9):
+            problems.append(f"attn_scale={cfg.attn_scale} (transformers' Bamba scales by head_dim**-0.5)")
     if cfg.mlp_hidden == 0:
         problems.append("mlp_hidden=0 (transformers' Bamba has an MLP in every block)")
     if problems:
@@ -92,6 +104,14 @@ def hf_bamba_config(cfg: ModelConfig, bos_token_id: int | None = None, eos_token
     }
 
 
+def hf_config(cfg: ModelConfig, bos_token_id: int | None = None, eos_token_id: int | None = None,
+              pad_token_id: int | None = None) -> dict:
+    """The config.json of the transformers model that expresses `cfg`: GraniteMoeHybrid for an MoE model,
+    else Bamba. Raises ValueError naming what that model cannot express."""
+    ids = dict(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    return hf_granite_config(cfg, **ids) if cfg.moe_n_experts else hf_bamba_config(cfg, **ids)
+
+
 def _float(value) -> float:
     """A JSON float, including transformers 5's {"__float__": "Infinity"} spelling."""
     if isinstance(value, dict) and "__float__" in value:
@@ -102,10 +122,12 @@ def _float(value) -> float:
 def model_config_from_hf(hf: Mapping, name: str = "imported") -> ModelConfig:
     """The ModelConfig of a HF Bamba config.json (as a dict); missing fields take transformers' defaults,
     exactly as transformers would. Raises ValueError naming what this model cannot express."""
+    if hf.get("model_type") == "granitemoehybrid":
+        return model_config_from_granite(hf, name, _float)
     get = lambda key: hf[key] if hf.get(key) is not None else HF_BAMBA_DEFAULTS[key]  # noqa: E731
     problems = []
     if hf.get("model_type", "bamba") != "bamba":
-        problems.append(f"model_type={hf.get('model_type')!r} (only 'bamba' is supported)")
+        problems.append(f"model_type={hf.get('model_type')!r} (only 'bamba' and 'granitemoehybrid' are supported)")
     if get("hidden_act") != "silu":
         problems.append(f"hidden_act={get('hidden_act')!r} (the MLP is SwiGLU with silu)")
     for key in ("attention_bias", "mlp_bias"):
@@ -154,14 +176,19 @@ def hf_token_ids(hf: Mapping) -> dict:
 
 def hf_layout(cfg: ModelConfig) -> list[tuple[str, list[str]]]:
     """(HF name, native names concatenated along dim 0 to make it), in HF order. A tied model has no
-    HF lm_head.weight; its native lm_head.weight is the embedding."""
+    HF lm_head.weight; its native lm_head.weight is the embedding. MoE models: GraniteMoeHybrid's names."""
+    granite = bool(cfg.moe_n_experts)
     out = [("model.embed_tokens.weight", ["embed.weight"])]
     for i, kind in enumerate(cfg.layer_types):
         src, dst = f"layers.{i}.", f"model.layers.{i}."
         out.append((dst + "input_layernorm.weight", [src + "mixer_norm.weight"]))
-        out.append((dst + "pre_ff_layernorm.weight", [src + "mlp_norm.weight"]))
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            out.append((dst + f"feed_forward.{proj}.weight", [src + f"mlp.{proj}.weight"]))
+        if granite:
+            out.append((dst + "post_attention_layernorm.weight", [src + "mlp_norm.weight"]))
+            out += granite_mlp_layout(cfg, src, dst)
+        else:
+            out.append((dst + "pre_ff_layernorm.weight", [src + "mlp_norm.weight"]))
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                out.append((dst + f"feed_forward.{proj}.weight", [src + f"mlp.{proj}.weight"]))
         if kind == ATTENTION:
             for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
                 out.append((dst + f"self_attn.{proj}.weight", [src + f"mixer.{proj}.weight"]))
@@ -176,10 +203,15 @@ def hf_layout(cfg: ModelConfig) -> list[tuple[str, list[str]]]:
             out.append((mamba + "conv1d.bias", [mixer + f"conv1d.{c}.bias" for c in _CONV]))
         for name in ("dt_bias", "A_log", "D", "norm.weight", "out_proj.weight"):
             out.append((mamba + name, [mixer + name]))
-    out.append(("model.final_layernorm.weight", ["norm.weight"]))
+    out.append(("model.norm.weight" if granite else "model.final_layernorm.weight", ["norm.weight"]))
     if not cfg.tie_embeddings:
         out.append(("lm_head.weight", ["lm_head.weight"]))
     return out
+
+
+def hf_empty_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """HF tensors (name -> shape) with no elements and no native counterpart, written as they are."""
+    return granite_empty_tensors(cfg) if cfg.moe_n_experts else {}
 
 
 def native_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
@@ -247,7 +279,8 @@ class HFCheckpoint:
                                     "only safetensors checkpoints are supported")
         files = sorted(set(weight_map.values())) if weight_map else [SAFE_SINGLE]
         self._files = {f: safe_open(str(self.dir / f), framework="pt") for f in files}
-        self._where = {key: f for f, handle in self._files.items() for key in handle.keys()}
+        # transformers 5 saves MoE tensors under its module names; read them under the released ones.
+        self._where = {legacy_name(key): (f, key) for f, handle in self._files.items() for key in handle.keys()}
         shapes = native_shapes(self.model_config)
         self._slices = native_slices(self.model_config, shapes)
         self._check(shapes)
@@ -256,9 +289,13 @@ class HFCheckpoint:
         cfg = self.model_config
         expected = {hf: (sum(shapes[p][0] for p in parts), *shapes[parts[0]][1:]) for hf, parts in hf_layout(cfg)}
         present = set(self._where)
+        empty = hf_empty_tensors(cfg)  # read for no tensor; checked when stored
+        empty_problems = [f"{n}: stored {tuple(self._slice(n).get_shape())} vs config {shape}"
+                          for n, shape in empty.items() if n in present and tuple(self._slice(n).get_shape()) != shape]
+        present -= set(empty)
         if cfg.tie_embeddings:
             present.discard("lm_head.weight")  # some tied exports still store the head; it is the embedding
-        problems = [f"missing {n}" for n in sorted(set(expected) - present)]
+        problems = empty_problems + [f"missing {n}" for n in sorted(set(expected) - present)]
         problems += [f"unexpected {n}" for n in sorted(present - set(expected))]
         for name in sorted(set(expected) & present):
             shape = tuple(self._slice(name).get_shape())
@@ -268,7 +305,8 @@ class HFCheckpoint:
             raise ValueError(f"{self.dir}: tensors do not match its config.json:\n  " + "\n  ".join(problems[:20]))
 
     def _slice(self, hf_name: str):
-        return self._files[self._where[hf_name]].get_slice(hf_name)
+        file, stored = self._where[hf_name]
+        return self._files[file].get_slice(stored)
 
     def names(self) -> list[str]:
         """Native tensor names, in HybridLM.state_dict() order."""

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hybrid_train.model.config import ATTENTION, ModelConfig
+from hybrid_train.model.moe import MoE
 from hybrid_train.ops import causal_attention, conv_ssd_scan, fused_linear_cross_entropy, gated_rms_norm
 
 
@@ -70,8 +71,9 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.head_dim = cfg.head_dim
-        self.rotary_dim = int(cfg.head_dim * cfg.partial_rotary_factor)
+        self.rotary_dim = int(cfg.head_dim * cfg.partial_rotary_factor) if cfg.attn_rope else 0
         self.rope_theta = cfg.rope_theta
+        self.scale = cfg.attn_scale
         self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
@@ -82,9 +84,11 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, -1, self.head_dim)  # (b, t, hq, d)
         k = self.k_proj(x).view(b, t, -1, self.head_dim)  # (b, t, hkv, d)
         v = self.v_proj(x).view(b, t, -1, self.head_dim)
-        q = apply_rotary(q, position_ids, self.rotary_dim, self.rope_theta)
-        k = apply_rotary(k, position_ids, self.rotary_dim, self.rope_theta)
-        y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), seq_idx)  # (b, hq, t, d)
+        if self.rotary_dim:
+            q = apply_rotary(q, position_ids, self.rotary_dim, self.rope_theta)
+            k = apply_rotary(k, position_ids, self.rotary_dim, self.rope_theta)
+        y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), seq_idx,
+                             self.scale)  # (b, hq, t, d)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
     def init_weights(self, std: float, out_std: float) -> None:
@@ -175,21 +179,25 @@ class Mamba2Mixer(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm block: x + mixer(norm(x)), then + mlp(norm(x))."""
+    """Pre-norm block: x + mixer(norm(x)), then + mlp(norm(x)); the MLP is dense or a mixture of experts."""
 
-    def __init__(self, cfg: ModelConfig, layer_type: str):
+    def __init__(self, cfg: ModelConfig, layer_type: str, moe: bool = False):
         super().__init__()
         self.layer_type = layer_type
         self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mixer = Attention(cfg) if layer_type == ATTENTION else Mamba2Mixer(cfg)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.mlp_hidden else None
-        self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden) if cfg.mlp_hidden else None
+        self.mlp = MoE(cfg) if moe else SwiGLU(cfg.d_model, cfg.mlp_hidden) if cfg.mlp_hidden else None
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if self.mlp is not None else None
+        self.residual_multiplier = cfg.residual_multiplier
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.mixer(self.mixer_norm(x), position_ids, seq_idx)
+        x = x + self._scaled(self.mixer(self.mixer_norm(x), position_ids, seq_idx))
         if self.mlp is not None:
-            x = x + self.mlp(self.mlp_norm(x))
+            x = x + self._scaled(self.mlp(self.mlp_norm(x)))
         return x
+
+    def _scaled(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.residual_multiplier == 1.0 else y * self.residual_multiplier
 
     def init_weights(self, std: float, out_std: float) -> None:
         self.mixer_norm.init_weights()
@@ -220,7 +228,8 @@ class HybridLM(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         # Keyed by layer index so parameter names are stable across stages, checkpoints and export.
-        self.layers = nn.ModuleDict({str(i): Block(cfg, kind) for i, kind in enumerate(cfg.layer_types)})
+        moe = set(cfg.moe_layers)
+        self.layers = nn.ModuleDict({str(i): Block(cfg, kind, i in moe) for i, kind in enumerate(cfg.layer_types)})
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = LMHead(cfg.d_model, cfg.vocab_size, bias=False)
         self.tie_weights()
@@ -236,18 +245,55 @@ class HybridLM(nn.Module):
         """input_ids (b, t) -> logits (b, t, vocab). seq_idx (b, t) separates packed documents.
 
         With labels (b, t): (loss, cross entropy) of the fused head instead, equal to
-        `lm_loss(logits, labels, z_loss)` without materializing the logits."""
+        `lm_loss(logits, labels, z_loss)` without materializing the logits; the loss includes the
+        routers' losses (`router_loss()`) when the model has MoE blocks."""
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         if not self.cfg.doc_masking:
             seq_idx = None
         h = self.embed(input_ids)  # (b, t, d)
+        if self.cfg.embedding_multiplier != 1.0:
+            h = h * self.cfg.embedding_multiplier
         for block in self.layers.values():
             h = block(h, position_ids, seq_idx)
         h = self.norm(h)
+        if self.cfg.logits_scaling != 1.0:  # logits / s, by linearity of the head (and so of the fused loss)
+            h = h / self.cfg.logits_scaling
         if labels is None:
             return self.lm_head(h)
-        return self.lm_head(h, labels, z_loss)
+        loss, ce = self.lm_head(h, labels, z_loss)
+        if self.cfg.moe_n_experts:
+            loss = loss + self.router_loss()
+        return loss, ce
+
+    def moe_blocks(self) -> dict[str, MoE]:
+        """Layer index -> MoE of the blocks that have one."""
+        return {i: block.mlp for i, block in self.layers.items() if isinstance(block.mlp, MoE)}
+
+    def router_loss(self) -> torch.Tensor:
+        """moe_aux_loss_coef * load-balancing loss + moe_z_loss_coef * z-loss, each the mean over MoE
+        blocks, of the last forward (with gradients; add it to a loss computed from the logits)."""
+        blocks = [m.stats for m in self.moe_blocks().values() if m.stats]
+        if not blocks:
+            return torch.zeros((), device=self.embed.weight.device)
+        aux = torch.stack([s["aux"] for s in blocks]).mean()
+        z = torch.stack([s["z"] for s in blocks]).mean()
+        return self.cfg.moe_aux_loss_coef * aux + self.cfg.moe_z_loss_coef * z
+
+    @torch.no_grad()
+    def router_stats(self, reset: bool = False) -> dict[str, torch.Tensor]:
+        """Detached, in the order of moe_blocks(): `load` (MoE blocks, E) tokens per expert summed over
+        the forwards since the last reset; `counts` the same of the last forward; `aux` and `z` (MoE
+        blocks,) the unweighted losses of the last forward. reset: start the next sum afresh."""
+        blocks = list(self.moe_blocks().values())
+        if not blocks or not all(m.stats for m in blocks):
+            return {}
+        out = {key: torch.stack([m.stats[key].detach().float() for m in blocks]) for key in ("counts", "aux", "z")}
+        out["load"] = torch.stack([m.load.float() for m in blocks])
+        if reset:
+            for m in blocks:
+                m.reset_load()
+        return out
 
     @torch.no_grad()
     def init_weights(self) -> None:

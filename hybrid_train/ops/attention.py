@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     seq_idx: torch.Tensor | None = None) -> torch.Tensor:
-    """q (b, hq, t, d), k/v (b, hkv, t, d) with hkv dividing hq -> (b, hq, t, d).
+                     seq_idx: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+    """q (b, hq, t, d), k/v (b, hkv, t, d) with hkv dividing hq -> (b, hq, t, d). Scores are scaled by
+    `scale` (None: d**-0.5).
 
     With seq_idx (b, t), a token attends only to earlier tokens of its own document. On CUDA this
     runs FlexAttention with a block-sparse document mask (no dense (t, t) mask, and fully masked
@@ -19,14 +20,14 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     gqa = q.shape[1] != k.shape[1]
     if seq_idx is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, scale=scale)
     if q.is_cuda:
-        return _flex_document_attention(q, k, v, seq_idx, gqa)
+        return _flex_document_attention(q, k, v, seq_idx, gqa, scale)
     t = q.shape[2]
     causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
     same_doc = seq_idx[:, :, None] == seq_idx[:, None, :]  # (b, t, t)
     mask = (same_doc & causal)[:, None]  # (b, 1, t, t)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, scale=scale)
 
 
 @functools.cache
@@ -58,6 +59,6 @@ def _document_block_mask(seq_idx: torch.Tensor):
     return block_mask
 
 
-def _flex_document_attention(q, k, v, seq_idx, gqa):
+def _flex_document_attention(q, k, v, seq_idx, gqa, scale=None):
     block_mask = _document_block_mask(seq_idx)
-    return _compiled_flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    return _compiled_flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=gqa, scale=scale)

@@ -1,6 +1,6 @@
 """Process groups, the device mesh, and parallelisms applied to a built model (the model knows none).
 
-Order (as torchtitan): TP -> activation checkpointing -> torch.compile -> FSDP. TP rewrites the
+Order (as torchtitan): TP -> EP -> activation checkpointing -> torch.compile -> FSDP. TP rewrites the
 modules' parameters and inputs, AC wraps a block's (TP) forward, compile traces that, and FSDP's
 gather/reshard hooks go around the result.
 """
@@ -14,6 +14,7 @@ from hybrid_train.parallel.collectives import (all_reduce_mean, any_rank, barrie
                                                full_tensor, grad_norm, sum_over_data_parallel)
 from hybrid_train.parallel.compile import apply_compile
 from hybrid_train.parallel.config import ParallelConfig
+from hybrid_train.parallel.ep import apply_ep
 from hybrid_train.parallel.fsdp import apply_fsdp
 from hybrid_train.parallel.init import full_tensor_init
 from hybrid_train.parallel.mesh import Distributed, build_mesh, init_distributed
@@ -34,11 +35,14 @@ def parallelize(model: torch.nn.Module, env: Distributed, param_dtype: torch.dty
     cfg.check_model(model.cfg)
     if env.tp_mesh is not None:
         apply_tp(model, env.tp_mesh, cfg.sequence_parallel, cfg.loss_parallel)
+    if env.ep_mesh is not None:
+        apply_ep(model, env.ep_mesh)
     apply_ac(model, cfg.activation_checkpoint, cfg.ac_every_n_blocks)
     if cfg.compile:
         apply_compile(model, cfg.compile_backend)
     if env.dp_mesh is not None:
-        apply_fsdp(model, env.dp_mesh, param_dtype, getattr(torch, cfg.reduce_dtype), cfg.reshard_after_forward)
+        apply_fsdp(model, env.dp_mesh, param_dtype, getattr(torch, cfg.reduce_dtype), cfg.reshard_after_forward,
+                   env.ep_mesh)
     return model
 
 

@@ -26,7 +26,7 @@ def _ops(*names: str) -> set:
 # Per-op policy: keep what is expensive to recompute (matmuls, attention) or would repeat
 # communication in backward (TP collectives); recompute the cheap elementwise ops and norms.
 _SAVE_OPS = _ops(
-    "aten.mm.default", "aten.addmm.default", "aten.bmm.default",
+    "aten.mm.default", "aten.addmm.default", "aten.bmm.default", "aten._grouped_mm.default",
     "aten._scaled_dot_product_efficient_attention.default", "aten._scaled_dot_product_flash_attention.default",
     "aten._scaled_dot_product_cudnn_attention.default", "aten._scaled_dot_product_flash_attention_for_cpu.default",
     "_c10d_functional.all_reduce.default", "_c10d_functional.reduce_scatter_tensor.default",

@@ -19,6 +19,8 @@ class ParallelConfig:
     """FSDP shard group size; -1 = what remains of the world."""
     tp: int = 1
     """Tensor-parallel degree (keep it within a node); divides attention/KV heads, Mamba-2 heads and groups."""
+    ep: int = 1
+    """Expert-parallel degree: routed experts split over ep adjacent FSDP ranks; divides dp_shard and moe_n_experts."""
     sequence_parallel: bool = True
     """With tp > 1: norms and the residual stream hold 1/tp of the sequence (less activation memory)."""
     loss_parallel: bool = False
@@ -46,6 +48,11 @@ class ParallelConfig:
             raise ValueError("only one of parallel.dp_replicate and parallel.dp_shard may be -1")
         if self.tp < 1:
             raise ValueError(f"parallel.tp={self.tp} must be >= 1")
+        if self.ep < 1:
+            raise ValueError(f"parallel.ep={self.ep} must be >= 1")
+        if self.ep > 1 and self.tp > 1:
+            raise ValueError(f"parallel.ep={self.ep} with parallel.tp={self.tp}: expert parallelism runs without "
+                             "tensor parallelism (parallel.tp=1)")
         if self.reduce_dtype not in REDUCE_DTYPES:
             raise ValueError(f"parallel.reduce_dtype={self.reduce_dtype!r} must be one of {', '.join(REDUCE_DTYPES)}")
         if self.activation_checkpoint not in AC_MODES:
@@ -70,13 +77,25 @@ class ParallelConfig:
         if rep * shard * tp != world_size:
             raise ValueError(f"parallel.dp_replicate={rep} x parallel.dp_shard={shard} x parallel.tp={tp} "
                              f"= {rep * shard * tp} != world size {world_size}")
+        if shard % self.ep:
+            raise ValueError(f"parallel.ep={self.ep} must divide parallel.dp_shard={shard} (experts are split over "
+                             "ranks of one FSDP group)")
         return rep, shard, tp
 
     def check_model(self, model_cfg: ModelConfig, seq_len: int | None = None) -> None:
-        """TP splits whole heads and groups: each count it splits must be divisible by parallel.tp."""
+        """TP splits whole heads and groups: each count it splits must be divisible by parallel.tp. EP
+        splits whole experts: parallel.ep must divide model.moe_n_experts."""
+        if self.ep > 1:
+            if not model_cfg.moe_n_experts:
+                raise ValueError(f"parallel.ep={self.ep} needs an MoE model (model.moe_n_experts=0)")
+            if model_cfg.moe_n_experts % self.ep:
+                raise ValueError(f"parallel.ep={self.ep} does not divide model.moe_n_experts={model_cfg.moe_n_experts}")
         tp = self.tp
         if tp == 1:
             return
+        if model_cfg.moe_n_experts:
+            raise ValueError(f"parallel.tp={tp} with model.moe_n_experts={model_cfg.moe_n_experts}: tensor parallelism "
+                             "of MoE blocks is not supported; shard the model with FSDP (parallel.tp=1)")
         types = model_cfg.layer_types
         counts = []
         if ATTENTION in types:

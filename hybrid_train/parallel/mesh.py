@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from hybrid_train.parallel.config import ParallelConfig
+from hybrid_train.parallel.ep import build_ep_mesh
 
 MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
 
@@ -27,6 +28,8 @@ class Distributed:
     cpu_group: dist.ProcessGroup | None = None
     """A gloo group over all ranks for host-side agreement (stop, data exhausted) in NCCL runs, so
     agreeing never waits for the GPU; None = the default group (already gloo on CPU)."""
+    ep_mesh: DeviceMesh | None = None
+    """(ep_dp, ep) mesh of expert parallelism when parallel.ep > 1, else None."""
 
     @property
     def is_main(self) -> bool:
@@ -89,4 +92,6 @@ def init_distributed(cfg: ParallelConfig, device_type: str, model_cfg=None, seq_
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     cpu_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
-    return Distributed(rank, world, local_rank, device, build_mesh(cfg, world, device_type), cfg, cpu_group)
+    ep_mesh = build_ep_mesh(device_type, world, cfg.ep) if cfg.ep > 1 else None
+    return Distributed(rank, world, local_rank, device, build_mesh(cfg, world, device_type), cfg,
+                       cpu_group=cpu_group, ep_mesh=ep_mesh)

@@ -26,7 +26,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 from hybrid_train.model import HybridLM, ModelConfig, build_model
-from hybrid_train.model.hf import SAFE_INDEX, HFCheckpoint, hf_bamba_config, hf_layout, is_hf_dir
+from hybrid_train.model.hf import SAFE_INDEX, HFCheckpoint, hf_config, hf_empty_tensors, hf_layout, is_hf_dir
 from hybrid_train.train.checkpoint import (META, model_config_from_meta, model_tensor_metadata,
                                            read_meta, resolve_checkpoint, weights_only_meta)
 
@@ -177,20 +177,22 @@ class ExportResult:
 def export_hf(source, out_dir: str | os.PathLike, dtype: torch.dtype | None = None,
               max_shard_size: int = DEFAULT_MAX_SHARD, tokenizer: str | None = "auto",
               token_ids: dict | None = None, progress: bool = False) -> ExportResult:
-    """Write `source` (a tensor source, or a path for `open_source`) as a HF Bamba directory.
+    """Write `source` (a tensor source, or a path for `open_source`) as a HF Bamba directory (a
+    GraniteMoeHybrid one for an MoE model).
 
-    config.json (every BambaConfig field), safetensors shards + model.safetensors.index.json,
-    generation_config.json, and the tokenizer files. `tokenizer`: "auto" (the source's, see
-    `source_tokenizer`), "byte", a tokenizer.json or a folder, or None. `token_ids` (bos/eos/pad)
+    config.json (every BambaConfig / GraniteMoeHybridConfig field), safetensors shards +
+    model.safetensors.index.json, generation_config.json, and the tokenizer files. `tokenizer`: "auto"
+    (the source's, see `source_tokenizer`), "byte", a tokenizer.json or a folder, or None. `token_ids` (bos/eos/pad)
     override the tokenizer's. Refuses to overwrite a non-empty `out_dir`.
     """
     if isinstance(source, (str, os.PathLike)):
         source = open_source(source)
     cfg = source.model_config
     tokenizer, ids = resolve_tokenizer(source, tokenizer, token_ids)
-    hf_cfg = hf_bamba_config(cfg, **ids)  # raises first for what transformers cannot express
-    layout = hf_layout(cfg)
-    out_dtype = {hf: dtype or source.dtype(parts[0]) for hf, parts in layout}
+    hf_cfg = hf_config(cfg, **ids)  # raises first for what transformers cannot express
+    empty = hf_empty_tensors(cfg)  # zero-size HF tensors with no native counterpart
+    layout = hf_layout(cfg) + [(name, []) for name in empty]
+    out_dtype = {hf: dtype or source.dtype(parts[0] if parts else "embed.weight") for hf, parts in layout}
     sizes = [(hf, sum(source.shape(p).numel() for p in parts) * out_dtype[hf].itemsize) for hf, parts in layout]
     hf_cfg["torch_dtype"] = DTYPE_NAMES[dtype or source.dtype("embed.weight")]
 
@@ -201,7 +203,7 @@ def export_hf(source, out_dir: str | os.PathLike, dtype: torch.dtype | None = No
         writer = ShardWriter(tmp, plan_shards(sizes, max_shard_size))
         bar = _progress(progress, len(layout), "export")
         for hf_name, parts in layout:
-            pieces = [source.tensor(p) for p in parts]
+            pieces = [source.tensor(p) for p in parts] or [torch.zeros(empty[hf_name])]
             tensor = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
             del pieces
             writer.add(hf_name, tensor.to(out_dtype[hf_name]))

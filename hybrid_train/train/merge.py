@@ -26,7 +26,8 @@ from hybrid_train.train.export import DTYPES, open_source
 METHODS = ("linear", "slerp")
 # Fields that neither shape a tensor nor change the forward pass; merging across them is fine.
 _NOT_ARCHITECTURE = {"name", "init_std", "doc_masking", "ssm_chunk_size", "ssm_dt_min", "ssm_dt_max",
-                     "ssm_dt_init_floor", "ssm_a_init_range", "attn_layer_indices", "layer_pattern"}
+                     "ssm_dt_init_floor", "ssm_a_init_range", "attn_layer_indices", "layer_pattern",
+                     "moe_aux_loss_coef", "moe_z_loss_coef", "moe_impl", "moe_layer_indices", "moe_every", "moe_offset"}
 SLERP_DOT_THRESHOLD = 0.9995  # MergeKit's: above it the tensors are treated as colinear
 SLERP_EPS = 1e-8
 
@@ -153,6 +154,8 @@ def architecture_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
     out = [f"{k}: {da[k]!r} -> {db[k]!r}" for k in da if k not in _NOT_ARCHITECTURE and da[k] != db[k]]
     if a.layer_types != b.layer_types:
         out.append(f"layer types: {''.join(a.layer_types)} -> {''.join(b.layer_types)}")
+    if a.moe_layers != b.moe_layers:
+        out.append(f"MoE blocks: {a.moe_layers} -> {b.moe_layers}")
     return out
 
 

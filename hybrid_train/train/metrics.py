@@ -17,7 +17,7 @@ from tqdm import tqdm
 from hybrid_train.train.config import LoggingConfig
 
 # Written to metrics.jsonl but kept off the console line (dicts, one screen per log line).
-QUIET_KEYS = ("source_tokens", "time_ms")
+QUIET_KEYS = ("source_tokens", "time_ms", "moe_load")
 PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}
 
 
@@ -99,6 +99,23 @@ def drop_rows_after(path: Path, step: int) -> int:
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
     return len(lines) - len(kept)
+
+
+def router_metrics(model, env) -> dict:
+    """Expert load since the last call and router losses of the last micro-batch, over all data-parallel
+    ranks (every rank calls it): `moe_load` per MoE block (layer index -> max/mean tokens per expert,
+    1 when balanced), its largest value `moe_load_max`, and the unweighted losses `moe_aux_loss` (top_k
+    when balanced) and `moe_z_loss`, means over MoE blocks. Empty for a model without MoE blocks."""
+    from hybrid_train.parallel import all_reduce_mean, sum_over_data_parallel
+
+    stats = model.router_stats(reset=True)
+    if not stats:
+        return {}
+    counts = sum_over_data_parallel(stats["load"].to(torch.float64), env.tp_size)  # (blocks, E)
+    load = (counts.max(1).values / counts.mean(1).clamp(min=1e-9)).tolist()
+    return {"moe_load": dict(zip(model.moe_blocks(), load)), "moe_load_max": max(load),
+            "moe_aux_loss": all_reduce_mean(stats["aux"].mean()).item(),
+            "moe_z_loss": all_reduce_mean(stats["z"].mean()).item()}
 
 
 class MetricsLogger:

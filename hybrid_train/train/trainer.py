@@ -14,14 +14,15 @@ import torch
 
 from hybrid_train.config import JobConfig, to_yaml
 from hybrid_train.data import DataExhausted, build_data_loader, build_tokenizer
-from hybrid_train.model import build_model, count_params, flops_per_token
+from hybrid_train.model import active_params, build_model, count_params, flops_per_token
 from hybrid_train.ops import set_kernels
 from hybrid_train.parallel import (all_reduce_mean, any_rank, barrier, destroy, full_tensor, full_tensor_init, grad_norm,
                                    init_distributed, loss_context, parallelize, sum_over_data_parallel)
 from hybrid_train.train.checkpoint import read_meta, resolve_checkpoint
 from hybrid_train.train.checkpointer import Checkpointer, TrainState, find_resume_point
 from hybrid_train.train.loss import lm_loss
-from hybrid_train.train.metrics import MetricsLogger, RunLog, StepTimer, device_peak_flops, peak_memory_gb
+from hybrid_train.train.metrics import (MetricsLogger, RunLog, StepTimer, device_peak_flops, peak_memory_gb,
+                                      router_metrics)
 from hybrid_train.train.optim import build_lr_scheduler, build_optimizer, clip_and_step
 from hybrid_train.train.plan import RunPlan, Saved, plan_run, stage_window  # noqa: F401 (RunPlan: API)
 from hybrid_train.train.preemption import StopRequest
@@ -207,6 +208,9 @@ def _train(job: JobConfig, run_log: RunLog) -> TrainResult:
                            start_total_tokens=stage_start_total, resumed_from=resume_from, resumed_step=state.step))
     for level, message in notes + plan.notes:
         (logger.warning if level == "warning" else logger.info)(message)
+    if job.model.moe_n_experts:
+        logger.info(f"MoE blocks {job.model.moe_layers}: {active_params(job.model, n_params) / 1e6:.2f}M parameters "
+                    f"active per token ({job.model.moe_top_k} of {job.model.moe_n_experts} experts)")
     autocast = (torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
     stop = StopRequest(run_dir, env.cpu_group)
@@ -266,6 +270,7 @@ def _train(job: JobConfig, run_log: RunLog) -> TrainResult:
                     "source_tokens": state.source_tokens,
                     "skipped_records": _global_source_tokens(loader.skipped_records, env),
                     "time_ms": timer.split(),
+                    **router_metrics(model, env),
                 })
             if last or stopped or checkpointer.due(state, plan.tokens_per_step):
                 watch.check()
@@ -305,6 +310,8 @@ def forward_backward(model, batch: dict, z_loss: float, fused: bool, grad_accum:
         logits = model(*inputs)
     with loss_context(env):  # vocabulary-parallel cross entropy when parallel.loss_parallel
         loss, ce = lm_loss(logits, batch["labels"], z_loss)
+        if model.cfg.moe_n_experts:
+            loss = loss + model.router_loss()  # the fused path adds it inside the model
         mark("forward")
         (loss / grad_accum).backward()
         mark("backward")
