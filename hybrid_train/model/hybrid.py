@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hybrid_train.model.config import ATTENTION, ModelConfig
-from hybrid_train.model.moe import MoE
+from hybrid_train.model.moe import MoE, SwiGLU
 from hybrid_train.ops import causal_attention, conv_ssd_scan, fused_linear_cross_entropy, gated_rms_norm
 
 
@@ -37,22 +37,6 @@ class RMSNorm(nn.Module):
 
     def init_weights(self) -> None:
         nn.init.ones_(self.weight)
-
-
-class SwiGLU(nn.Module):
-    def __init__(self, d_model: int, hidden: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(d_model, hidden, bias=False)
-        self.up_proj = nn.Linear(d_model, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, d_model, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-    def init_weights(self, std: float, out_std: float) -> None:
-        nn.init.normal_(self.gate_proj.weight, std=std)
-        nn.init.normal_(self.up_proj.weight, std=std)
-        nn.init.normal_(self.down_proj.weight, std=out_std)
 
 
 def apply_rotary(x: torch.Tensor, position_ids: torch.Tensor, rotary_dim: int, theta: float) -> torch.Tensor:

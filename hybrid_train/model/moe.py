@@ -104,8 +104,8 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.down_proj, std=out_std)
 
 
-class SharedExpert(nn.Module):
-    """A SwiGLU every token goes through (names as the dense MLP)."""
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)): the dense MLP of a block, and the shared expert of an MoE block."""
 
     def __init__(self, d_model: int, hidden: int):
         super().__init__()
@@ -116,6 +116,11 @@ class SharedExpert(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
+    def init_weights(self, std: float, out_std: float) -> None:
+        nn.init.normal_(self.gate_proj.weight, std=std)
+        nn.init.normal_(self.up_proj.weight, std=std)
+        nn.init.normal_(self.down_proj.weight, std=out_std)
+
 
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -124,7 +129,7 @@ class MoE(nn.Module):
         self.score, self.norm_topk = cfg.moe_score, cfg.moe_norm_topk
         self.router = nn.Linear(cfg.d_model, cfg.moe_n_experts, bias=False)
         self.experts = GroupedExperts(cfg.moe_n_experts, cfg.d_model, cfg.expert_hidden, cfg.moe_impl)
-        self.shared_expert = SharedExpert(cfg.d_model, cfg.moe_shared_hidden) if cfg.moe_shared_hidden else None
+        self.shared_expert = SwiGLU(cfg.d_model, cfg.moe_shared_hidden) if cfg.moe_shared_hidden else None
         self.stats: dict[str, torch.Tensor] = {}
         self.load: torch.Tensor | None = None  # tokens per expert summed since reset_load()
 
@@ -162,9 +167,7 @@ class MoE(nn.Module):
         nn.init.normal_(self.router.weight, std=std)
         self.experts.init_weights(std, out_std)
         if self.shared_expert is not None:
-            nn.init.normal_(self.shared_expert.gate_proj.weight, std=std)
-            nn.init.normal_(self.shared_expert.up_proj.weight, std=std)
-            nn.init.normal_(self.shared_expert.down_proj.weight, std=out_std)
+            self.shared_expert.init_weights(std, out_std)
 
 
 def router_stats(logits: torch.Tensor, counts: torch.Tensor, score: str) -> dict[str, torch.Tensor]:
