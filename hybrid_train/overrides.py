@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 # on the command line are still refused, by JobConfig.validate.
 EXCLUSIVE = (
     ("train.max_tokens", "train.max_steps", "stage.end_tokens"),
-    ("schedule.warmup_steps", "schedule.warmup_tokens"),
+    ("schedule.warmup_steps", "schedule.warmup_tokens", "schedule.warmup_fraction"),
 )
 ANY_NAME = "*"  # a Dict[str, dataclass] field: any key, e.g. data.sources.NAME
 

@@ -34,7 +34,7 @@ def test_a_step_count_alone_runs_and_the_header_says_what_the_run_does(tmp_path)
     for expected in ("model     tiny: 1.47M parameters", "MMAMMA (4 Mamba-2, 2 attention)",
                      "data      data/sample (byte tokenizer): web 70%, code 30%",
                      "length    3 steps x 64 tokens = 192 tokens (train.max_steps=3)",
-                     "schedule  cosine: peak lr 0.003 after 20 warmup steps (covers the whole run)",
+                     "schedule  cosine: peak lr 0.003 after 1 warmup steps",  # 20 in the file, clamped to half the run
                      "devices   1 process(es) on cpu, fp32"):
         assert expected in text, (expected, text)
 
@@ -88,7 +88,7 @@ def test_header_of_a_stage_fits_one_screen(compose):
                      "317,892 steps x 1,572,864 tokens = 500B tokens (stage.end_tokens=2.5T)",
                      "constant: peak lr 2e-05 after 100 warmup steps", "every 10B tokens",
                      "stage     extend: total tokens 2T -> 2.5T, weights from hf:/models/Bamba-9B",
-                     "resumed   from /runs/extend/checkpoints/step_00001000 at step 1000"):
+                     "resumed from /runs/extend/checkpoints/step_00001000 at step 1000"):
         assert expected in text, (expected, text)
 
 

@@ -61,7 +61,13 @@ COMPOSE = [
     "torchrun --nproc_per_node=8 train.py parallel=hsdp",
     "torchrun --nproc_per_node=8 train.py parallel.tp=2 model.ssm_n_groups=2",
     "torchrun --nproc_per_node=8 train.py parallel.activation_checkpoint=selective parallel.compile=true",
+    "torchrun --nproc_per_node=8 train.py model=jamba_52b parallel.ep=8",
+    "python train.py model=jamba_mamba2_tiny",
+    "python train.py model=granite4_tiny",
+    "python train.py model=tiny model.moe_n_experts=8 model.moe_every=2 model.moe_offset=1",
 ]
+WALK = "tests/test_stages.py runs the stage walk-through block as written"
+PLAN = "tests/test_plan.py runs the planner's CLI with these overrides"
 SKIP = {
     "pip install torch==2.13.0": "installs (CI does it)",
     "pip install -e .": "installs",
@@ -75,6 +81,27 @@ SKIP = {
     "arc_challenge,piqa,winogrande,mmlu --batch_size 8 --device cuda": "a GPU and downloaded benchmark data",
     "python scripts/bench_data.py": "a benchmark (minutes); its parts are tested in tests/test_data*.py",
     "python scripts/bench.py --ladder": "a GPU benchmark; tests/test_bench.py runs its CPU smoke settings",
+    "python scripts/bench_train.py [train.py overrides]": "a benchmark; tests/test_bench.py runs it on CPU",
+    "python train.py checkpoint.init_from=RUN train.max_tokens=...": "a placeholder; tests/test_stages.py runs it",
+    'TINY="model=tiny data=sample train.seq_len=32 train.micro_batch_size=2"': WALK,
+    "python train.py +stage=pretrain $TINY stage.tokens=1280 run.dir=outputs/walk/pretrain": WALK,
+    "python train.py +stage=extend $TINY stage.tokens=640 checkpoint.init_from=outputs/walk/pretrain "
+    "run.dir=outputs/walk/extend": WALK,
+    "python train.py +stage=mix $TINY stage.tokens=640 checkpoint.init_from=outputs/walk/extend "
+    "run.dir=outputs/walk/mix": WALK,
+    "python train.py +stage=mix_cosine $TINY stage.tokens=640 checkpoint.init_from=outputs/walk/extend "
+    "run.dir=outputs/walk/mix_cosine": WALK,
+    "python train.py +stage=anneal $TINY stage.tokens=320 checkpoint.init_from=outputs/walk/mix "
+    "run.dir=outputs/walk/anneal_mix": WALK,
+    "python train.py +stage=anneal $TINY stage.tokens=320 checkpoint.init_from=outputs/walk/mix_cosine "
+    "run.dir=outputs/walk/anneal_mix_cosine": WALK,
+    "python scripts/merge.py --models outputs/walk/anneal_mix outputs/walk/anneal_mix_cosine --weights 0.5 0.5 "
+    "--out outputs/walk/merged": WALK,
+    "python scripts/plan.py model=bamba_9b cluster=a100_192 train.seq_len=4096 train.micro_batch_size=2": PLAN,
+    "python scripts/plan.py +stage=extend cluster=h100_64 parallel=hsdp parallel.activation_checkpoint=full "
+    "plan.out=plan.json": PLAN,
+    "python scripts/plan.py model=bamba_9b cluster=h200_8 train.seq_len=4096 train.micro_batch_size=2 "
+    "plan.memory_table=true": PLAN,
 }
 
 

@@ -15,8 +15,9 @@ def count(n: float) -> str:
 
 def run_header(job: JobConfig, total_steps: int, tokens_per_step: int, grad_accum: int, *, n_params: int,
                n_embedding: int, world_size: int, device: str, precision: str, start_total_tokens: int,
-               resumed_from: object = None, resumed_step: int = 0) -> str:
-    """Model and size, data mixture and shares, run length, schedule, stage, devices, where outputs go."""
+               resumed_from: object = None, resumed_step: int = 0, warmup_steps: int | None = None) -> str:
+    """Model and size, data mixture and shares, run length, schedule, stage, devices, where outputs go.
+    warmup_steps: the warmup the run takes (after any clamp); None = as the schedule config says."""
     m, t, s, d, c = job.model, job.train, job.schedule, job.data, job.checkpoint
     types = "".join(m.layer_types)
     attn = [i for i, kind in enumerate(m.layer_types) if kind == "A"]
@@ -33,7 +34,9 @@ def run_header(job: JobConfig, total_steps: int, tokens_per_step: int, grad_accu
         length = f"train.max_tokens={count(t.max_tokens)}"
     warmup = (f"{s.warmup_steps} warmup steps" if s.warmup_steps else
               f"{count(s.warmup_tokens)} warmup tokens" if s.warmup_tokens else "no warmup")
-    if max(s.warmup_steps, -(-s.warmup_tokens // tokens_per_step)) >= total_steps:
+    if warmup_steps is not None:
+        warmup = f"{warmup_steps} warmup steps" if warmup_steps else "no warmup"
+    elif max(s.warmup_steps, -(-s.warmup_tokens // tokens_per_step)) >= total_steps:
         warmup += " (covers the whole run)"
     shape = {"constant": "then constant", "cosine": f"cosine to {floor}", "linear": f"linear to {floor}",
              "wsd": f"stable, then the last {s.decay_fraction:.0%} decaying to {floor}"}[s.name]
@@ -59,5 +62,5 @@ def run_header(job: JobConfig, total_steps: int, tokens_per_step: int, grad_accu
         lines.append(f"  stage     {job.stage.name}: total tokens {count(start_total_tokens)}{window}"
                      + (f", weights from {c.init_from}" if c.init_from else ""))
     if resumed_from is not None:
-        lines.append(f"  resumed   from {resumed_from} at step {resumed_step}")
+        lines.append(f"  resumed from {resumed_from} at step {resumed_step}")
     return "\n".join(lines)
