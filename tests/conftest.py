@@ -17,6 +17,19 @@ def compose_job(overrides: list[str] | None = None, config_dir: Path = CONF) -> 
 
 
 @pytest.fixture
+def reference_adamw():
+    """torch's single-tensor AdamW with build_optimizer's groups and an OptimConfig's hyperparameters."""
+    import torch
+
+    def build(model, cfg):
+        return torch.optim.AdamW(
+            [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+             {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}],
+            lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=False)
+    return build
+
+
+@pytest.fixture
 def compose():
     return compose_job
 

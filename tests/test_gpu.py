@@ -38,7 +38,7 @@ def test_train_steps_on_gpu(compose, tmp_path):
     assert records[-1]["mfu"] is not None and records[-1]["mem_gb"] > 0
 
 
-def test_clip_and_step_on_cuda_matches_torch_clip_then_adamw():
+def test_clip_and_step_on_cuda_matches_torch_clip_then_adamw(reference_adamw):
     """The fused CUDA AdamW with the clip as grad_scale and found_inf: three steps equal torch's
     clip_grad_norm_ + the single-tensor AdamW; a non-finite step writes nothing."""
     from hybrid_train.parallel import grad_norm
@@ -49,12 +49,11 @@ def test_clip_and_step_on_cuda_matches_torch_clip_then_adamw():
         torch.manual_seed(0)
         return torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.LayerNorm(256), torch.nn.Linear(256, 64)).cuda()
 
+    cfg = OptimConfig(lr=1e-2, weight_decay=0.1)
     ours, ref = make(), make()
-    opt = build_optimizer(ours, OptimConfig(lr=1e-2, weight_decay=0.1))
+    opt = build_optimizer(ours, cfg)
     assert all(group["fused"] for group in opt.param_groups)
-    ref_opt = torch.optim.AdamW([{"params": [p for p in ref.parameters() if p.ndim >= 2], "weight_decay": 0.1},
-                                 {"params": [p for p in ref.parameters() if p.ndim < 2], "weight_decay": 0.0}],
-                                lr=1e-2, foreach=False)
+    ref_opt = reference_adamw(ref, cfg)
     for step in range(3):
         x = torch.randn(32, 64, device="cuda")
         for model in (ours, ref):
