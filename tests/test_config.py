@@ -159,6 +159,14 @@ def test_loss_impl_auto_is_fused_unless_tensor_parallel(compose):
     assert not compose(["parallel=fsdp_tp", "train.loss_impl=logits"]).fused_loss()
 
 
+def test_compile_defaults_to_on_for_cuda_only(compose):
+    unset = compose([]).parallel
+    assert unset.compile is None and unset.compile_on("cuda") and not unset.compile_on("cpu")
+    assert not compose(["parallel.compile=false"]).parallel.compile_on("cuda")
+    assert compose(["parallel.compile=true"]).parallel.compile_on("cpu")
+    assert compose(["parallel=fsdp_tp"]).parallel.compile_on("cpu")  # the TP layout file sets it
+
+
 def test_pattern_and_indices_agree(compose):
     job = compose(["model.layer_pattern=MMAMMA"])
     assert job.model.layer_types == list("MMAMMA")

@@ -60,7 +60,7 @@ COMPOSE = [
     "data.tokenizer=checkpoints/bamba-9b-2T/tokenizer run.dir=/runs/extend",
     "torchrun --nproc_per_node=8 train.py parallel=hsdp",
     "torchrun --nproc_per_node=8 train.py parallel.tp=2 model.ssm_n_groups=2",
-    "torchrun --nproc_per_node=8 train.py parallel.activation_checkpoint=selective parallel.compile=true",
+    "torchrun --nproc_per_node=8 train.py parallel.activation_checkpoint=selective",
     "torchrun --nproc_per_node=8 train.py model=jamba_52b parallel.ep=8",
     "python train.py model=jamba_mamba2_tiny",
     "python train.py model=granite4_tiny",

@@ -96,9 +96,10 @@ def interpreting() -> bool:
 _triton_ok: bool | None = None
 
 
+@torch.compiler.assume_constant_result  # run once while tracing: no guard on the global, no recompile
 def triton_available() -> bool:
     global _triton_ok
-    if _triton_ok is None:  # a plain global, not functools.cache: torch.compile traces this call
+    if _triton_ok is None:
         try:
             import triton  # noqa: F401
 

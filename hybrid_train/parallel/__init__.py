@@ -38,7 +38,7 @@ def parallelize(model: torch.nn.Module, env: Distributed, param_dtype: torch.dty
     if env.ep_mesh is not None:
         apply_ep(model, env.ep_mesh)
     apply_ac(model, cfg.activation_checkpoint, cfg.ac_every_n_blocks)
-    if cfg.compile:
+    if cfg.compile_on(env.device.type):
         apply_compile(model, cfg.compile_backend)
     if env.dp_mesh is not None:
         apply_fsdp(model, env.dp_mesh, param_dtype, getattr(torch, cfg.reduce_dtype), cfg.reshard_after_forward,

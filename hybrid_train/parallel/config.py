@@ -33,8 +33,10 @@ class ParallelConfig:
     """Recompute activations in backward: none, full (every block) or selective."""
     ac_every_n_blocks: int = 0
     """selective: checkpoint every n-th block whole; 0 = every block, saving matmul and collective outputs."""
-    compile: bool = False
-    """torch.compile each block (after TP and activation checkpointing, before FSDP)."""
+    compile: Optional[bool] = None
+    """torch.compile each block (after TP and activation checkpointing, before FSDP). None (the default):
+    on when the run's device is a CUDA GPU (+12% tokens/s at 9B width on an H200), off on CPU, where
+    compiling a small model costs more than it gains."""
     compile_backend: str = "inductor"
     """torch.compile backend (inductor; aot_eager or eager to debug)."""
 
@@ -63,6 +65,10 @@ class ParallelConfig:
         if self.loss_parallel and self.tp == 1:
             raise ValueError("parallel.loss_parallel=true needs parallel.tp > 1 (the vocabulary is sharded over TP)")
         return self
+
+    def compile_on(self, device_type: str) -> bool:
+        """Whether blocks are compiled on this device type (parallel.compile, None = on for CUDA)."""
+        return device_type == "cuda" if self.compile is None else bool(self.compile)
 
     def resolve(self, world_size: int) -> tuple[int, int, int]:
         """(dp_replicate, dp_shard, tp) for this world size; raises ValueError naming the sizes."""

@@ -271,7 +271,7 @@ def step_time(job: JobConfig, cluster: ClusterConfig, layout: Layout, units: lis
               grad_accum: int) -> tuple[StepTime, dict[str, str]]:
     par, p = job.parallel, job.plan
     tokens_micro = job.train.micro_batch_size * job.train.seq_len  # per data-parallel rank
-    mfu = cluster.mfu_compiled if par.compile else cluster.mfu
+    mfu = cluster.mfu_compiled if par.compile_on("cuda") else cluster.mfu
     compute = grad_accum * flops_token * (1 + recompute_flops_fraction(job)) * tokens_micro / layout.tp \
         / (cluster.peak_tflops * 1e12 * mfu)
     links = {}
@@ -382,7 +382,7 @@ def make_plan(job: JobConfig, cluster: ClusterConfig | None = None, world_size: 
         notes.append("FSDP communication exceeds compute: the step is communication-bound")
     return Plan(job.model.name, n_params, "".join(job.model.layer_types), cluster, layout,
                 job.parallel.activation_checkpoint, job.train.seq_len, job.train.micro_batch_size, run.grad_accum,
-                run.tokens_per_step, flops, cluster.mfu_compiled if job.parallel.compile else cluster.mfu, links,
+                run.tokens_per_step, flops, cluster.mfu_compiled if job.parallel.compile_on("cuda") else cluster.mfu, links,
                 memory, time, run.total_steps, run.total_steps * run.tokens_per_step, label, notes)
 
 

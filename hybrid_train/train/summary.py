@@ -53,7 +53,8 @@ def run_header(job: JobConfig, total_steps: int, tokens_per_step: int, grad_accu
         f"  schedule  {s.name}: peak lr {job.optim.lr:g} after {warmup}, {shape}; AdamW, weight decay "
         f"{job.optim.weight_decay:g}, grad clip {t.grad_clip:g}",
         f"  devices   {world_size} process(es) on {device}, {precision}, "
-        f"{'fused head + loss' if job.fused_loss() else 'loss from full logits'}",
+        f"{'fused head + loss' if job.fused_loss() else 'loss from full logits'}, "
+        f"{'compiled blocks' if job.parallel.compile_on(device) else 'eager'}",
         f"  saves     {''.join(e + ', ' for e in every)}at the end (keep last {c.keep_last or 'all'}); the same "
         "command resumes",
     ]
