@@ -24,5 +24,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    check_command_line(sys.argv[1:], Path(__file__).parent / "conf")  # a misspelt key: the closest real one
+    sys.argv[1:] = check_command_line(sys.argv[1:], Path(__file__).parent / "conf")  # a misspelt key: the closest real one
     main()

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from hybrid_train.data.config import DataConfig
 from hybrid_train.model.config import ModelConfig
-from hybrid_train.overrides import (UnknownKeyError, check_keys, command_line_wins, config_groups,
+from hybrid_train.overrides import (UnknownKeyError, check_keys, command_line_wins, config_groups, whole_numbers,
                                     unknown_key_message)
 from hybrid_train.parallel.config import ClusterConfig, ParallelConfig, PlanConfig
 from hybrid_train.train.config import (CheckpointConfig, LoggingConfig, OptimConfig, ScheduleConfig, StageConfig,
@@ -152,6 +152,7 @@ def load_config(overrides: Sequence[str] = (), config_dir: str | Path | None = N
     conf = find_config_dir(config_dir)
     register_configs()
     check_keys(overrides, JobConfig, config_groups(conf))
+    overrides = whole_numbers(overrides, JobConfig)
     outer = GlobalHydra.instance().hydra  # an enclosing Hydra app's state, put back after
     GlobalHydra.instance().clear()
     try:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterable
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Override, OverrideType
+from hydra.core.override_parser.types import Override, OverrideType, ValueType
 from omegaconf import DictConfig, OmegaConf
 
 # Settings of which a run takes one: a value given on the command line replaces the file's value of the
@@ -79,6 +79,44 @@ def _resolve(key: str, schema: type) -> tuple[type | None, str, str]:
             node = None
         i += 1
     return None, "", ""
+
+
+def field_type(key: str, schema: type) -> type | None:
+    """The declared type of a dotted key's field (Optional unwrapped), None for a section or an unknown key."""
+    node, kind = schema, None
+    parts = key.split(".")
+    i = 0
+    while i < len(parts):
+        if node is None or not dataclasses.is_dataclass(node):
+            return None
+        hints = typing.get_type_hints(node)
+        if parts[i] not in hints:
+            return None
+        kind = hints[parts[i]]
+        if typing.get_origin(kind) is typing.Union:  # Optional[X]
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        if typing.get_origin(kind) is dict and dataclasses.is_dataclass(typing.get_args(kind)[1]):
+            node, kind, i = typing.get_args(kind)[1], None, i + 1  # skip the user's name (data.sources.web)
+        else:
+            node = kind
+        i += 1
+    return None if dataclasses.is_dataclass(kind) else kind
+
+
+def whole_numbers(overrides: list[str], schema: type) -> list[str]:
+    """The overrides with a whole number written as a float (`train.max_tokens=1e9`, `2.5e12`) turned into
+    the integer an int field takes (OmegaConf refuses the float); a fraction for an int field is an error
+    naming the key."""
+    out = []
+    for text, override in zip(overrides, parse(overrides)):
+        if (override.type != OverrideType.DEL and override.value_type == ValueType.ELEMENT
+                and isinstance(override.value(), float) and field_type(override.key_or_group, schema) is int):
+            value = override.value()
+            if not value.is_integer():
+                raise ValueError(f"{override.key_or_group}={text.split('=', 1)[1]} must be a whole number")
+            text = f"{text.split('=', 1)[0]}={int(value)}"
+        out.append(text)
+    return out
 
 
 def is_known(key: str, schema: type) -> bool:
@@ -158,9 +196,10 @@ def command_line_wins(cfg: DictConfig, overrides: list[str]) -> None:
                     OmegaConf.update(cfg, key, 0)
 
 
-def check_command_line(argv: list[str], config_dir: Path) -> None:
+def check_command_line(argv: list[str], config_dir: Path) -> list[str]:
     """train.py's arguments before Hydra composes them: exit with the message of an unknown key (Hydra's
-    own would suggest `+key=...`, which the typed config then refuses too)."""
+    own would suggest `+key=...`, which the typed config then refuses too); returns them with whole
+    numbers written as floats turned into integers (whole_numbers)."""
     from hybrid_train.config import JobConfig
 
     dirs, overrides = [config_dir], []
@@ -173,5 +212,7 @@ def check_command_line(argv: list[str], config_dir: Path) -> None:
             overrides.append(arg)
     try:
         check_keys(overrides, JobConfig, config_groups(*dirs))
-    except UnknownKeyError as err:
+        numbers = dict(zip(overrides, whole_numbers(overrides, JobConfig)))
+    except ValueError as err:  # UnknownKeyError too
         sys.exit(f"error: {err}")
+    return [numbers.get(arg, arg) for arg in argv]

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from hybrid_train.config import job_config_from_hydra, register_configs  # noqa: E402
+from hybrid_train.overrides import check_command_line  # noqa: E402
 from hybrid_train.parallel.plan import (PlanError, format_memory_table, format_plan, make_plan,  # noqa: E402
                                         memory_table)
 
@@ -43,4 +44,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = check_command_line(sys.argv[1:], Path(__file__).resolve().parents[1] / "conf")  # as train.py
     main()

@@ -46,6 +46,33 @@ def test_misspelt_key_on_train_py_names_the_real_key():
     assert "Traceback" not in proc.stderr
 
 
+def test_token_counts_written_as_floats_run_as_typed(tmp_path):
+    """A user types token counts as 1e9 or 2.5e12; the int fields take them (OmegaConf alone refuses the float)."""
+    proc = train_py("train.max_tokens=2.56e2", *TINY, f"run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "length    4 steps x 64 tokens = 256 tokens (train.max_tokens=256)" in proc.stdout
+    proc = train_py("train.max_tokens=1.5e0", *TINY, f"run.dir={tmp_path}/b")
+    assert proc.returncode == 1 and proc.stderr.strip() == "error: train.max_tokens=1.5e0 must be a whole number"
+    plan = subprocess.run([sys.executable, "scripts/plan.py", "+stage=extend", "stage.start_tokens=2e12",
+                           "stage.end_tokens=2.5e12", "cluster=a100_192"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert plan.returncode == 0 and "2,000B -> 2,500B tokens" in plan.stdout, plan.stderr[-2000:]
+
+
+def test_load_config_takes_whole_numbers_written_as_floats():
+    from hybrid_train.config import JobConfig, load_config
+    from hybrid_train.overrides import whole_numbers
+
+    job = load_config(["train.max_tokens=1e5", "checkpoint.interval_tokens=5e4", "data.sources.web.weight=2e0"])
+    assert job.train.max_tokens == 100_000 and job.checkpoint.interval_tokens == 50_000
+    assert job.data.sources["web"].weight == 2.0 and isinstance(job.data.sources["web"].weight, float)
+    assert whole_numbers(["train.seq_len=64", "optim.lr=1e-3", "~train.seed", "model=tiny", "train.seed=1e0,2e0"],
+                         JobConfig) == ["train.seq_len=64", "optim.lr=1e-3", "~train.seed", "model=tiny",
+                                        "train.seed=1e0,2e0"]
+    with pytest.raises(ValueError, match=r"train.seq_len=6.55e1 must be a whole number"):
+        whole_numbers(["train.seq_len=6.55e1"], JobConfig)
+
+
 def test_two_lengths_on_train_py_are_refused_in_one_line():
     proc = train_py("train.max_steps=3", "train.max_tokens=100")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
