@@ -12,6 +12,7 @@ model, with what it saves for backward.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import math
 import os
@@ -423,3 +424,125 @@ def _bench_script():
 
 
 SavedBytes = _bench_script().SavedBytes
+
+
+def _adamw_pair(dtype, cfg):
+    from hybrid_train.train.optim import build_optimizer
+
+    torch.manual_seed(0)
+    # odd sizes: a partial last block; more than one block (BLOCK 4096) in the first matrix
+    model = torch.nn.Sequential(torch.nn.Linear(97, 61), torch.nn.LayerNorm(61), torch.nn.Linear(61, 5)).to(dtype)
+    ref = torch.nn.Sequential(torch.nn.Linear(97, 61), torch.nn.LayerNorm(61), torch.nn.Linear(61, 5)).to(dtype)
+    ref.load_state_dict(model.state_dict())
+    return model, build_optimizer(model, cfg), ref
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_adamw_matches_torch_adamw_with_clip_and_skip(dtype):
+    """Three steps (gradients below, far above, below max_norm) and a skipped one: the Triton step
+    against torch's clip_grad_norm_ + single-tensor AdamW with the same hyperparameters."""
+    from hybrid_train.parallel import grad_norm
+    from hybrid_train.train.config import OptimConfig
+    from hybrid_train.train.optim import TritonAdamW, clip_and_step
+
+    cfg = OptimConfig(lr=1e-2, weight_decay=0.1, impl="triton")
+    model, opt, ref = _adamw_pair(dtype, cfg)
+    assert isinstance(opt, TritonAdamW)
+    ref_opt = torch.optim.AdamW(
+        [{"params": [p for p in ref.parameters() if p.ndim >= 2], "weight_decay": 0.1},
+         {"params": [p for p in ref.parameters() if p.ndim < 2], "weight_decay": 0.0}],
+        lr=1e-2, betas=tuple(cfg.betas), eps=cfg.eps,
+        # bf16: torch's fused step, which also computes in fp32 and rounds once (its loop rounds each op)
+        **(dict(foreach=False) if dtype == torch.float32 else dict(fused=True)))
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-3)
+    for scale in (1e-3, 1e3, 1e-2):
+        x = torch.randn(8, 97, dtype=dtype)
+        (model(x).float().square().sum() * scale).backward()
+        for p, q in zip(model.parameters(), ref.parameters()):  # the same gradients: a bf16 forward of
+            q.grad = p.grad.clone()                             # weights one ulp apart would differ
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+        ref_opt.step()
+        assert clip_and_step(opt, grad_norm(model.parameters()), 1.0).item() == 0.0
+        for o in (opt, ref_opt):
+            o.zero_grad(set_to_none=True)
+        for p, q in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(p, q, **tol)
+    for p, q in zip(opt.state.values(), ref_opt.state.values()):
+        assert p["step"].item() == q["step"].item() == 3
+        torch.testing.assert_close(p["exp_avg"], q["exp_avg"], **tol)
+        torch.testing.assert_close(p["exp_avg_sq"], q["exp_avg_sq"], **tol)
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(8, 97, dtype=dtype)).float().sum().backward()
+    next(model.parameters()).grad[0, 0] = float("nan")
+    assert clip_and_step(opt, grad_norm(model.parameters()), 1.0).item() == 1.0
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert all(s["step"].item() == 3 for s in opt.state.values())
+
+
+def test_triton_adamw_takes_torch_adamw_state():
+    """A checkpoint's optimizer state from torch's AdamW (step counts on the host) continues under the
+    Triton step exactly as under torch's."""
+    from hybrid_train.train.config import OptimConfig
+    from hybrid_train.train.optim import build_optimizer
+
+    model, opt, ref = _adamw_pair(torch.float32, OptimConfig(lr=1e-2, impl="triton"))
+    ref_opt = build_optimizer(ref, OptimConfig(lr=1e-2, impl="loop"))
+    x = torch.randn(8, 97)
+    ref(x).square().sum().backward()
+    ref_opt.step()
+    model.load_state_dict(ref.state_dict())
+    opt.load_state_dict(copy.deepcopy(ref_opt.state_dict()))  # (load_state_dict keeps the tensors it is given)
+    for m, o in ((model, opt), (ref, ref_opt)):
+        o.zero_grad(set_to_none=True)
+        m(x * 2).square().sum().backward()
+        o.step()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def _fsdp_triton_adamw(rank, world, init, xs, impl="triton"):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from hybrid_train.parallel import grad_norm
+    from hybrid_train.train.config import OptimConfig
+    from hybrid_train.train.optim import TritonAdamW, build_optimizer, clip_and_step
+
+    model = torch.nn.Sequential(torch.nn.Linear(97, 61), torch.nn.LayerNorm(61), torch.nn.Linear(61, 5))
+    model.load_state_dict(init)
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in (model[0], model[2]):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = build_optimizer(model, OptimConfig(lr=1e-2, impl=impl))
+    assert isinstance(opt, TritonAdamW) == (impl == "triton")
+    per = xs[0].shape[0] // world
+    for scale, x in zip((1e-3, 1e3, 1e-2), xs):
+        (model(x[rank * per:(rank + 1) * per]).square().mean() * scale).backward()  # FSDP averages over ranks
+        clip_and_step(opt, grad_norm(model.parameters()), 1.0)
+        opt.zero_grad(set_to_none=True)
+    return {k: v.full_tensor() for k, v in model.state_dict().items()}
+
+
+def test_triton_adamw_steps_fsdp2_shards_as_one_process():
+    """FSDP2 over 2 gloo ranks: the Triton step on each rank's DTensor shards gives the single-process
+    torch clip + AdamW weights."""
+    from distributed import run_distributed
+
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.Linear(97, 61), torch.nn.LayerNorm(61), torch.nn.Linear(61, 5))
+    init = {k: v.clone() for k, v in ref.state_dict().items()}
+    xs = [torch.randn(8, 97) for _ in range(3)]
+    shards = run_distributed(_fsdp_triton_adamw, 2, init, xs)
+    ref_opt = torch.optim.AdamW(
+        [{"params": [p for p in ref.parameters() if p.ndim >= 2], "weight_decay": 0.1},
+         {"params": [p for p in ref.parameters() if p.ndim < 2], "weight_decay": 0.0}],
+        lr=1e-2, betas=(0.9, 0.95), eps=1e-8, foreach=False)
+    for scale, x in zip((1e-3, 1e3, 1e-2), xs):
+        (ref(x).square().mean() * scale).backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+        ref_opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+    for name, value in ref.state_dict().items():  # (FSDP sums then divides the gradients: ulps apart)
+        for got in shards:
+            torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-5, msg=name)

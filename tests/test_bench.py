@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,29 @@ def test_bench_train_runs_the_trainer_and_reports_its_split(tmp_path):
     assert [s for s, _ in result["losses"]] == [2, 4]
     assert json.loads(out.read_text())["tokens_per_s"] == result["tokens_per_s"]
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_bench_optimizer_times_each_impl_on_cpu(tmp_path, capsys):
+    """scripts/bench_optimizer.py: the AdamW step alone per optim.impl, on the model's parameter shapes."""
+    spec = importlib.util.spec_from_file_location("bench_optimizer_script", REPO / "scripts" / "bench_optimizer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "optim.jsonl"
+    argv = ["bench_optimizer.py", "--device", "cpu", "--steps", "1", "--impls", "fused,loop", "--json", str(out),
+            "model=tiny"]
+    old, sys.argv = sys.argv, argv
+    try:
+        module.main()
+    finally:
+        sys.argv = old
+    result = json.loads(out.read_text())
+    from hybrid_train.config import load_config
+    from hybrid_train.model import build_model
+
+    n = sum(p.numel() for p in build_model(load_config(["model=tiny"]).model).parameters())
+    assert result["params"] == n and result["overrides"] == ["model=tiny"]
+    assert result["fused"]["ms"] > 0 and result["loop"]["GB_per_s"] > 0
+    assert "fused" in capsys.readouterr().out
 
 
 def test_bench_moe_slice_smoke_on_cpu(monkeypatch):

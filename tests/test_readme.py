@@ -82,6 +82,7 @@ SKIP = {
     "python scripts/bench_data.py": "a benchmark (minutes); its parts are tested in tests/test_data*.py",
     "python scripts/bench.py --ladder": "a GPU benchmark; tests/test_bench.py runs its CPU smoke settings",
     "python scripts/bench_train.py [train.py overrides]": "a benchmark; tests/test_bench.py runs it on CPU",
+    "python scripts/bench_optimizer.py model=...": "a GPU benchmark; tests/test_bench.py runs it on CPU",
     "python train.py checkpoint.init_from=RUN train.max_tokens=...": "a placeholder; tests/test_stages.py runs it",
     'TINY="model=tiny data=sample train.seq_len=32 train.micro_batch_size=2"': WALK,
     "python train.py +stage=pretrain $TINY stage.tokens=1280 run.dir=outputs/walk/pretrain": WALK,

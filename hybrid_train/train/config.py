@@ -20,6 +20,10 @@ class OptimConfig:
     """AdamW epsilon."""
     weight_decay: float = 0.1
     """Decoupled weight decay on matrices; never on A_log, D, dt_bias, norms or biases."""
+    impl: str = "auto"
+    """The AdamW step: triton (one kernel per tensor, CUDA), fused (torch's fused kernel, CUDA and CPU),
+    loop (torch's per-tensor reference); auto = triton on CUDA, else fused where the dtypes allow, else
+    loop. All keep torch AdamW's state, so a checkpoint moves between them."""
 
     def validate(self) -> None:
         if self.lr is not None and self.lr <= 0:
@@ -28,6 +32,11 @@ class OptimConfig:
             raise ValueError(f"optim.betas must be two values in [0, 1), got {list(self.betas)}")
         if self.weight_decay < 0:
             raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.impl not in OPTIM_IMPLS:
+            raise ValueError(f"optim.impl={self.impl!r} must be one of {', '.join(OPTIM_IMPLS)}")
+
+
+OPTIM_IMPLS = ("auto", "triton", "fused", "loop")
 
 
 def default_lr(d_model: int) -> float:

@@ -11,18 +11,100 @@ from hybrid_train.train.config import OptimConfig, ScheduleConfig, default_lr
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """Weight decay on tensors of 2+ dims (projections, embeddings, conv kernels); none on vectors:
-    A_log, D, dt_bias, norm weights and biases."""
+    A_log, D, dt_bias, norm weights and biases. The step is optim.impl's (see OptimConfig.impl)."""
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # The per-tensor loop took 43 ms a step for 1.4B parameters on an H100; the fused kernel (CUDA and
-    # CPU) is one pass, and takes the clip and the non-finite skip along (clip_and_step).
     params = decay + no_decay
-    fused = bool(params) and all(p.device.type in ("cuda", "cpu") and p.dtype in FUSED_DTYPES for p in params)
     lr = cfg.lr if cfg.lr is not None else default_lr(model.cfg.d_model)  # JobConfig.validate resolves it too
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
+    hyper = dict(lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    impl = cfg.impl
+    if impl == "auto":
+        # The per-tensor loop took 43 ms a step for 1.4B parameters on an H100; torch's fused kernel is
+        # one pass (2.8 TB/s on an H200), the Triton one too, nearer copy bandwidth (BENCHMARKS.md).
+        on_cuda = bool(params) and all(_local(p).is_cuda for p in params)
+        impl = ("triton" if on_cuda and _triton_can_step(params) else
+                "fused" if params and all(p.device.type in ("cuda", "cpu") and p.dtype in FUSED_DTYPES for p in params)
+                else "loop")
+    if impl == "triton":
+        if not _triton_can_step(params, interpreter_ok=True):
+            raise ValueError("optim.impl=triton needs contiguous float32/bfloat16/float16 parameters on a CUDA "
+                             "device (or TRITON_INTERPRET=1) and triton installed; use optim.impl=fused")
+        return TritonAdamW(groups, **hyper)
+    return torch.optim.AdamW(groups, **hyper, fused=True if impl == "fused" else None,
+                             foreach=False if impl == "loop" else None)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor a rank holds: the local shard of a DTensor (FSDP2, TP, EP), else the tensor."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _triton_can_step(params: list[torch.Tensor], interpreter_ok: bool = False) -> bool:
+    from hybrid_train.ops.dispatch import interpreting, kernels_mode, triton_available
+
+    if not params or not triton_available() or (kernels_mode() == "torch" and not interpreter_ok):
+        return False
+    device_ok = (lambda t: t.is_cuda or (interpreter_ok and interpreting()))
+    return all(device_ok(_local(p)) and _local(p).is_contiguous() and p.dtype in FUSED_DTYPES for p in params)
+
+
+class TritonAdamW(torch.optim.AdamW):
+    """torch's AdamW (same groups, hyperparameters and state, so checkpoints move between the two),
+    stepped by one Triton kernel per tensor (hybrid_train/ops/triton/adamw.py). Like the fused AdamW it
+    takes `grad_scale` (gradients are divided by it) and `found_inf` (non-zero: nothing is written, step
+    counts stay) as device scalars set on the optimizer (clip_and_step), and reads nothing back."""
+
+    takes_grad_scale = True
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, foreach=False, **kwargs)
+        if any(g["amsgrad"] or g["maximize"] for g in self.param_groups):
+            raise ValueError("TritonAdamW has no amsgrad or maximize")
+        self.grad_scale = self.found_inf = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        from hybrid_train.ops.triton.adamw import adamw_step
+
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            work = []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                local = _local(p)
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=local.device)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                elif state["step"].device != local.device:  # loaded from a checkpoint: counts on the host
+                    state["step"] = state["step"].to(local.device, torch.float32)
+                work.append((local, _local(p.grad).contiguous(), _local(state["exp_avg"]),
+                             _local(state["exp_avg_sq"]), state["step"]))
+            if not work:
+                continue
+            device = work[0][0].device
+            skip = (self.found_inf.to(device, torch.float32) if self.found_inf is not None
+                    else torch.zeros((), dtype=torch.float32, device=device))
+            scale = self.grad_scale.to(device, torch.float32) if self.grad_scale is not None else None
+            steps = [w[4] for w in work]
+            torch._foreach_add_(steps, 1.0)
+            beta1, beta2 = group["betas"]
+            for param, grad, exp_avg, exp_avg_sq, step in work:
+                adamw_step(param, grad, exp_avg, exp_avg_sq, step, scale, skip, lr=float(group["lr"]),
+                           beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+            if self.found_inf is not None:
+                torch._foreach_sub_(steps, [skip] * len(steps))
+        return loss
 
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -40,7 +122,7 @@ def clip_and_step(optimizer: torch.optim.Optimizer, norm: torch.Tensor, max_norm
     on every rank (global norm, all-reduced loss), so every rank takes or skips the step together."""
     bad = ~torch.isfinite(norm if loss is None else norm + loss.to(norm.device))
     found_inf = bad.float()
-    fused = all(group.get("fused") for group in optimizer.param_groups)
+    fused = getattr(optimizer, "takes_grad_scale", False) or all(group.get("fused") for group in optimizer.param_groups)
     if not fused:  # the reference loop: a host read decides, then an explicit scale
         if not bad.item():
             if max_norm > 0:

@@ -1,0 +1,55 @@
+"""One AdamW step of one tensor, in Triton: read parameter, gradient and both moments once, write
+parameter and moments once (28 bytes per fp32 parameter), the clip and the non-finite skip taken from
+device scalars so that nothing is read back to the host.
+
+The step count is a device scalar per tensor, already advanced by the caller (and advanced back when
+the step is skipped), as torch's fused AdamW keeps it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 4096
+
+
+@triton.jit
+def _adamw_kernel(
+    p_ptr, g_ptr, m_ptr, v_ptr, step_ptr, scale_ptr, skip_ptr, n,
+    lr, beta1, beta2, eps, weight_decay,
+    BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr,
+):
+    if tl.load(skip_ptr) == 0:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            g = g / tl.load(scale_ptr)
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        step = tl.load(step_ptr).to(tl.float32)
+        p = p * (1.0 - lr * weight_decay)
+        m = m + (1.0 - beta1) * (g - m)  # torch: exp_avg.lerp_(grad, 1 - beta1)
+        v = v * beta2 + (1.0 - beta2) * g * g
+        bias1 = 1.0 - tl.exp2(step * tl.log2(beta1))
+        bias2_sqrt = tl.sqrt(1.0 - tl.exp2(step * tl.log2(beta2)))
+        p = p - (lr / bias1) * m / (tl.sqrt(v) / bias2_sqrt + eps)
+        tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
+        tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
+
+
+def adamw_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+               step: torch.Tensor, grad_scale: torch.Tensor | None, skip: torch.Tensor, *, lr: float,
+               beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+    """In place on contiguous tensors of one shape; step, grad_scale and skip are 0-dim float32 tensors
+    on the parameter's device (skip != 0: write nothing)."""
+    n = param.numel()
+    _adamw_kernel[(triton.cdiv(n, BLOCK),)](
+        param, grad, exp_avg, exp_avg_sq, step, grad_scale if grad_scale is not None else skip, skip, n,
+        float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
+        BLOCK=BLOCK, HAS_SCALE=grad_scale is not None, num_warps=8,
+    )
