@@ -546,3 +546,38 @@ def test_triton_adamw_steps_fsdp2_shards_as_one_process():
     for name, value in ref.state_dict().items():  # (FSDP sums then divides the gradients: ulps apart)
         for got in shards:
             torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_triton_adamw_checkpoint_moves_to_torch_adamw_and_back(tmp_path):
+    """DCP: a run stepped by the Triton AdamW resumes under torch's fused one and the reverse, with
+    the moments and step counts it saved."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from hybrid_train.train.config import OptimConfig
+    from hybrid_train.train.optim import build_optimizer
+
+    x = torch.randn(8, 97)
+    for first, second in (("triton", "fused"), ("fused", "triton")):
+        model, _, _ = _adamw_pair(torch.float32, OptimConfig(lr=1e-2))
+        opt = build_optimizer(model, OptimConfig(lr=1e-2, impl=first))
+        for _ in range(2):
+            model(x).square().sum().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        saved = str(tmp_path / first)
+        msd, osd = get_state_dict(model, opt)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=saved)
+        resumed, _, _ = _adamw_pair(torch.float32, OptimConfig(lr=1e-2))
+        resumed_opt = build_optimizer(resumed, OptimConfig(lr=1e-2, impl=second))
+        msd, osd = get_state_dict(resumed, resumed_opt)
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=saved)
+        set_state_dict(resumed, resumed_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        for m, o in ((model, opt), (resumed, resumed_opt)):
+            m(x * 2).square().sum().backward()
+            o.step()
+        for p, q in zip(model.parameters(), resumed.parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+        for s in resumed_opt.state.values():
+            assert float(s["step"]) == 3
