@@ -50,6 +50,12 @@ class TrainState:
     source_tokens: dict = dataclasses.field(default_factory=dict)
     """Tokens per data source in this stage, all ranks together (at the last save)."""
 
+    @classmethod
+    def from_meta(cls, meta: dict) -> "TrainState":
+        """The counters a checkpoint's meta.json holds (its other keys ignored)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in meta.items() if k in fields})
+
 
 def _rank_file(rank: int) -> str:
     return f"rank_{rank:05d}.pt"
@@ -163,8 +169,7 @@ class Checkpointer:
         loader.load_rescaled_state_dict([s["data"] for s in saved])
         if len(saved) == self.env.world_size:
             _set_rng_state(saved[self.env.rank]["rng"])
-        fields = {f.name for f in dataclasses.fields(TrainState)}
-        return TrainState(**{k: v for k, v in meta.items() if k in fields})
+        return TrainState.from_meta(meta)
 
     # ---- starting a stage ---------------------------------------------------------------------
     def init_from(self, spec: str, model, optimizer, model_cfg: ModelConfig, with_optimizer: bool) -> int | None:

@@ -93,8 +93,7 @@ def finished_run(job: JobConfig) -> TrainResult | None:
                                            ("stage", "end_tokens"), ("stage", "tokens")))
     if not (meta.get("run_complete") and same_length and meta.get("stage", "run") == job.stage.name):
         return None
-    fields = {f.name for f in dataclasses.fields(TrainState)}
-    state = TrainState(**{k: v for k, v in meta.items() if k in fields})
+    state = TrainState.from_meta(meta)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"run {job.run.dir} is complete: stage {state.stage}, step {state.step}, {state.stage_tokens:,} tokens "
               f"({state.total_tokens:,} in total), checkpoint {ckpt}. Nothing to do: for more training give it a "
@@ -331,8 +330,7 @@ def start_state(job: JobConfig, checkpointer: Checkpointer, model,
         if meta.get("stage", "run") != stage.name:
             raise ValueError(f"{resume_from} belongs to stage {meta.get('stage')!r} but this job is stage "
                              f"{stage.name!r}: give the new stage its own run.dir and checkpoint.init_from={resume_from}")
-        fields = {f.name for f in dataclasses.fields(TrainState)}
-        return TrainState(**{k: v for k, v in meta.items() if k in fields}), resume_from, []
+        return TrainState.from_meta(meta), resume_from, []
     total, notes, origin = stage.start_tokens, [], "stage.start_tokens"
     if job.checkpoint.init_from:
         source_tokens = checkpointer.init_from(job.checkpoint.init_from, model, optimizer, job.model,
