@@ -24,14 +24,13 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Ada
     if impl == "auto":
         # The per-tensor loop took 43 ms a step for 1.4B parameters on an H100; torch's fused kernel is
         # one pass (2.8 TB/s on an H200), the Triton one too, nearer copy bandwidth (BENCHMARKS.md).
-        on_cuda = bool(params) and all(_local(p).is_cuda for p in params)
-        impl = ("triton" if on_cuda and _triton_can_step(params) else
+        impl = ("triton" if _triton_can_step(params) else
                 "fused" if params and all(p.device.type in ("cuda", "cpu") and p.dtype in FUSED_DTYPES for p in params)
                 else "loop")
+    elif impl == "triton" and not _triton_can_step(params, interpreter_ok=True):
+        raise ValueError("optim.impl=triton needs contiguous float32/bfloat16/float16 parameters on a CUDA "
+                         "device (or TRITON_INTERPRET=1) and triton installed; use optim.impl=fused")
     if impl == "triton":
-        if not _triton_can_step(params, interpreter_ok=True):
-            raise ValueError("optim.impl=triton needs contiguous float32/bfloat16/float16 parameters on a CUDA "
-                             "device (or TRITON_INTERPRET=1) and triton installed; use optim.impl=fused")
         return TritonAdamW(groups, **hyper)
     return torch.optim.AdamW(groups, **hyper, fused=True if impl == "fused" else None,
                              foreach=False if impl == "loop" else None)
