@@ -54,18 +54,18 @@ def config_keys(schema: type, prefix: str = "", sections: bool = True) -> list[s
     return keys
 
 
-def _resolve(key: str, schema: type) -> tuple[type | None, str, str]:
-    """Walk `key` through the schema: (None, '', '') when every part is declared (or the key runs past a
-    field that is no section, a list or a plain dict: not ours to judge), else (the dataclass lacking a
-    part, its key in the config, the missing part)."""
-    node, path, parts = schema, "", key.split(".")
+def _walk(key: str, schema: type) -> tuple[type | None, str, str, object]:
+    """Walk `key` through the schema: (None, '', '', the last field's type) when every part is declared
+    (the type is None when the key runs past a field that is no section, a list or a plain dict: not
+    ours to judge), else (the dataclass lacking a part, its key in the config, the missing part, None)."""
+    node, path, parts, kind = schema, "", key.split("."), None
     i = 0
     while i < len(parts):
         if node is None:
-            return None, "", ""
+            return None, "", "", None
         hints = typing.get_type_hints(node)
         if parts[i] not in hints:
-            return node, path, parts[i]
+            return node, path, parts[i], None
         kind = hints[parts[i]]
         path = f"{path}.{parts[i]}".lstrip(".")
         if dataclasses.is_dataclass(kind):
@@ -78,29 +78,21 @@ def _resolve(key: str, schema: type) -> tuple[type | None, str, str]:
         else:
             node = None
         i += 1
-    return None, "", ""
+    return None, "", "", kind
 
 
-def field_type(key: str, schema: type) -> type | None:
-    """The declared type of a dotted key's field (Optional unwrapped), None for a section or an unknown key."""
-    node, kind = schema, None
-    parts = key.split(".")
-    i = 0
-    while i < len(parts):
-        if node is None or not dataclasses.is_dataclass(node):
-            return None
-        hints = typing.get_type_hints(node)
-        if parts[i] not in hints:
-            return None
-        kind = hints[parts[i]]
-        if typing.get_origin(kind) is typing.Union:  # Optional[X]
-            kind = next(a for a in typing.get_args(kind) if a is not type(None))
-        if typing.get_origin(kind) is dict and dataclasses.is_dataclass(typing.get_args(kind)[1]):
-            node, kind, i = typing.get_args(kind)[1], None, i + 1  # skip the user's name (data.sources.web)
-        else:
-            node = kind
-        i += 1
-    return None if dataclasses.is_dataclass(kind) else kind
+def _resolve(key: str, schema: type) -> tuple[type | None, str, str]:
+    """(None, '', '') when `key` is declared (see _walk), else (the dataclass lacking a part, its key in
+    the config, the missing part)."""
+    return _walk(key, schema)[:3]
+
+
+def field_type(key: str, schema: type) -> object:
+    """The declared type of a dotted key's field (Optional unwrapped); None for an unknown key."""
+    kind = _walk(key, schema)[3]
+    if typing.get_origin(kind) is typing.Union:  # Optional[X]
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    return kind
 
 
 def whole_numbers(overrides: list[str], schema: type) -> list[str]:
