@@ -194,22 +194,17 @@ class StageConfig:
     """Total tokens the model has seen when this stage starts (checked against init_from's counter)."""
     end_tokens: int = 0
     """Total tokens at which this stage ends (0 = the run length is train.max_tokens / max_steps)."""
-    tokens: float = 0
-    """Length of the stage in tokens (500e9 is accepted: a whole number written as a float), counted from where init_from stopped (from start_tokens without
-    init_from, or from a Hugging Face model, which records no counter). Replaces the absolute window
-    start_tokens/end_tokens, which are then not checked; 0 = use the absolute window."""
+    tokens: int = 0
+    """Length of the stage in tokens (`stage.tokens=500e9` on the command line, as any token count),
+    counted from where init_from stopped (from start_tokens without init_from, or from a Hugging Face
+    model, which records no counter). Replaces the absolute window start_tokens/end_tokens, which are
+    then not checked; 0 = use the absolute window."""
     allow_token_mismatch: bool = False
     """Start even if init_from's token counter differs from start_tokens (the counter continues from it)."""
     needs_init_from: bool = False
     """The stage continues an earlier one, so checkpoint.init_from must be set."""
 
-    def __post_init__(self) -> None:
-        if isinstance(self.tokens, float) and self.tokens.is_integer():
-            self.tokens = int(self.tokens)
-
     def validate(self) -> None:
-        if self.tokens != int(self.tokens):
-            raise ValueError(f"stage.tokens must be a whole number of tokens, got {self.tokens}")
         if self.start_tokens < 0 or self.end_tokens < 0 or self.tokens < 0:
             raise ValueError("stage.start_tokens, stage.end_tokens and stage.tokens must be >= 0")
         if not self.tokens and self.end_tokens and self.end_tokens <= self.start_tokens:

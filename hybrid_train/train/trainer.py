@@ -356,8 +356,8 @@ def start_state(job: JobConfig, checkpointer: Checkpointer, model,
         else:
             replaced = (f"; stage.start_tokens={stage.start_tokens:,} / end_tokens={stage.end_tokens:,} are not used"
                         if stage.start_tokens or stage.end_tokens else "")
-        notes.append(("info", f"stage {stage.name}: {total:,} -> {total + int(stage.tokens):,} total tokens "
-                              f"(stage.tokens={int(stage.tokens):,} from {origin}){replaced}"))
+        notes.append(("info", f"stage {stage.name}: {total:,} -> {total + stage.tokens:,} total tokens "
+                              f"(stage.tokens={stage.tokens:,} from {origin}){replaced}"))
     return TrainState(total_tokens=total, stage=stage.name), None, notes
 
 
