@@ -149,8 +149,10 @@ def test_windows_relative_to_the_source(compose, tmp_path):
     ext = train(compose(["+stage=extend", *TINY, f"checkpoint.init_from={src}", "stage.tokens=192",
                          f"run.dir={tmp_path / 'rel'}"]))
     assert ext.state.total_tokens == 128 + 192 and ext.state.step == 3
+    log = (tmp_path / "rel" / "train.log").read_text()
     assert "128 -> 320 total tokens (stage.tokens=192 from checkpoint.init_from's counter); stage.start_tokens=" \
-           "2,000,000,000,000" in (tmp_path / "rel" / "train.log").read_text()
+           "2,000,000,000,000" in log
+    assert "tokens (stage.tokens=192);" in log and "stage     extend: total tokens 128 -> 320, weights from" in log
     plain = train(compose([*TINY, f"checkpoint.init_from={src}", "train.max_tokens=256", "train.global_batch_tokens=128",
                            f"run.dir={tmp_path / 'plain'}"]))
     assert [r["total_tokens"] for r in records(tmp_path / "plain")] == [256, 384]

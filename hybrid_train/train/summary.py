@@ -26,7 +26,9 @@ def run_header(job: JobConfig, total_steps: int, tokens_per_step: int, grad_accu
     floor = "0" if s.min_lr_ratio == 0 else f"{s.min_lr_ratio:g} x peak"
     weights = {name: src.weight for name, src in d.sources.items()}
     shares = ", ".join(f"{name} {100 * w / sum(weights.values()):.3g}%" for name, w in weights.items())
-    if job.stage.end_tokens:
+    if job.stage.relative:
+        length = f"stage.tokens={count(job.stage.tokens)}"
+    elif job.stage.end_tokens:
         length = f"stage.end_tokens={count(job.stage.end_tokens)}"
     elif t.max_steps:
         length = f"train.max_steps={t.max_steps}"
@@ -59,7 +61,8 @@ def run_header(job: JobConfig, total_steps: int, tokens_per_step: int, grad_accu
         "command resumes",
     ]
     if job.stage.name != "run" or start_total_tokens:
-        window = f" -> {count(job.stage.end_tokens)}" if job.stage.end_tokens else ""
+        end = start_total_tokens + job.stage.tokens if job.stage.relative else job.stage.end_tokens
+        window = f" -> {count(end)}" if end else ""
         lines.append(f"  stage     {job.stage.name}: total tokens {count(start_total_tokens)}{window}"
                      + (f", weights from {c.init_from}" if c.init_from else ""))
     if resumed_from is not None:
