@@ -39,10 +39,12 @@ def plan_for(compose, *overrides):
 
 def compose_plan(overrides: list[str]) -> JobConfig:
     """Compose as scripts/plan.py does: like train.py, but a stage needs no checkpoint to start from."""
+    from hybrid_train.overrides import whole_numbers
+
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        cfg = hydra_compose(config_name="config", overrides=list(overrides))
+        cfg = hydra_compose(config_name="config", overrides=whole_numbers(list(overrides), JobConfig))
     return job_config_from_hydra(cfg, require_init_from=False)
 
 
@@ -133,6 +135,9 @@ def test_links_overlap_and_stage_window(compose):
         assert t.step == pytest.approx(t.compute + t.exposed)
         assert p.days == pytest.approx(p.run_steps * t.step / 86400)
         assert p.days == pytest.approx(500e9 / p.tokens_per_day, rel=1e-5)
+    # a stage given by its length (stage.tokens) plans that length, not the stage file's window
+    short = make_plan(compose_plan(BAMBA_ROW + ["cluster=h100_64", "+stage=extend", "stage.tokens=100e9"]))
+    assert short.run_steps == math.ceil(100 * 10 ** 9 / short.tokens_per_step)
 
 
 # ---- memory against real runs --------------------------------------------------------------------

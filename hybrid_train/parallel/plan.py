@@ -322,9 +322,11 @@ def resolve_layout(job: JobConfig, world_size: int) -> Layout:
 
 def run_window(job: JobConfig) -> tuple[int | None, str]:
     """(tokens of the stage's window or None, label): a stage's window, else train.max_tokens / max_steps."""
-    if job.stage.end_tokens:
-        return job.stage.end_tokens - job.stage.start_tokens, \
-            f"stage {job.stage.name}: {job.stage.start_tokens / 1e9:,.0f}B -> {job.stage.end_tokens / 1e9:,.0f}B tokens"
+    stage = job.stage
+    tokens = stage.length(stage.start_tokens)  # (a relative window counts from the stage file's start)
+    if tokens is not None:
+        return tokens, (f"stage {stage.name}: {stage.start_tokens / 1e9:,.0f}B -> "
+                        f"{(stage.start_tokens + tokens) / 1e9:,.0f}B tokens")
     if job.train.max_steps:
         return None, f"train.max_steps={job.train.max_steps}"
     return None, f"train.max_tokens={job.train.max_tokens:,}"

@@ -217,6 +217,15 @@ class StageConfig:
         """The window is stage.tokens from the source's counter, not start_tokens/end_tokens."""
         return self.tokens > 0
 
+    def length(self, start_total: int) -> int | None:
+        """Tokens the stage trains from a total-token counter of start_total, when its window sets the run
+        length (None: train.max_tokens / max_steps do)."""
+        if self.relative:
+            return self.tokens
+        if self.end_tokens:
+            return self.end_tokens - start_total
+        return None
+
     @property
     def absolute(self) -> bool:
         """An absolute window that a source's token counter must match at the start."""

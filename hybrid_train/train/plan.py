@@ -78,12 +78,3 @@ def plan_run(job: JobConfig, dp_size: int, stage_budget_tokens: int | None = Non
     if clamp:
         notes.append(("warning", clamp))
     return RunPlan(per_micro, global_tokens // unit, global_tokens, total, warmup, notes)
-
-
-def stage_window(job: JobConfig, stage_start_total: int) -> int | None:
-    """Tokens this stage trains when its window sets the run length (None: train.max_tokens/max_steps)."""
-    if job.stage.relative:
-        return job.stage.tokens
-    if job.stage.end_tokens:
-        return job.stage.end_tokens - stage_start_total
-    return None

@@ -24,7 +24,7 @@ from hybrid_train.train.loss import lm_loss
 from hybrid_train.train.metrics import (MetricsLogger, RunLog, StepTimer, device_peak_flops, peak_memory_gb,
                                       router_metrics)
 from hybrid_train.train.optim import build_lr_scheduler, build_optimizer, clip_and_step
-from hybrid_train.train.plan import RunPlan, Saved, plan_run, stage_window  # noqa: F401 (RunPlan: API)
+from hybrid_train.train.plan import RunPlan, Saved, plan_run  # noqa: F401 (RunPlan: API)
 from hybrid_train.train.preemption import StopRequest
 from hybrid_train.train.summary import run_header
 
@@ -188,7 +188,7 @@ def _train(job: JobConfig, run_log: RunLog) -> TrainResult:
     state, resume_from, notes = start_state(job, checkpointer, model, optimizer)
     stage_start_total = state.total_tokens - state.stage_tokens
     saved = Saved.from_meta(read_meta(resume_from)) if resume_from is not None else None
-    plan = plan_run(job, env.dp_size, stage_window(job, stage_start_total), saved)
+    plan = plan_run(job, env.dp_size, job.stage.length(stage_start_total), saved)
     checkpointer.meta.update(tokens_per_step=plan.tokens_per_step, planned_steps=plan.total_steps)
     scheduler = build_lr_scheduler(optimizer, job.schedule, plan.total_steps, plan.tokens_per_step,
                                    plan.warmup_steps)
