@@ -581,3 +581,111 @@ def test_triton_adamw_checkpoint_moves_to_torch_adamw_and_back(tmp_path):
             torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
         for s in resumed_opt.state.values():
             assert float(s["step"]) == 3
+
+
+def _steps_with_copies(cfg, use_copies: bool, grad_accum: int, steps: int = 3):
+    """`steps` clipped Triton-AdamW steps of a model under bf16 autocast, with or without the bf16
+    weight copies; (cross entropies, gradient norms, final state dict, copies (None without), names of
+    the copied parameters, whether the copied masters held no gradient after each step's first backward)."""
+    import contextlib
+
+    from hybrid_train.parallel import grad_norm
+    from hybrid_train.train.config import OptimConfig
+    from hybrid_train.train.optim import build_optimizer, clip_and_step
+    from hybrid_train.train.precision import WeightCopies
+
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    opt = build_optimizer(model, OptimConfig(lr=1e-2, impl="triton"))
+    copies = WeightCopies(model) if use_copies else None
+    if copies is not None:
+        opt.keep_copies(copies)
+    torch.manual_seed(1)
+    ces, norms, masters_gradless = [], [], []
+    for _ in range(steps):
+        for _ in range(grad_accum):
+            ids = torch.randint(0, cfg.vocab_size, (2, 33))
+            with copies.in_use() if copies is not None else contextlib.nullcontext():
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss, ce = model(ids[:, :-1], labels=ids[:, 1:])
+                (loss / grad_accum).backward()
+            if copies is not None:
+                if len(ces) % grad_accum == 0:  # the step's first micro-batch
+                    masters_gradless.append(all(p.grad is None for p in copies.copies))
+                if grad_accum > 1:
+                    copies.fold_grads()
+            ces.append(ce.item())
+        norm = grad_norm(copies.grad_holders(model.parameters()) if copies is not None else model.parameters())
+        norms.append(norm.item())
+        assert clip_and_step(opt, norm, 0.5).item() == 0.0
+        opt.zero_grad(set_to_none=True)
+    names = {n for n, p in model.named_parameters() if copies is not None and p in copies.copies}
+    return ces, norms, {k: v.detach().clone() for k, v in model.state_dict().items()}, copies, names, masters_gradless
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_bf16_weight_copies_train_as_autocast(grad_accum, monkeypatch):
+    """A hybrid with Mamba-2, attention and MoE blocks, three clipped steps under bf16 autocast: with the
+    optimizer's bf16 weight copies (forward and backward on them) the cross entropies, gradient norms
+    and fp32 weights are those of plain autocast, which casts the same weights itself."""
+    monkeypatch.setenv("HYBRID_TRAIN_KERNELS", "auto")
+    set_kernels("torch")  # the model's ops in PyTorch (fast here); the AdamW step through the interpreter
+    try:
+        cfg = mixer_cfg(moe_n_experts=4, moe_top_k=2, moe_hidden=24, moe_every=2, moe_offset=1)
+        ces0, norms0, weights0, _, _, _ = _steps_with_copies(cfg, False, grad_accum)
+        ces1, norms1, weights1, copies, copied, gradless = _steps_with_copies(cfg, True, grad_accum)
+    finally:
+        set_kernels("auto")
+    # the linear layers (mixer and attention projections, router, head) and the experts' matrices; not the
+    # embedding, norms, conv kernels, A_log, D, dt_bias
+    linear = {n for n in weights0 if ".conv1d." not in n and n.rsplit(".", 1)[0].split(".")[-1] in
+              ("z", "x", "B", "C", "dt", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj", "router", "lm_head",
+               "gate_proj", "up_proj", "down_proj")}
+    assert len(linear) == 15  # 6 mixer + 3 MLP projections, 4 attention, router, head
+    assert copied == linear | {"layers.1.mlp.experts.gate_up_proj", "layers.1.mlp.experts.down_proj"}, copied
+    assert len(gradless) == 3 and all(gradless)  # the gradients landed on the copies, not on the masters
+    assert ces1[0] == ces0[0]  # the first forward: the copies are autocast's own rounding of the masters
+    torch.testing.assert_close(ces1, ces0, rtol=1e-6, atol=0)
+    torch.testing.assert_close(norms1, norms0, rtol=1e-6, atol=0)
+    for name, value in weights0.items():
+        torch.testing.assert_close(weights1[name], value, rtol=1e-6, atol=1e-8, msg=name)
+    for master, copy in copies.copies.items():  # the optimizer wrote each copy as it stepped its master
+        assert copy.dtype == torch.bfloat16 and torch.equal(copy, master.detach().to(torch.bfloat16))
+
+
+def test_trainer_with_bf16_weight_copies_logs_autocast_losses(compose, tmp_path, monkeypatch):
+    """train.py's loop with train.bf16_weight_copies on and off (bf16 autocast, Triton AdamW, 2 micro-batches
+    a step), and on with activation checkpointing (whose recompute in backward must see the copies too):
+    the same losses and gradient norms; the header says which; the checkpoint holds the fp32 masters, and
+    a resumed run goes on as the uninterrupted one."""
+    import json
+
+    from hybrid_train.train.checkpoint import iter_model_tensors
+    from hybrid_train.train.trainer import train
+
+    monkeypatch.setenv("HYBRID_TRAIN_KERNELS", "auto")  # model ops in PyTorch (model.kernels=torch)
+    common = ["model=tiny", "model.n_layers=2", "model.attn_layer_indices=[1]", "model.kernels=torch",
+              "train.seq_len=64", "train.micro_batch_size=2", "train.global_batch_tokens=256", "train.max_tokens=0",
+              "train.precision=bf16", "optim.impl=triton", "logging.progress=false", "logging.log_every=1",
+              "schedule.name=constant", "schedule.warmup_steps=0"]  # (a resumed run: the same LR per step)
+    runs = {}
+    for name, extra in (("false", []), ("true", []), ("true_ac", ["parallel.activation_checkpoint=full"])):
+        run_dir = tmp_path / name
+        copies = name.split("_")[0]
+        train(compose(common + extra + [f"run.dir={run_dir}", "train.max_steps=4",
+                                        f"train.bf16_weight_copies={copies}"]))
+        runs[name] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert ("bf16 weight copies" in (run_dir / "train.log").read_text()) == (copies == "true")
+    for name in ("true", "true_ac"):
+        for key in ("loss", "grad_norm"):
+            torch.testing.assert_close([r[key] for r in runs[name]], [r[key] for r in runs["false"]], rtol=1e-5, atol=0)
+    saved = dict(iter_model_tensors(tmp_path / "true"))
+    assert all(t.dtype == torch.float32 for t in saved.values())
+    resumed = tmp_path / "resumed"
+    train(compose(common + [f"run.dir={resumed}", "train.max_steps=2", "checkpoint.final=true"]))
+    train(compose(common + [f"run.dir={resumed}", "train.max_steps=4"]))
+    losses = [json.loads(line)["loss"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-2:] == [r["loss"] for r in runs["true"]][-2:]
+    with pytest.raises(ValueError, match="train.bf16_weight_copies=true: .*fp32"):
+        train(compose(common + [f"run.dir={tmp_path / 'fp32'}", "train.max_steps=1", "train.precision=fp32",
+                                "train.bf16_weight_copies=true"]))

@@ -56,7 +56,10 @@ class TritonAdamW(torch.optim.AdamW):
     """torch's AdamW (same groups, hyperparameters and state, so checkpoints move between the two),
     stepped by one Triton kernel per tensor (hybrid_train/ops/triton/adamw.py). Like the fused AdamW it
     takes `grad_scale` (gradients are divided by it) and `found_inf` (non-zero: nothing is written, step
-    counts stay) as device scalars set on the optimizer (clip_and_step), and reads nothing back."""
+    counts stay) as device scalars set on the optimizer (clip_and_step), and reads nothing back.
+
+    With `keep_copies(WeightCopies)` it also writes each copied parameter's bf16 copy, and takes the
+    gradient from the copy where the parameter has none (hybrid_train/train/precision.py)."""
 
     takes_grad_scale = True
 
@@ -65,6 +68,16 @@ class TritonAdamW(torch.optim.AdamW):
         if any(g["amsgrad"] or g["maximize"] for g in self.param_groups):
             raise ValueError("TritonAdamW has no amsgrad or maximize")
         self.grad_scale = self.found_inf = None
+        self.weight_copies = None
+
+    def keep_copies(self, weight_copies) -> None:
+        """Write these bf16 copies (a WeightCopies) in every step from now on."""
+        self.weight_copies = weight_copies
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        if self.weight_copies is not None:
+            self.weight_copies.zero_grad()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -74,10 +87,13 @@ class TritonAdamW(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        copies = self.weight_copies.copies if self.weight_copies is not None else {}
         for group in self.param_groups:
             work = []
             for p in group["params"]:
-                if p.grad is None:
+                copy = copies.get(p)
+                grad = p.grad if p.grad is not None or copy is None else copy.grad
+                if grad is None:
                     continue
                 state = self.state[p]
                 local = _local(p)
@@ -87,8 +103,8 @@ class TritonAdamW(torch.optim.AdamW):
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 elif state["step"].device != local.device:  # loaded from a checkpoint: counts on the host
                     state["step"] = state["step"].to(local.device, torch.float32)
-                work.append((local, _local(p.grad).contiguous(), _local(state["exp_avg"]),
-                             _local(state["exp_avg_sq"]), state["step"]))
+                work.append((local, _local(grad).contiguous(), _local(state["exp_avg"]),
+                             _local(state["exp_avg_sq"]), state["step"], copy))
             if not work:
                 continue
             device = work[0][0].device
@@ -98,9 +114,10 @@ class TritonAdamW(torch.optim.AdamW):
             steps = [w[4] for w in work]
             torch._foreach_add_(steps, 1.0)
             beta1, beta2 = group["betas"]
-            for param, grad, exp_avg, exp_avg_sq, step in work:
+            for param, grad, exp_avg, exp_avg_sq, step, copy in work:
                 adamw_step(param, grad, exp_avg, exp_avg_sq, step, scale, skip, lr=float(group["lr"]),
-                           beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+                           beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                           copy=copy)
             if self.found_inf is not None:
                 torch._foreach_sub_(steps, [skip] * len(steps))
         return loss

@@ -25,6 +25,7 @@ from hybrid_train.train.metrics import (MetricsLogger, RunLog, StepTimer, device
                                       router_metrics)
 from hybrid_train.train.optim import build_lr_scheduler, build_optimizer, clip_and_step
 from hybrid_train.train.plan import RunPlan, Saved, plan_run  # noqa: F401 (RunPlan: API)
+from hybrid_train.train.precision import weight_copies_for
 from hybrid_train.train.preemption import StopRequest
 from hybrid_train.train.summary import run_header
 
@@ -180,6 +181,7 @@ def _train(job: JobConfig, run_log: RunLog) -> TrainResult:
         model.init_weights()
     model.train()
     optimizer = build_optimizer(model, job.optim)
+    copies = weight_copies_for(job, model, optimizer, env.world_size, autocast_dtype)  # bf16, one GPU
 
     # 4. Where this run starts: its own checkpoint (resume), an earlier stage (init_from), or scratch.
     checkpointer = Checkpointer(job.checkpoint, run_dir, env, {
@@ -194,6 +196,7 @@ def _train(job: JobConfig, run_log: RunLog) -> TrainResult:
                                    plan.warmup_steps)
     if resume_from is not None:
         state = checkpointer.resume(resume_from, model, optimizer, scheduler, loader, job.model)
+    copies.refresh()  # from the masters as loaded (resume, init_from) or initialized
 
     # 5. Observability.
     flops_token = flops_per_token(job.model, n_params, n_embedding, job.train.seq_len)
@@ -203,7 +206,8 @@ def _train(job: JobConfig, run_log: RunLog) -> TrainResult:
     fused_loss = job.fused_loss()
     logger.info(run_header(job, plan.total_steps, plan.tokens_per_step, plan.grad_accum, n_params=n_params,
                            n_embedding=n_embedding, world_size=env.world_size, device=device_type,
-                           precision="bf16" if autocast_dtype is not None else "fp32",
+                           precision=("bf16 (bf16 weight copies)" if copies else "bf16")
+                           if autocast_dtype is not None else "fp32",
                            start_total_tokens=stage_start_total, resumed_from=resume_from, resumed_step=state.step,
                            warmup_steps=plan.warmup_steps))
     for level, message in notes + plan.notes:
@@ -235,10 +239,13 @@ def _train(job: JobConfig, run_log: RunLog) -> TrainResult:
             loss_sum = torch.zeros((), device=env.device)
             for batch in batches:
                 batch = _to_device(batch, env.device)
-                ce = forward_backward(model, batch, job.train.z_loss, fused_loss, plan.grad_accum, autocast, env,
-                                      timer)
+                with copies.in_use():
+                    ce = forward_backward(model, batch, job.train.z_loss, fused_loss, plan.grad_accum, autocast,
+                                          env, timer)
+                if plan.grad_accum > 1:
+                    copies.fold_grads()  # accumulate in fp32, as autocast does
                 loss_sum += full_tensor(ce) / plan.grad_accum
-            norm = grad_norm(model.parameters())
+            norm = grad_norm(copies.grad_holders(model.parameters()))
             loss = all_reduce_mean(loss_sum)
             timer.mark("clip")
             watch.check()  # the previous step's flag, long computed
