@@ -8,6 +8,11 @@
 Forward + backward (+ AdamW step with --optimizer) of a slice of Bamba-9B (all widths exact, fewer
 layers), parameters in bf16, loss outside the model, median over timed steps after warm-up.
 
+``--master-weights`` keeps the trainer's precision on one GPU instead: fp32 parameters and AdamW
+moments, bf16 autocast on the optimizer's bf16 weight copies (hybrid_train/train/precision.py), and
+with --optimizer the trainer's gradient norm and clip (1.0) folded into the step. The trainer's own
+step is then this plus its data, logging and host time (`scripts/bench_train.py`).
+
 ``--fused-loss`` computes the loss in the model's head (``model(ids, labels=...)``, the fused linear
 cross-entropy) instead of ``lm_loss`` on the logits.
 
@@ -30,6 +35,7 @@ On CPU the Triton variants need TRITON_INTERPRET=1; without it every variant run
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import statistics
@@ -46,7 +52,9 @@ from hybrid_train.ops import set_kernels
 from hybrid_train.ops.dispatch import OPS, interpreting, torch_ops
 from hybrid_train.train.config import OptimConfig
 from hybrid_train.train.loss import lm_loss
-from hybrid_train.train.optim import build_optimizer
+from hybrid_train.parallel import grad_norm
+from hybrid_train.train.optim import TritonAdamW, build_optimizer, clip_and_step
+from hybrid_train.train.precision import WeightCopies
 from hybrid_train.train.metrics import device_peak_flops
 
 BAMBA_9B = dict(name="bamba_9b_slice", vocab_size=128256, d_model=4096, mlp_hidden=14336, n_heads=32, n_kv_heads=8,
@@ -132,7 +140,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--documents", type=int, default=1, help="documents packed per row (seq_idx)")
     parser.add_argument("--optimizer", action="store_true",
-                        help="include the trainer's AdamW step (fused; bf16 parameters and states here)")
+                        help="include an AdamW step (build_optimizer's: Triton on CUDA) on the bf16 parameters and "
+                             "states here; the trainer keeps fp32 masters and moments")
+    parser.add_argument("--master-weights", action="store_true",
+                        help="fp32 parameters and moments, bf16 weight copies under autocast (train.py on one GPU)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each block")
     parser.add_argument("--fused-loss", action="store_true", help="loss in the model's head, fused with it")
     parser.add_argument("--ladder", action="store_true", help="switch the kernels on one at a time")
@@ -151,12 +162,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
     widths = {**(TINY if args.tiny else BAMBA_9B), **((TINY_MOE if args.tiny else JAMBA_MOE) if args.moe else {})}
     cfg = ModelConfig(**widths, n_layers=args.layers, attn_layer_indices=args.attn).validate()
     torch.manual_seed(0)
-    model = build_model(cfg, device=device).to(torch.bfloat16)
+    model = build_model(cfg, device=device)
+    if not args.master_weights:
+        model = model.to(torch.bfloat16)
     if args.compile:
         for block in model.layers.values():
             block.compile()
     n_params, n_emb = count_params(model)
-    opt = build_optimizer(model, OptimConfig(lr=1e-5)) if args.optimizer else None
+    # (on CPU the Triton step that writes the copies runs only when asked for, through the interpreter)
+    impl = "triton" if args.master_weights and not cuda and interpreting() else "auto"
+    opt = build_optimizer(model, OptimConfig(lr=1e-5, impl=impl)) if args.optimizer else None
+    copies = WeightCopies(model, enabled=args.master_weights)
+    if args.master_weights and opt is not None:
+        if not isinstance(opt, TritonAdamW):
+            parser.error("--master-weights --optimizer needs the Triton AdamW (CUDA, or TRITON_INTERPRET=1), "
+                         "which writes the weight copies")
+        opt.keep_copies(copies)
+    precision = (torch.autocast(device.type, dtype=torch.bfloat16) if args.master_weights
+                 else contextlib.nullcontext())
 
     b, t = args.batch, args.seq_len
     ids = torch.randint(0, cfg.vocab_size, (b, t + 1), device=device)
@@ -166,16 +189,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
     position_ids = (torch.arange(t, device=device) - starts[seq_idx[0].long()]).expand(b, t).contiguous()
 
     def forward_loss() -> torch.Tensor:
+        with precision:
+            return _forward_loss()
+
+    def _forward_loss() -> torch.Tensor:
         inputs = (ids[:, :-1], position_ids, seq_idx if args.documents > 1 else None)
         if args.fused_loss:
             return model(*inputs, labels=ids[:, 1:])[0]
         return lm_loss(model(*inputs), ids[:, 1:])[0]
 
     def step() -> None:
-        forward_loss().backward()
-        if opt is not None:
+        with copies.in_use():
+            forward_loss().backward()
+        if opt is not None and args.master_weights:
+            clip_and_step(opt, grad_norm(copies.grad_holders(model.parameters())), 1.0)
+        elif opt is not None:
             opt.step()
         model.zero_grad(set_to_none=True)
+        copies.zero_grad()
 
     def sync() -> None:
         if cuda:
@@ -199,7 +230,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 step()
             sync()
             before = torch.cuda.memory_allocated(device) if cuda else 0
-            with SavedBytes(model.parameters()) as saved:
+            with SavedBytes([*model.parameters(), *copies.copies.values()]) as saved, copies.in_use():
                 loss = forward_loss()
             sync()
             alloc = torch.cuda.memory_allocated(device) - before if cuda else None
@@ -207,6 +238,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             loss.backward()
             del loss
             model.zero_grad(set_to_none=True)
+            copies.zero_grad()
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
             times = []
@@ -223,7 +255,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "torch_ops": [op for op in OPS if op in torch_ops()],  # with HYBRID_TRAIN_TORCH_OPS's
                 "layers": args.layers, "mamba_layers": cfg.layer_types.count(MAMBA), "attn": args.attn,
                 "seq_len": t, "batch": b, "documents": args.documents, "compile": args.compile,
-                "optimizer": args.optimizer, "fused_loss": args.fused_loss, "params": n_params,
+                "optimizer": args.optimizer, "master_weights": args.master_weights, "fused_loss": args.fused_loss,
+                "params": n_params,
                 "active_params": active_params(cfg, n_params), "moe_grouped_mm": grouped if args.moe else None,
                 "step_ms": seconds * 1e3, "tokens_per_s": tokens_per_s,
                 "mfu": tokens_per_s * flops / peak if peak else None,

@@ -59,6 +59,19 @@ def test_bench_fused_loss_adds_the_cross_entropy_step(monkeypatch):
     assert [r["variant"] for r in results] == ["kernels"] and results[0]["fused_loss"]
 
 
+def test_bench_master_weights_runs_the_trainers_precision(monkeypatch):
+    """--master-weights: fp32 parameters under autocast on bf16 weight copies (CPU: without the optimizer,
+    whose Triton step writes the copies; asked for on CPU without the interpreter, a clear error)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    bench = load_bench()
+    args = ["--device", "cpu", "--tiny", "--layers", "1", "--attn", "--seq-len", "16", "--steps", "1", "--warmup", "1",
+            "--master-weights", "--fused-loss"]
+    (result,) = bench.main(args)
+    assert result["master_weights"] and result["step_ms"] > 0
+    with pytest.raises(SystemExit):
+        bench.main(args + ["--optimizer"])
+
+
 def test_bench_train_runs_the_trainer_and_reports_its_split(tmp_path):
     """scripts/bench_train.py: real trainer steps with Hydra overrides, steady state after the warm-up."""
     spec = importlib.util.spec_from_file_location("bench_train_script", REPO / "scripts" / "bench_train.py")
