@@ -38,6 +38,24 @@ def test_train_steps_on_gpu(compose, tmp_path):
     assert records[-1]["mfu"] is not None and records[-1]["mem_gb"] > 0
 
 
+def test_bf16_weight_copies_log_autocast_losses_on_gpu(compose, tmp_path):
+    """Eager, clip off (so the norm's summation order cannot move the weights): the bf16 weight copies
+    (the default on one GPU) and plain autocast log the same losses, with Mamba-2, attention and MoE."""
+    import json
+
+    from hybrid_train.train.trainer import train
+
+    losses = {}
+    for copies in ("true", "false"):
+        run_dir = tmp_path / copies
+        train(compose(["model=jamba_mamba2_tiny", f"run.dir={run_dir}", "train.max_tokens=0", "train.max_steps=10",
+                       "logging.log_every=1", "logging.progress=false", "parallel.compile=false",
+                       "train.grad_clip=0", f"train.bf16_weight_copies={copies}"]))
+        assert ("bf16 weight copies" in (run_dir / "train.log").read_text()) == (copies == "true")
+        losses[copies] = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert losses["true"] == losses["false"]
+
+
 @pytest.mark.parametrize("impl", ["triton", "fused"])
 def test_clip_and_step_on_cuda_matches_torch_clip_then_adamw(reference_adamw, impl):
     """The Triton and torch's fused CUDA AdamW with the clip as grad_scale and found_inf: three steps

@@ -108,7 +108,8 @@ def weight_copies_for(job, model: nn.Module, optimizer, world_size: int,
         if autocast_dtype != torch.bfloat16
         else f"they apply to one process; under FSDP (world size {world_size}) its all-gather casts the weights"
         if world_size > 1
-        else f"the Triton AdamW writes them; optim.impl={job.optim.impl} resolved to torch's AdamW here"
+        else f"the Triton AdamW writes them, and optim.impl={job.optim.impl} resolved to torch's AdamW here "
+             "(the Triton step runs on CUDA)"
         if not isinstance(optimizer, TritonAdamW) else None)
     if wanted and why_not is not None:
         raise ValueError(f"train.bf16_weight_copies=true: {why_not}")
