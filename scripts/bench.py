@@ -53,7 +53,7 @@ from hybrid_train.ops.dispatch import OPS, interpreting, torch_ops
 from hybrid_train.train.config import OptimConfig
 from hybrid_train.train.loss import lm_loss
 from hybrid_train.parallel import grad_norm
-from hybrid_train.train.optim import TritonAdamW, build_optimizer, clip_and_step
+from hybrid_train.train.optim import build_optimizer, clip_and_step
 from hybrid_train.train.precision import WeightCopies
 from hybrid_train.train.metrics import device_peak_flops
 
@@ -174,10 +174,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     opt = build_optimizer(model, OptimConfig(lr=1e-5, impl=impl)) if args.optimizer else None
     copies = WeightCopies(model, enabled=args.master_weights)
     if args.master_weights and opt is not None:
-        if not isinstance(opt, TritonAdamW):
-            parser.error("--master-weights --optimizer needs the Triton AdamW (CUDA, or TRITON_INTERPRET=1), "
-                         "which writes the weight copies")
-        opt.keep_copies(copies)
+        try:
+            copies.attach(opt)
+        except TypeError as err:
+            parser.error(f"--master-weights --optimizer: {err} (the Triton step: CUDA, or TRITON_INTERPRET=1)")
     precision = (torch.autocast(device.type, dtype=torch.bfloat16) if args.master_weights
                  else contextlib.nullcontext())
 

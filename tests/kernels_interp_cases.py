@@ -24,6 +24,8 @@ if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") or os.environ.get("HYBRI
     raise RuntimeError("run these cases through tests/test_kernels.py (TRITON_INTERPRET=1, HYBRID_TRAIN_KERNELS=triton)")
 
 import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 from hybrid_train.model import ModelConfig, build_model  # noqa: E402
 from hybrid_train.model.hybrid import Mamba2Mixer  # noqa: E402
@@ -33,6 +35,7 @@ from hybrid_train.ops.cross_entropy import fused_linear_cross_entropy  # noqa: E
 from hybrid_train.ops.dispatch import set_kernels  # noqa: E402
 from hybrid_train.ops.norm import gated_rms_norm_torch  # noqa: E402
 from hybrid_train.ops.ssd import ssd_chunk_scan, ssd_chunk_scan_torch  # noqa: E402
+from hybrid_train.ops.triton.adamw import _rounded  # noqa: E402
 from hybrid_train.ops.triton.common import LAUNCH  # noqa: E402
 from test_ssd import grads_of, make_inputs, seq_from_starts  # noqa: E402
 
@@ -599,7 +602,7 @@ def _steps_with_copies(cfg, use_copies: bool, grad_accum: int, steps: int = 3):
     opt = build_optimizer(model, OptimConfig(lr=1e-2, impl="triton"))
     copies = WeightCopies(model) if use_copies else None
     if copies is not None:
-        opt.keep_copies(copies)
+        copies.attach(opt)
     torch.manual_seed(1)
     ces, norms, masters_gradless = [], [], []
     for _ in range(steps):
@@ -618,6 +621,15 @@ def _steps_with_copies(cfg, use_copies: bool, grad_accum: int, steps: int = 3):
         norm = grad_norm(copies.grad_holders(model.parameters()) if copies is not None else model.parameters())
         norms.append(norm.item())
         assert clip_and_step(opt, norm, 0.5).item() == 0.0
+        opt.zero_grad(set_to_none=True)
+    if copies is not None:  # a non-finite step writes neither masters nor copies
+        before = {p: (p.detach().clone(), c.detach().clone()) for p, c in copies.copies.items()}
+        with copies.in_use(), torch.autocast("cpu", dtype=torch.bfloat16):
+            model(ids[:, :-1], labels=ids[:, 1:])[0].backward()
+        next(iter(copies.copies.values())).grad.view(-1)[0] = float("nan")
+        assert clip_and_step(opt, grad_norm(copies.grad_holders(model.parameters())), 0.5).item() == 1.0
+        assert all(torch.equal(p, b[0]) and torch.equal(c, b[1]) for (p, c), b in zip(copies.copies.items(),
+                                                                                       before.values()))
         opt.zero_grad(set_to_none=True)
     names = {n for n, p in model.named_parameters() if copies is not None and p in copies.copies}
     return ces, norms, {k: v.detach().clone() for k, v in model.state_dict().items()}, copies, names, masters_gradless
@@ -660,10 +672,19 @@ def test_trainer_with_bf16_weight_copies_logs_autocast_losses(compose, tmp_path,
     a resumed run goes on as the uninterrupted one."""
     import json
 
+    from hybrid_train.train import trainer
     from hybrid_train.train.checkpoint import iter_model_tensors
     from hybrid_train.train.trainer import train
 
     monkeypatch.setenv("HYBRID_TRAIN_KERNELS", "auto")  # model ops in PyTorch (model.kernels=torch)
+    head_dtypes = []  # what the model holds while the trainer's forward and backward run
+    real_forward_backward = trainer.forward_backward
+
+    def forward_backward(model, *args, **kwargs):
+        head_dtypes.append(model.lm_head.weight.dtype)
+        return real_forward_backward(model, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "forward_backward", forward_backward)
     common = ["model=tiny", "model.n_layers=2", "model.attn_layer_indices=[1]", "model.kernels=torch",
               "train.seq_len=64", "train.micro_batch_size=2", "train.global_batch_tokens=256", "train.max_tokens=0",
               "train.precision=bf16", "optim.impl=triton", "logging.progress=false", "logging.log_every=1",
@@ -672,20 +693,44 @@ def test_trainer_with_bf16_weight_copies_logs_autocast_losses(compose, tmp_path,
     for name, extra in (("false", []), ("true", []), ("true_ac", ["parallel.activation_checkpoint=full"])):
         run_dir = tmp_path / name
         copies = name.split("_")[0]
+        head_dtypes.clear()
         train(compose(common + extra + [f"run.dir={run_dir}", "train.max_steps=4",
                                         f"train.bf16_weight_copies={copies}"]))
         runs[name] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert ("bf16 weight copies" in (run_dir / "train.log").read_text()) == (copies == "true")
+        assert head_dtypes == [torch.bfloat16 if copies == "true" else torch.float32] * 8  # 4 steps x 2
     for name in ("true", "true_ac"):
         for key in ("loss", "grad_norm"):
             torch.testing.assert_close([r[key] for r in runs[name]], [r[key] for r in runs["false"]], rtol=1e-5, atol=0)
     saved = dict(iter_model_tensors(tmp_path / "true"))
     assert all(t.dtype == torch.float32 for t in saved.values())
-    resumed = tmp_path / "resumed"
+    resumed = tmp_path / "resumed"  # train.bf16_weight_copies unset: on, as it applies here
     train(compose(common + [f"run.dir={resumed}", "train.max_steps=2", "checkpoint.final=true"]))
+    assert "bf16 weight copies" in (resumed / "train.log").read_text()
     train(compose(common + [f"run.dir={resumed}", "train.max_steps=4"]))
     losses = [json.loads(line)["loss"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert losses[-2:] == [r["loss"] for r in runs["true"]][-2:]
     with pytest.raises(ValueError, match="train.bf16_weight_copies=true: .*fp32"):
         train(compose(common + [f"run.dir={tmp_path / 'fp32'}", "train.max_steps=1", "train.precision=fp32",
                                 "train.bf16_weight_copies=true"]))
+
+
+@triton.jit
+def _bf16_store_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(y_ptr + offs, _rounded(tl.load(x_ptr + offs, mask=offs < n), tl.bfloat16), mask=offs < n)
+
+
+def test_adamw_bf16_rounding_is_round_to_nearest_even_with_specials():
+    """The kernel's bf16 store (bit arithmetic, the same on GPU and interpreter) against torch's cast:
+    ties to even, subnormals, the largest finite values and those that round to inf, +-inf, and NaN."""
+    bits = torch.tensor([0, 0x80000000, 1, 0x8000, 0x18000, 0x10000 | 0x8000, 0x3F808000, 0x3F818000, 0x007FFFFF,
+                         0x7F7F7FFF, 0x7F7F8000, 0x7F7FFFFF, 0xFF7FFFFF, 0x7F800000, 0xFF800000,
+                         0x7FC00000, 0x7FFFFFFF, 0xFFFFFFFF, 0x7F800001], dtype=torch.int64)
+    x = torch.cat([bits.to(torch.int32).view(torch.float32), torch.randn(997) * 10.0 ** torch.randint(-40, 38, (997,))])
+    y = torch.empty(x.numel(), dtype=torch.bfloat16)
+    _bf16_store_kernel[(1,)](x, y, x.numel(), BLOCK=1024)
+    expected = x.to(torch.bfloat16)
+    nan = torch.isnan(x)
+    assert nan.sum() == 4 and torch.isnan(y[nan]).all()
+    assert torch.equal(y[~nan].view(torch.int16), expected[~nan].view(torch.int16))

@@ -60,8 +60,8 @@ def test_trainer_turns_copies_on_only_where_they_apply(compose, tmp_path):
     model = build_model(job.model)
     fused = build_optimizer(model, job.optim)  # CPU: torch's fused AdamW
     assert not weight_copies_for(job, model, fused, 1, torch.bfloat16)  # auto: off, no error
-    assert not weight_copies_for(job, model, fused, 1, None)
     off = weight_copies_for(job, model, fused, 1, None)
+    assert not off
     with off.in_use():
         assert all(p.dtype == torch.float32 for p in model.parameters())
     assert off.grad_holders(model.parameters()) == list(model.parameters())

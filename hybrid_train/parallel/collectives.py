@@ -49,7 +49,13 @@ def grad_norm(parameters: Iterable[torch.Tensor]) -> torch.Tensor:
     squares = []
     for mesh, grads in _by_mesh([p.grad for p in parameters if p.grad is not None]).items():
         if mesh is None:
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)))
+            by_device = defaultdict(list)
+            for g in grads:
+                by_device[g.device].append(g)
+            first = grads[0].device
+            norm = torch.linalg.vector_norm(torch.stack([n.to(first) for device_grads in by_device.values()
+                                                         for n in torch._foreach_norm(device_grads, 2.0,
+                                                                                      dtype=torch.float32)]))
         else:
             norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
         squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm).float().square())

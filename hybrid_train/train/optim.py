@@ -87,12 +87,12 @@ class TritonAdamW(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        copies = self.weight_copies.copies if self.weight_copies is not None else {}
+        copies = self.weight_copies
         for group in self.param_groups:
             work = []
             for p in group["params"]:
-                copy = copies.get(p)
-                grad = p.grad if p.grad is not None or copy is None else copy.grad
+                copy = copies.copies.get(p) if copies is not None else None
+                grad = copies.holder(p).grad if copies is not None else p.grad
                 if grad is None:
                     continue
                 state = self.state[p]

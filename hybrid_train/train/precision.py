@@ -30,19 +30,33 @@ CAST_BY_AUTOCAST = (nn.Linear, GroupedExperts)
 
 class WeightCopies:
     """bf16 copies of a model's autocast-cast fp32 parameters, swapped in for forward and backward.
-    enabled=False: none (every method then leaves the model and its gradients as they are)."""
+    enabled=False: none (every method then leaves the model and its gradients as they are).
+
+    Compiled blocks see bf16 weights inside `in_use`; calling the model outside it (fp32 masters) compiles
+    each block type once more."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16, enabled: bool = True):
+        self.copies: dict[nn.Parameter, nn.Parameter] = {}
+        self._slots: list[tuple[nn.Module, str, nn.Parameter]] = []
+        if not enabled:
+            return
         slots = [(module, name, param) for module in model.modules()
-                 for name, param in module._parameters.items() if param is not None and enabled]
+                 for name, param in module._parameters.items() if param is not None]
         copied: dict[nn.Parameter, bool] = {}
         for module, _, param in slots:  # a parameter in two modules (tied) is copied only if both cast it
             copied[param] = copied.get(param, True) and isinstance(module, CAST_BY_AUTOCAST)
-        self.copies: dict[nn.Parameter, nn.Parameter] = {
-            p: nn.Parameter(torch.empty_like(p, dtype=dtype)) for p, yes in copied.items()
-            if yes and p.requires_grad and p.dtype == torch.float32}
+        self.copies = {p: nn.Parameter(torch.empty_like(p, dtype=dtype)) for p, yes in copied.items()
+                       if yes and p.requires_grad and p.dtype == torch.float32}
         self._slots = [(module, name, param) for module, name, param in slots if param in self.copies]
         self.refresh()
+
+    def attach(self, optimizer) -> None:
+        """Have `optimizer` write the copies in each step (the Triton AdamW is the one that can)."""
+        from hybrid_train.train.optim import TritonAdamW
+
+        if not isinstance(optimizer, TritonAdamW):
+            raise TypeError(f"bf16 weight copies are written by the Triton AdamW, not {type(optimizer).__name__}")
+        optimizer.keep_copies(self)
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -54,9 +68,11 @@ class WeightCopies:
     @contextlib.contextmanager
     def in_use(self):
         """The model's modules hold the copies inside this block (forward and backward, whose activation
-        checkpointing runs forward again), the masters outside it."""
+        checkpointing runs forward again), the masters outside it. A copy wants a gradient when its master does."""
         for module, name, param in self._slots:
-            module._parameters[name] = self.copies[param]
+            copy = self.copies[param]
+            copy.requires_grad_(param.requires_grad)
+            module._parameters[name] = copy
         try:
             yield
         finally:
@@ -76,14 +92,14 @@ class WeightCopies:
                 param.grad.add_(copy.grad)
             copy.grad = None
 
+    def holder(self, param: nn.Parameter) -> torch.Tensor:
+        """The tensor whose .grad is `param`'s gradient: its copy while the gradient is still there (not
+        folded into the master), else the parameter."""
+        copy = self.copies.get(param)
+        return copy if copy is not None and param.grad is None and copy.grad is not None else param
+
     def grad_holders(self, params: Iterable[nn.Parameter]) -> list[torch.Tensor]:
-        """For each parameter, the tensor whose .grad is its gradient: the copy while the gradient is
-        still there, else the parameter."""
-        out = []
-        for p in params:
-            copy = self.copies.get(p)
-            out.append(copy if copy is not None and p.grad is None and copy.grad is not None else p)
-        return out
+        return [self.holder(p) for p in params]
 
     def zero_grad(self) -> None:
         for copy in self.copies.values():
@@ -98,7 +114,7 @@ class WeightCopies:
 
 def weight_copies_for(job, model: nn.Module, optimizer, world_size: int,
                       autocast_dtype: torch.dtype | None) -> WeightCopies:
-    """The run's bf16 weight copies (`train.bf16_weight_copies`; None = where they apply), handed to the
+    """The run's bf16 weight copies (`train.bf16_weight_copies`; None = where they apply), attached to the
     optimizer that writes them; empty where they are off."""
     from hybrid_train.train.optim import TritonAdamW
 
@@ -115,5 +131,5 @@ def weight_copies_for(job, model: nn.Module, optimizer, world_size: int,
         raise ValueError(f"train.bf16_weight_copies=true: {why_not}")
     copies = WeightCopies(model, enabled=wanted is not False and why_not is None)
     if copies:
-        optimizer.keep_copies(copies)
+        copies.attach(optimizer)
     return copies

@@ -20,11 +20,12 @@ BLOCK = 4096
 @triton.jit
 def _rounded(x, dtype: tl.constexpr):
     """x (fp32) in dtype, bf16 rounded to nearest even by bit arithmetic: what the GPU's conversion
-    does, and what Triton's CPU interpreter (which truncates) then does too."""
+    does, and what Triton's CPU interpreter (which truncates) then does too. NaN stays NaN (quieted)."""
     if dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(x != x, (bits >> 16) | 0x40, rounded)
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(dtype)
 
@@ -65,6 +66,7 @@ def adamw_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, e
     """In place on contiguous tensors of one shape; step, grad_scale and skip are 0-dim float32 tensors
     on the parameter's device (skip != 0: write nothing); copy, if given, gets the new parameter too."""
     n = param.numel()
+    assert copy is None or (copy.shape == param.shape and copy.is_contiguous()), "copy: param's shape, contiguous"
     _adamw_kernel[(triton.cdiv(n, BLOCK),)](
         param, grad, exp_avg, exp_avg_sq, step, grad_scale if grad_scale is not None else skip, skip,
         copy if copy is not None else param, n,
