@@ -34,6 +34,23 @@ def compose():
     return compose_job
 
 
+@pytest.fixture
+def head_dtypes(monkeypatch):
+    """The dtype of the model's head weight each time the trainer runs a micro-batch's forward and backward
+    (bf16 while the bf16 weight copies are swapped in, fp32 otherwise)."""
+    from hybrid_train.train import trainer
+
+    seen = []
+    real = trainer.forward_backward
+
+    def forward_backward(model, *args, **kwargs):
+        seen.append(model.lm_head.weight.dtype)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "forward_backward", forward_backward)
+    return seen
+
+
 class LiveTensors:
     """Counts the tensors that checkpoint sources (anything with a ``tensor(name)`` reader) have handed
     out and that are still alive; ``peak`` is the most at once, what a streaming writer must bound."""

@@ -665,26 +665,17 @@ def test_bf16_weight_copies_train_as_autocast(grad_accum, monkeypatch):
         assert copy.dtype == torch.bfloat16 and torch.equal(copy, master.detach().to(torch.bfloat16))
 
 
-def test_trainer_with_bf16_weight_copies_logs_autocast_losses(compose, tmp_path, monkeypatch):
+def test_trainer_with_bf16_weight_copies_logs_autocast_losses(compose, tmp_path, monkeypatch, head_dtypes):
     """train.py's loop with train.bf16_weight_copies on and off (bf16 autocast, Triton AdamW, 2 micro-batches
     a step), and on with activation checkpointing (whose recompute in backward must see the copies too):
     the same losses and gradient norms; the header says which; the checkpoint holds the fp32 masters, and
     a resumed run goes on as the uninterrupted one."""
     import json
 
-    from hybrid_train.train import trainer
     from hybrid_train.train.checkpoint import iter_model_tensors
     from hybrid_train.train.trainer import train
 
     monkeypatch.setenv("HYBRID_TRAIN_KERNELS", "auto")  # model ops in PyTorch (model.kernels=torch)
-    head_dtypes = []  # what the model holds while the trainer's forward and backward run
-    real_forward_backward = trainer.forward_backward
-
-    def forward_backward(model, *args, **kwargs):
-        head_dtypes.append(model.lm_head.weight.dtype)
-        return real_forward_backward(model, *args, **kwargs)
-
-    monkeypatch.setattr(trainer, "forward_backward", forward_backward)
     common = ["model=tiny", "model.n_layers=2", "model.attn_layer_indices=[1]", "model.kernels=torch",
               "train.seq_len=64", "train.micro_batch_size=2", "train.global_batch_tokens=256", "train.max_tokens=0",
               "train.precision=bf16", "optim.impl=triton", "logging.progress=false", "logging.log_every=1",

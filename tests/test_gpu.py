@@ -38,22 +38,13 @@ def test_train_steps_on_gpu(compose, tmp_path):
     assert records[-1]["mfu"] is not None and records[-1]["mem_gb"] > 0
 
 
-def test_bf16_weight_copies_log_autocast_losses_on_gpu(compose, tmp_path, monkeypatch):
+def test_bf16_weight_copies_log_autocast_losses_on_gpu(compose, tmp_path, head_dtypes):
     """Eager, clip off (so the norm's summation order cannot move the weights): the bf16 weight copies
     (the default on one GPU) and plain autocast log the same losses, with Mamba-2, attention and MoE."""
     import json
 
-    from hybrid_train.train import trainer
     from hybrid_train.train.trainer import train
 
-    head_dtypes = []  # what the model holds while the trainer's forward and backward run
-    real_forward_backward = trainer.forward_backward
-
-    def forward_backward(model, *args, **kwargs):
-        head_dtypes.append(model.lm_head.weight.dtype)
-        return real_forward_backward(model, *args, **kwargs)
-
-    monkeypatch.setattr(trainer, "forward_backward", forward_backward)
     losses = {}
     for copies in ("true", "false"):
         head_dtypes.clear()
