@@ -90,11 +90,26 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "sch
 
 
 def register_configs() -> None:
-    """Register the schemas with Hydra: the whole job, and each group's section on its own."""
+    """Register the schemas with Hydra: the whole job, and each group's section on its own; and the
+    resolver `--help` lists the config groups with (conf/config.yaml's hydra.help.template)."""
     cs = ConfigStore.instance()
     cs.store(name="job_schema", node=JobConfig)
     for group, node in SECTIONS.items():
         cs.store(group=group, name=f"{group}_schema", node=node)
+    if not OmegaConf.has_resolver("config_group_options"):
+        OmegaConf.register_new_resolver("config_group_options", config_group_options)
+
+
+def config_group_options(config_dir: str | None = None) -> str:
+    """'group: option, option, ...' a line per config group of conf/ (the YAML files a user picks from;
+    the schemas registered above are Hydra's business, not choices)."""
+    try:
+        root = find_config_dir(config_dir)
+    except FileNotFoundError as err:
+        return f"({err})"
+    lines = [f"{group}: {', '.join(sorted(f.stem for f in (root / group).glob('*.yaml')))}"
+             for group in sorted(config_groups(root))]
+    return "\n".join(lines) if lines else f"(no config groups under {root})"
 
 
 register_configs()  # on import: `hydra.compose` on conf/ works once hybrid_train is imported

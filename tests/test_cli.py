@@ -135,3 +135,21 @@ print(tuple(hybrid_train.build_model(cfg.model)(torch.tensor([[72, 105]])).shape
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "(1, 2, 258)"
+
+
+def test_help_lists_the_config_groups_options_from_conf(tmp_path):
+    """`train.py --help`: each group's YAML choices (a file a user adds shows up), not the schemas Hydra
+    also holds; then the composed config."""
+    from hybrid_train.config import config_group_options
+
+    proc = train_py("--help")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    groups = proc.stdout.split("== Config ==")[0]
+    assert "schema" not in groups
+    assert "model: bamba_9b, granite4_h_small, " in groups and "cluster: a100_192, h100_64, h200_8" in groups
+    assert "stage: anneal, extend, mix, mix_cosine, pretrain" in groups
+    assert "train:\n  seed: 0" in proc.stdout
+    (tmp_path / "model").mkdir()
+    (tmp_path / "config.yaml").write_text("defaults: []\n")
+    (tmp_path / "model" / "mine.yaml").write_text("name: mine\n")
+    assert config_group_options(str(tmp_path)) == "model: mine"
