@@ -160,9 +160,11 @@ def find_config_dir(config_dir: str | Path | None = None) -> Path:
                             "next to train.py in a hybrid_train checkout; pass config_dir=PATH/TO/conf")
 
 
-def load_config(overrides: Sequence[str] = (), config_dir: str | Path | None = None) -> JobConfig:
+def load_config(overrides: Sequence[str] = (), config_dir: str | Path | None = None,
+                require_init_from: bool = True) -> JobConfig:
     """The validated job `python train.py OVERRIDES...` runs: conf/config.yaml composed with the same
-    Hydra overrides (`["model=bamba_9b", "train.max_steps=10"]`) and converted to the dataclasses."""
+    Hydra overrides (`["model=bamba_9b", "train.max_steps=10"]`) and converted to the dataclasses.
+    require_init_from=False: a stage that starts from a checkpoint may leave checkpoint.init_from unset."""
     overrides = list(overrides)
     conf = find_config_dir(config_dir)
     register_configs()
@@ -175,7 +177,7 @@ def load_config(overrides: Sequence[str] = (), config_dir: str | Path | None = N
             cfg = compose(config_name="config", overrides=overrides)
     finally:  # (the context leaves a copy of the singleton behind: set it on the current one)
         GlobalHydra.instance().hydra = outer
-    return job_config_from_hydra(cfg, overrides)
+    return job_config_from_hydra(cfg, overrides, require_init_from)
 
 
 def to_yaml(job: JobConfig) -> str:

@@ -207,4 +207,27 @@ def check_command_line(argv: list[str], config_dir: Path) -> list[str]:
         numbers = dict(zip(overrides, whole_numbers(overrides, JobConfig)))
     except ValueError as err:  # UnknownKeyError too
         sys.exit(f"error: {err}")
+    if _asks_for_job_config(argv) and len(dirs) == 1:
+        _print_job(overrides, config_dir)
     return [numbers.get(arg, arg) for arg in argv]
+
+
+def _asks_for_job_config(argv: list[str]) -> bool:
+    """`--cfg job` / `-c job` of one run of conf/config.yaml; with Hydra's --package, --resolve, a sweep
+    (--multirun) or another --config-name it stays Hydra's."""
+    asked = any(a in ("--cfg", "-c") and b == "job" for a, b in zip(argv, argv[1:])) or "--cfg=job" in argv
+    hydras = ("--package", "-p", "--resolve", "--multirun", "-m", "--config-name", "-cn")
+    return asked and not any(a in hydras or a.startswith(("--package=", "--config-name=")) for a in argv)
+
+
+def _print_job(overrides: list[str], config_dir: Path) -> None:
+    """Print the job as the run uses it and exit: validated, the command line's run length winning over
+    the files' (EXCLUSIVE), interpolations resolved. Hydra's `--cfg job` prints the files' raw values."""
+    from hybrid_train.config import load_config, to_yaml
+
+    try:
+        job = load_config(overrides, config_dir, require_init_from=False)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+    print(to_yaml(job), end="")
+    sys.exit(0)

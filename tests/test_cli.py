@@ -153,3 +153,13 @@ def test_help_lists_the_config_groups_options_from_conf(tmp_path):
     (tmp_path / "config.yaml").write_text("defaults: []\n")
     (tmp_path / "model" / "mine.yaml").write_text("name: mine\n")
     assert config_group_options(str(tmp_path)) == "model: mine"
+
+
+def test_cfg_job_prints_the_job_as_the_run_uses_it():
+    """`--cfg job`: the run length given on the command line wins over config.yaml's (Hydra's own print
+    showed both), interpolations resolved; a bad combination is the run's own error."""
+    proc = train_py("train.max_steps=3", "--cfg", "job")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "  max_tokens: 0\n  max_steps: 3\n" in proc.stdout and "name: tiny-sample" in proc.stdout
+    proc = train_py("train.max_steps=3", "train.max_tokens=5", "--cfg", "job")
+    assert proc.returncode != 0 and "set one of train.max_tokens (5) and train.max_steps (3)" in proc.stderr
