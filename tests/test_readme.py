@@ -75,6 +75,8 @@ SKIP = {
     "python -m pytest -q": "the test suite itself",
     "python train.py train.max_steps=20": "tests/test_cli.py runs train.py with a step count alone",
     "python train.py train.max_steps=6": "tests/test_cli.py runs train.py with a step count alone",
+    "python train.py train.max_steps=6 --cfg job": "tests/test_cli.py runs train.py --cfg job",
+    "python train.py --help": "tests/test_cli.py runs train.py --help",
     "huggingface-cli download ibm-fms/Bamba-9B --local-dir /models/Bamba-9B": "network; exports/tiny-hf stands in",
     "pip install lm-eval": "installs",
     "lm_eval --model hf --model_args pretrained=exports/bamba-v2,dtype=bfloat16 --tasks hellaswag,arc_easy,"
