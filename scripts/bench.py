@@ -189,14 +189,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     position_ids = (torch.arange(t, device=device) - starts[seq_idx[0].long()]).expand(b, t).contiguous()
 
     def forward_loss() -> torch.Tensor:
-        with precision:
-            return _forward_loss()
-
-    def _forward_loss() -> torch.Tensor:
         inputs = (ids[:, :-1], position_ids, seq_idx if args.documents > 1 else None)
-        if args.fused_loss:
-            return model(*inputs, labels=ids[:, 1:])[0]
-        return lm_loss(model(*inputs), ids[:, 1:])[0]
+        with precision:  # (as the trainer: autocast around the model, the loss on its logits outside)
+            out = model(*inputs, labels=ids[:, 1:]) if args.fused_loss else model(*inputs)
+        return out[0] if args.fused_loss else lm_loss(out, ids[:, 1:])[0]
+
+    def zero_grad() -> None:
+        model.zero_grad(set_to_none=True)
+        copies.zero_grad()
 
     def step() -> None:
         with copies.in_use():
@@ -205,8 +205,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             clip_and_step(opt, grad_norm(copies.grad_holders(model.parameters())), 1.0)
         elif opt is not None:
             opt.step()
-        model.zero_grad(set_to_none=True)
-        copies.zero_grad()
+        zero_grad()
 
     def sync() -> None:
         if cuda:
@@ -237,8 +236,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             saved_bytes = saved.bytes  # while the graph holds them
             loss.backward()
             del loss
-            model.zero_grad(set_to_none=True)
-            copies.zero_grad()
+            zero_grad()
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
             times = []

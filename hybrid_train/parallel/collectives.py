@@ -17,6 +17,11 @@ def full_tensor(value: torch.Tensor) -> torch.Tensor:
     return value.full_tensor() if isinstance(value, DTensor) else value
 
 
+def local_tensor(value: torch.Tensor) -> torch.Tensor:
+    """The part this rank holds: the local shard of a DTensor (FSDP2, TP, EP), anything else unchanged."""
+    return value.to_local() if isinstance(value, DTensor) else value
+
+
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     """Mean of a tensor over all ranks (identity in a single process)."""
     value = full_tensor(value)
@@ -48,16 +53,7 @@ def grad_norm(parameters: Iterable[torch.Tensor]) -> torch.Tensor:
     norm would be off by up to 0.4%, and with it the clip."""
     squares = []
     for mesh, grads in _by_mesh([p.grad for p in parameters if p.grad is not None]).items():
-        if mesh is None:
-            by_device = defaultdict(list)
-            for g in grads:
-                by_device[g.device].append(g)
-            first = grads[0].device
-            norm = torch.linalg.vector_norm(torch.stack([n.to(first) for device_grads in by_device.values()
-                                                         for n in torch._foreach_norm(device_grads, 2.0,
-                                                                                      dtype=torch.float32)]))
-        else:
-            norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        norm = _fp32_norm(grads) if mesh is None else torch.nn.utils.get_total_norm(grads, norm_type=2.0)
         squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm).float().square())
     if not squares:
         return torch.zeros(())
@@ -77,6 +73,17 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> floa
             for mesh_grads in _by_mesh(grads).values():
                 torch._foreach_mul_(mesh_grads, coef)
     return total
+
+
+def _fp32_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of plain tensors of any dtypes and devices, each summed in fp32 (as get_total_norm,
+    which keeps a bf16 tensor's norm in bf16)."""
+    by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+    for g in grads:
+        by_device[g.device].append(g)
+    norms = [n.to(grads[0].device) for group in by_device.values()
+             for n in torch._foreach_norm(group, 2.0, dtype=torch.float32)]
+    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 def _by_mesh(tensors: list[torch.Tensor]) -> dict[object, list[torch.Tensor]]:

@@ -23,9 +23,10 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import Shard, distribute_tensor
 
 from hybrid_train.model.moe import GroupedExperts
+from hybrid_train.parallel.collectives import local_tensor
 
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 
@@ -50,7 +51,7 @@ class ExpertParallelExperts(GroupedExperts):
         """x (n, d) this rank's pairs sorted by expert, counts (E,) over all experts -> (n, d)."""
         group = self.ep_group
         ep = dist.get_world_size(group)
-        gate_up, down = (_local(getattr(self, name)) for name in EXPERT_PARAMS)
+        gate_up, down = (local_tensor(getattr(self, name)) for name in EXPERT_PARAMS)
         gate_up, down = _ScaleGrad.apply(gate_up, 1.0 / ep), _ScaleGrad.apply(down, 1.0 / ep)
         n_local = gate_up.shape[0]
         send = counts.view(ep, n_local).contiguous()  # rows for (destination rank, its expert)
@@ -63,10 +64,6 @@ class ExpertParallelExperts(GroupedExperts):
         y = self.compute(rows[order], recv.sum(0), gate_up, down)  # (m, d) by expert
         y = y[order.argsort()]  # back to (source, expert) order
         return all_to_all_single_autograd(y.contiguous(), send_splits, recv_splits, group)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def build_ep_mesh(device_type: str, world_size: int, ep: int) -> DeviceMesh:

@@ -267,11 +267,16 @@ def recompute_flops_fraction(job: JobConfig) -> float:
     return 0.0  # none; per-op selective keeps the matmuls and attention, recomputing cheap element-wise ops
 
 
+def _mfu(job: JobConfig, cluster: ClusterConfig) -> float:
+    """The one-GPU MFU a step runs at: compiled blocks (the GPU default) or eager."""
+    return cluster.mfu_compiled if job.parallel.compile_on("cuda") else cluster.mfu
+
+
 def step_time(job: JobConfig, cluster: ClusterConfig, layout: Layout, units: list[dict], flops_token: float,
               grad_accum: int) -> tuple[StepTime, dict[str, str]]:
     par, p = job.parallel, job.plan
     tokens_micro = job.train.micro_batch_size * job.train.seq_len  # per data-parallel rank
-    mfu = cluster.mfu_compiled if par.compile_on("cuda") else cluster.mfu
+    mfu = _mfu(job, cluster)
     compute = grad_accum * flops_token * (1 + recompute_flops_fraction(job)) * tokens_micro / layout.tp \
         / (cluster.peak_tflops * 1e12 * mfu)
     links = {}
@@ -384,7 +389,7 @@ def make_plan(job: JobConfig, cluster: ClusterConfig | None = None, world_size: 
         notes.append("FSDP communication exceeds compute: the step is communication-bound")
     return Plan(job.model.name, n_params, "".join(job.model.layer_types), cluster, layout,
                 job.parallel.activation_checkpoint, job.train.seq_len, job.train.micro_batch_size, run.grad_accum,
-                run.tokens_per_step, flops, cluster.mfu_compiled if job.parallel.compile_on("cuda") else cluster.mfu, links,
+                run.tokens_per_step, flops, _mfu(job, cluster), links,
                 memory, time, run.total_steps, run.total_steps * run.tokens_per_step, label, notes)
 
 

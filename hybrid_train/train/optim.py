@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from hybrid_train.parallel.collectives import local_tensor
 from hybrid_train.train.config import OptimConfig, ScheduleConfig, default_lr
 
 
@@ -36,20 +37,14 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Ada
                              foreach=False if impl == "loop" else None)
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The tensor a rank holds: the local shard of a DTensor (FSDP2, TP, EP), else the tensor."""
-    from torch.distributed.tensor import DTensor
-
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 def _triton_can_step(params: list[torch.Tensor], interpreter_ok: bool = False) -> bool:
     from hybrid_train.ops.dispatch import interpreting, kernels_mode, triton_available
 
     if not params or not triton_available() or (kernels_mode() == "torch" and not interpreter_ok):
         return False
     device_ok = (lambda t: t.is_cuda or (interpreter_ok and interpreting()))
-    return all(device_ok(_local(p)) and _local(p).is_contiguous() and p.dtype in FUSED_DTYPES for p in params)
+    held = (local_tensor(p) for p in params)
+    return all(device_ok(t) and t.is_contiguous() and t.dtype in FUSED_DTYPES for t in held)
 
 
 class TritonAdamW(torch.optim.AdamW):
@@ -96,15 +91,15 @@ class TritonAdamW(torch.optim.AdamW):
                 if grad is None:
                     continue
                 state = self.state[p]
-                local = _local(p)
+                local = local_tensor(p)
                 if not state:
                     state["step"] = torch.zeros((), dtype=torch.float32, device=local.device)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 elif state["step"].device != local.device:  # loaded from a checkpoint: counts on the host
                     state["step"] = state["step"].to(local.device, torch.float32)
-                work.append((local, _local(grad).contiguous(), _local(state["exp_avg"]),
-                             _local(state["exp_avg_sq"]), state["step"], copy))
+                work.append((local, local_tensor(grad).contiguous(), local_tensor(state["exp_avg"]),
+                             local_tensor(state["exp_avg_sq"]), state["step"], copy))
             if not work:
                 continue
             device = work[0][0].device

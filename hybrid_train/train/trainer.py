@@ -206,8 +206,8 @@ def _train(job: JobConfig, run_log: RunLog) -> TrainResult:
     fused_loss = job.fused_loss()
     logger.info(run_header(job, plan.total_steps, plan.tokens_per_step, plan.grad_accum, n_params=n_params,
                            n_embedding=n_embedding, world_size=env.world_size, device=device_type,
-                           precision=("bf16 (bf16 weight copies)" if copies else "bf16")
-                           if autocast_dtype is not None else "fp32",
+                           precision="fp32" if autocast_dtype is None else
+                           "bf16 (bf16 weight copies)" if copies else "bf16",
                            start_total_tokens=stage_start_total, resumed_from=resume_from, resumed_step=state.step,
                            warmup_steps=plan.warmup_steps))
     for level, message in notes + plan.notes:
