@@ -527,20 +527,19 @@ def _fsdp_triton_adamw(rank, world, init, xs, impl="triton"):
     return {k: v.full_tensor() for k, v in model.state_dict().items()}
 
 
-def test_triton_adamw_steps_fsdp2_shards_as_one_process():
+def test_triton_adamw_steps_fsdp2_shards_as_one_process(reference_adamw):
     """FSDP2 over 2 gloo ranks: the Triton step on each rank's DTensor shards gives the single-process
     torch clip + AdamW weights."""
     from distributed import run_distributed
+
+    from hybrid_train.train.config import OptimConfig
 
     torch.manual_seed(0)
     ref = torch.nn.Sequential(torch.nn.Linear(97, 61), torch.nn.LayerNorm(61), torch.nn.Linear(61, 5))
     init = {k: v.clone() for k, v in ref.state_dict().items()}
     xs = [torch.randn(8, 97) for _ in range(3)]
     shards = run_distributed(_fsdp_triton_adamw, 2, init, xs)
-    ref_opt = torch.optim.AdamW(
-        [{"params": [p for p in ref.parameters() if p.ndim >= 2], "weight_decay": 0.1},
-         {"params": [p for p in ref.parameters() if p.ndim < 2], "weight_decay": 0.0}],
-        lr=1e-2, betas=(0.9, 0.95), eps=1e-8, foreach=False)
+    ref_opt = reference_adamw(ref, OptimConfig(lr=1e-2))
     for scale, x in zip((1e-3, 1e3, 1e-2), xs):
         (ref(x).square().mean() * scale).backward()
         torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
