@@ -4,6 +4,7 @@
         train.seq_len=4096 train.micro_batch_size=1 parallel.compile=true
     torchrun --nproc_per_node=8 scripts/bench_train.py model=bamba_9b train.seq_len=4096
     python scripts/bench_train.py --steps 6 --warmup 2 train.seq_len=64      # CPU smoke run
+    python scripts/bench_train.py --profile 3 model=bamba_9b ...             # + where 3 more steps go
 
 Arguments after the options are the same Hydra overrides `train.py` takes. The run is the trainer
 itself (`hybrid_train.train.trainer.train`): data, model, optimizer, clipping, logging, everything a
@@ -35,10 +36,10 @@ from hybrid_train.config import load_config
 from hybrid_train.train.trainer import train
 
 
-def steady_state(records: list[dict], warmup: int) -> dict:
-    """Throughput and time split over the logged windows that end after `warmup` steps (time-weighted:
-    tokens over seconds, not a mean of rates)."""
-    measured = [r for r in records if r["step"] > warmup]
+def steady_state(records: list[dict], warmup: int, until: int | None = None) -> dict:
+    """Throughput and time split over the logged windows that end after `warmup` steps (and by step
+    `until`; time-weighted: tokens over seconds, not a mean of rates)."""
+    measured = [r for r in records if r["step"] > warmup and (until is None or r["step"] <= until)]
     if not measured:
         raise ValueError(f"no logged window ends after --warmup {warmup} steps: raise --steps or lower --warmup")
     previous = {r["step"]: r for r in records}
@@ -67,6 +68,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps to run")
     parser.add_argument("--warmup", type=int, default=10, help="steps left out of the average (compile, allocator)")
     parser.add_argument("--window", type=int, default=5, help="steps per logged window (a host sync each)")
+    parser.add_argument("--profile", type=int, default=0, metavar="K",
+                        help="after the measured steps, run K more under torch.profiler and print where their "
+                             "device time went (<run.dir>/profile/: traces and summary.txt)")
     parser.add_argument("--json", help="append the result as a JSON line to this file")
     args, overrides = parser.parse_known_args(argv)
     unknown = [o for o in overrides if o.startswith("-")]
@@ -74,7 +78,10 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"unrecognized arguments: {' '.join(unknown)} (Hydra overrides take no dashes)")
 
     tmp = tempfile.TemporaryDirectory(prefix="bench_train-")
-    ours = [f"train.max_steps={args.steps}", f"logging.log_every={args.window}",
+    if args.profile < 0:
+        parser.error("--profile takes the number of steps to profile (0 = none)")
+    profiling = [f"logging.profile_from={args.steps}", f"logging.profile_steps={args.profile}"] if args.profile else []
+    ours = profiling + [f"train.max_steps={args.steps + args.profile}", f"logging.log_every={args.window}",
             "logging.progress=false", "checkpoint.final=false", "checkpoint.resume=false"]
     if not any(o.startswith("run.dir=") for o in overrides):
         ours.append(f"run.dir={tmp.name}")
@@ -89,14 +96,20 @@ def main(argv: list[str] | None = None) -> dict:
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     out = {"date": time.strftime("%Y-%m-%d"),
            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
-           "overrides": overrides, "steps": result.state.step, "wall_s": wall, **steady_state(records, args.warmup),
+           "overrides": overrides, "steps": result.state.step, "wall_s": wall,
+           **steady_state(records, args.warmup, args.steps),
            "losses": [(r["step"], r["loss"]) for r in records]}
+    summary = Path(job.run.dir) / "profile" / "summary.txt"
+    if args.profile and summary.exists():
+        out["profile"] = summary.read_text().splitlines()
     print(json.dumps(out), flush=True)
     split = "  ".join(f"{k} {v:.1f}" for k, v in out["time_ms"].items())
     mfu = f"{out['mfu']:.1%}" if out["mfu"] is not None else "-"
     print(f"tokens/s {out['tokens_per_s']:,.0f} ({out['tokens_per_s_per_device']:,.0f} per device), MFU {mfu}, "
           f"step {out['step_ms']:.1f} ms, peak {out['peak_mem_gb']:.1f} GB\ntime per step (ms): {split}",
           file=sys.stderr)
+    if "profile" in out:
+        print("\n".join(out["profile"]), file=sys.stderr)
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps(out) + "\n")

@@ -122,3 +122,42 @@ def test_bench_moe_slice_smoke_on_cpu(monkeypatch):
     assert grouped["moe_grouped_mm"] == hasattr(torch, "_grouped_mm") and loop["moe_grouped_mm"] is False
     assert grouped["active_params"] == grouped["params"] - (8 - 2) * 3 * 64 * 64  # one MoE block (index 1)
     assert all(r["tokens_per_s"] > 0 for r in results)
+
+
+def test_kernel_kinds_of_real_kernel_names():
+    from hybrid_train.train.profile import kernel_kind, summarize
+
+    names = {  # as an H200 profile of the 9B-width step names them
+        "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT": "matmul",
+        "_adamw_kernel": "Triton (this project)",
+        "_conv_bwd_pre_kernel": "Triton (this project)",
+        "triton_poi_fused__unsafe_view_mul_silu_silu_backward_view_1": "compiled (inductor)",
+        "triton_tem_fused_flex_attention_backward_transpose_view_4": "attention",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>": "elementwise",
+        "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::NormTwoOps<float>>>":
+            "reduction / norm",
+        "Memset (Device)": "memcpy / memset",
+        "ncclDevKernel_AllGather_RING_LL": "communication",
+    }
+    assert {n: kernel_kind(n) for n in names} == names
+    lines = summarize([("nvjet_a", 3000.0), ("nvjet_a", 1000.0), ("_adamw_kernel", 2000.0)], steps=2)
+    assert "3.0 ms of kernels a step" in lines[0]
+    assert lines[1].split()[0] == "matmul" and "2.00 ms" in lines[1] and "66.7%" in lines[1]
+    assert "nvjet_a" in lines[4] and "2.00 ms" in lines[4] and " 1.0 " in lines[4]  # 2 launches over 2 steps
+
+
+def test_bench_train_profiles_steps_after_the_measured_ones(tmp_path):
+    """--profile K runs K more steps under torch.profiler: a trace and a summary in run.dir/profile,
+    the steady state taken from the measured steps only."""
+    spec = importlib.util.spec_from_file_location("bench_train_script", REPO / "scripts" / "bench_train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    run_dir = tmp_path / "run"
+    out = module.main(["--steps", "4", "--warmup", "2", "--window", "2", "--profile", "2", "train.seq_len=32",
+                       "train.micro_batch_size=2", f"run.dir={run_dir}", f"data.root={REPO / 'data' / 'sample'}"])
+    assert out["steps"] == 6 and out["measured_steps"] == 2  # the window of steps 3-4; 5-6 were profiled
+    traces = list((run_dir / "profile").glob("rank0_steps5-6.json.gz"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
+    summary = (run_dir / "profile" / "summary.txt").read_text()
+    assert "aten::mm" in summary and out["profile"] == summary.splitlines()
+    assert "profiled steps 5-6" in (run_dir / "train.log").read_text()

@@ -102,6 +102,8 @@ def test_wrong_type_fails(compose):
     (["train.precision=fp8"], "train.precision='fp8'"),
     (["train.loss_impl=chunked"], "train.loss_impl='chunked' must be one of auto, fused, logits"),
     (["parallel.tp=2", "train.loss_impl=fused"], "train.loss_impl='fused' needs the whole LM head but parallel.tp=2"),
+    (["logging.profile_from=-1"], "logging.profile_from must be >= 0 \\(0 = off\\)"),
+    (["logging.profile_from=5", "logging.profile_steps=0"], "logging.profile_steps positive, got 5 and 0"),
 ])
 def test_cross_field_validation_names_fields(compose, overrides, message):
     with pytest.raises(ValueError, match=message):

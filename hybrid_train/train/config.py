@@ -142,10 +142,18 @@ class LoggingConfig:
     """wandb mode: offline (no network needed; sync later) or online."""
     peak_tflops: Optional[float] = None
     """Dense bf16 peak per device for MFU; None = known GPUs (A100 312, H100/H200 989), else no MFU."""
+    profile_from: int = 0
+    """Profile steps profile_from+1 .. profile_from+profile_steps with torch.profiler (0 = off): a trace per
+    rank and a summary of where the device time went in <run.dir>/profile/ (those steps run slower)."""
+    profile_steps: int = 3
+    """How many steps to profile from profile_from."""
 
     def validate(self) -> None:
         if self.log_every <= 0:
             raise ValueError(f"logging.log_every must be positive, got {self.log_every}")
+        if self.profile_from < 0 or self.profile_steps <= 0:
+            raise ValueError(f"logging.profile_from must be >= 0 (0 = off) and logging.profile_steps positive, got "
+                             f"{self.profile_from} and {self.profile_steps}")
         if self.wandb_mode not in ("offline", "online", "disabled"):
             raise ValueError(f"logging.wandb_mode={self.wandb_mode!r} must be offline, online or disabled")
 

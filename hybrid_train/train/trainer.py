@@ -26,6 +26,7 @@ from hybrid_train.train.metrics import (MetricsLogger, RunLog, StepTimer, device
 from hybrid_train.train.optim import build_lr_scheduler, build_optimizer, clip_and_step
 from hybrid_train.train.plan import RunPlan, Saved, plan_run  # noqa: F401 (RunPlan: API)
 from hybrid_train.train.precision import weight_copies_for
+from hybrid_train.train.profile import StepProfiler
 from hybrid_train.train.preemption import StopRequest
 from hybrid_train.train.summary import run_header
 
@@ -219,6 +220,7 @@ def _train(job: JobConfig, run_log: RunLog) -> TrainResult:
                 else contextlib.nullcontext())
     stop = StopRequest(run_dir, env.cpu_group)
     timer, watch = StepTimer(env.device), SkippedStepWatch(env.device)
+    profiler = StepProfiler(job.logging, run_dir, env.rank, env.device, state.step)
 
     # 6. The loop. Nothing in a step waits for the device: the loss and gradient norm stay on it and
     # are read on log steps; a non-finite step is skipped by the optimizer itself (SkippedStepWatch).
@@ -259,6 +261,8 @@ def _train(job: JobConfig, run_log: RunLog) -> TrainResult:
             state.stage_tokens += plan.tokens_per_step
             state.total_tokens += plan.tokens_per_step
             logger.advance()
+            for line in profiler.after_step(state.step):
+                logger.info(line)
 
             last = state.step == plan.total_steps
             stopped = not last and stop.should_stop()
@@ -293,6 +297,7 @@ def _train(job: JobConfig, run_log: RunLog) -> TrainResult:
                 break
         checkpointer.wait()
     finally:
+        profiler.close()
         stop.restore()
         loader.close()
         logger.close()
