@@ -203,7 +203,8 @@ def test_gated_norm_matches_reference(with_z):
         assert rel(a, r) < 1e-5
 
 
-def test_fused_linear_cross_entropy_matches_lm_loss():
+@pytest.mark.parametrize("how", [dict(vocab_chunk=300), dict(keep_logits=True)])  # 4 ragged chunks | kept
+def test_fused_linear_cross_entropy_matches_lm_loss(how):
     from hybrid_train.train.loss import lm_loss
 
     gen = torch.Generator().manual_seed(9)
@@ -213,7 +214,7 @@ def test_fused_linear_cross_entropy_matches_lm_loss():
     labels = torch.randint(0, v, (t,), generator=gen)
     labels[3] = -100
     h32, w32 = h.float().requires_grad_(True), w.float().requires_grad_(True)
-    loss, ce = fused_linear_cross_entropy(h32, w32, labels, z_loss=1e-2, vocab_chunk=300)  # 4 chunks, ragged
+    loss, ce = fused_linear_cross_entropy(h32, w32, labels, z_loss=1e-2, **how)
     loss.backward()
     h64, w64 = h.requires_grad_(True), w.requires_grad_(True)
     ref, ce_ref = lm_loss((h64 @ w64.T)[None], labels[None], 1e-2)

@@ -106,6 +106,70 @@ def test_fused_loss_under_autocast_is_the_fused_loss_of_autocast_dtype_operands(
     assert torch.equal(h.grad, h16.grad.float()) and torch.equal(w.grad, w16.grad.float())
 
 
+def _head_case(t=50, d=32, v=1000, seed=9):
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(t, d, generator=gen, dtype=torch.float64)
+    w = torch.randn(v, d, generator=gen, dtype=torch.float64) * 0.3
+    labels = torch.randint(0, v, (t,), generator=gen)
+    labels[3] = -100
+    return h, w, labels
+
+
+@pytest.mark.parametrize("how", [dict(keep_logits=True), dict(keep_logits=False, vocab_chunk=300), {}])
+def test_fused_loss_with_kept_or_recomputed_logits_matches_float64_lm_loss(how):
+    """Kept logits (one head matmul each way), ragged recomputed chunks, and the default (kept at this
+    size) all give lm_loss's value and gradients in float64 to fp32 accuracy."""
+    h, w, labels = _head_case()
+    h32, w32 = h.float().requires_grad_(True), w.float().requires_grad_(True)
+    loss, ce = fused_linear_cross_entropy(h32, w32, labels, z_loss=1e-2, **how)
+    (2.5 * loss).backward()  # a non-unit upstream gradient (grad accumulation divides the loss)
+    h64, w64 = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    ref, ce_ref = lm_loss((h64 @ w64.T)[None], labels[None], 1e-2)
+    (2.5 * ref).backward()
+    assert abs(loss.item() - ref.item()) < 1e-5 and abs(ce.item() - ce_ref.item()) < 1e-5
+    for out, expected in ((h32.grad, h64.grad), (w32.grad, w64.grad)):
+        assert (out.double() - expected).norm() / expected.norm() < 1e-5
+
+
+def _count_matmuls(fn) -> int:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.mm.out, torch.ops.aten.addmm.default):
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
+def test_kept_logits_take_one_head_matmul_less_and_allow_one_backward(monkeypatch):
+    """Kept: 1 matmul forward + 2 backward (an unfused head's 3); 4 recomputed chunks: 4 + 3 x 4. Over the
+    byte budget the default recomputes. The kept logits become the gradient: a second backward is refused."""
+    from hybrid_train.ops import cross_entropy
+
+    h, w, labels = _head_case()
+
+    def run(**how):
+        hh, ww = h.float().requires_grad_(True), w.float().requires_grad_(True)
+        return lambda: fused_linear_cross_entropy(hh, ww, labels, **how)[0].backward()
+
+    assert _count_matmuls(run(keep_logits=True)) == 3
+    assert _count_matmuls(run()) == 3
+    assert _count_matmuls(run(vocab_chunk=250)) == 16
+    monkeypatch.setattr(cross_entropy, "_KEEP_LOGITS_BYTES", 50 * 1000 * 4 - 1)  # fp32 logits: one byte over
+    assert _count_matmuls(run()) > 3
+    hh, ww = h.float().requires_grad_(True), w.float().requires_grad_(True)
+    loss, _ = fused_linear_cross_entropy(hh, ww, labels, keep_logits=True)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="keep_logits=False"):
+        loss.backward()
+
+
 @pytest.mark.parametrize("layout", [dict(attn_layer_indices=[1]), dict(attn_layer_indices=None, layer_pattern="AMMA")])
 def test_packed_documents_do_not_see_each_other(layout):
     """Logits of documents packed in one row with seq_idx equal those of each document alone."""

@@ -13,7 +13,15 @@ gradient. Here the vocabulary is walked in chunks:
 
 Extra memory is one logits chunk (tokens x chunk in the weight dtype, plus an fp32 copy on the
 PyTorch path) and the fp32 hidden-gradient accumulator; the price is one more (tokens x vocab x d)
-matmul than an unfused head. On CUDA the elementwise passes over a chunk are Triton row kernels
+matmul than an unfused head.
+
+When the logits in the weight dtype take at most _KEEP_LOGITS_BYTES (2 GiB: 8192 tokens at a 128256
+vocabulary in bf16), they are kept instead: the forward computes them in one matmul and saves them,
+the backward turns them in place into d loss / d logits and takes dW and d hidden as one matmul each
+(the hidden gradient accumulates in fp32 inside that matmul). Three head matmuls, as an unfused head,
+for the bf16 logits held from forward to backward (the unfused head holds them in fp32, twice).
+
+On CUDA the elementwise passes over a chunk are Triton row kernels
 (hybrid_train/ops/triton/cross_entropy.py); elsewhere the same loop runs in PyTorch ops.
 """
 
@@ -28,6 +36,12 @@ from hybrid_train.ops.dispatch import use_triton
 __all__ = ["fused_linear_cross_entropy"]
 
 _CHUNK_BYTES = 256 * 2**20  # one fp32 logits chunk at most this large
+_KEEP_LOGITS_BYTES = 2 * 2**30  # whole logits kept for backward up to this size (weight dtype)
+
+
+def keeps_logits(tokens: int, vocab: int, element_size: int) -> bool:
+    """Whether the fused loss keeps the whole logits for backward by default (at most _KEEP_LOGITS_BYTES)."""
+    return tokens * vocab * element_size <= _KEEP_LOGITS_BYTES
 
 
 def _vocab_chunk(tokens: int, vocab: int, chunk: int | None) -> int:
@@ -78,7 +92,7 @@ def _matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 class _FusedLinearCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, z_loss, ignore_index, chunk):
+    def forward(ctx, hidden, weight, labels, z_loss, ignore_index, chunk, keep_logits):
         t = hidden.shape[0]
         vocab = weight.shape[0]
         triton_path = use_triton(hidden, weight, op="cross_entropy")
@@ -86,7 +100,9 @@ class _FusedLinearCE(torch.autograd.Function):
             from hybrid_train.ops.triton.cross_entropy import chunk_stats as stats
         else:
             stats = _stats_torch
-        vc = _vocab_chunk(t, vocab, chunk)
+        if keep_logits is None:
+            keep_logits = chunk is None and keeps_logits(t, vocab, weight.element_size())
+        vc = vocab if keep_logits else _vocab_chunk(t, vocab, chunk)
         dev = hidden.device
         m = torch.full((t,), float("-inf"), device=dev, dtype=torch.float32)
         s = torch.zeros(t, device=dev, dtype=torch.float32)
@@ -94,14 +110,15 @@ class _FusedLinearCE(torch.autograd.Function):
         for v0 in range(0, vocab, vc):
             logits = hidden @ weight[v0 : v0 + vc].T  # (t, vc) in the weight dtype
             stats(logits, labels, v0, m, s, tgt)
-            del logits
         lse = m + torch.log(s)  # (t)
         valid = labels != ignore_index
         n_valid = valid.sum()
         ce = torch.where(valid, lse - tgt, 0.0).sum() / n_valid
         loss = ce + z_loss * lse.square().mean() if z_loss else ce
-        ctx.save_for_backward(hidden, weight, labels, lse, valid, n_valid)
-        ctx.z_loss, ctx.vc, ctx.triton_path = z_loss, vc, triton_path
+        kept = (logits,) if keep_logits else ()
+        del logits
+        ctx.save_for_backward(hidden, weight, labels, lse, valid, n_valid, *kept)
+        ctx.z_loss, ctx.vc, ctx.triton_path, ctx.kept = z_loss, vc, triton_path, keep_logits
         ce = ce.detach()
         # An autograd.Function attaches every output to its node, detached or not; unmarked, ce would keep
         # the graph alive in whatever accumulates it (a running loss sum chained every step's graph).
@@ -110,7 +127,10 @@ class _FusedLinearCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, _g_ce):
-        hidden, weight, labels, lse, valid, n_valid = ctx.saved_tensors
+        if ctx.kept == "used":  # the kept logits were overwritten by the first backward
+            raise RuntimeError("fused_linear_cross_entropy kept its logits for one backward and they were "
+                               "used; call it with keep_logits=False to backward through it twice")
+        hidden, weight, labels, lse, valid, n_valid, *kept = ctx.saved_tensors
         t = hidden.shape[0]
         vocab = weight.shape[0]
         if ctx.triton_path:
@@ -122,6 +142,11 @@ class _FusedLinearCE(torch.autograd.Function):
         a = gt + (g_loss * 2.0 * ctx.z_loss / t) * lse if ctx.z_loss else gt
         a = a.contiguous()
         gt = gt.contiguous()
+        if kept:  # the whole logits, saved by forward: overwritten here, so there is no second backward
+            ctx.kept = "used"
+            (logits,) = kept
+            grad_(logits, labels, 0, lse, a, gt)  # now d loss / d logits
+            return logits @ weight, logits.T @ hidden, None, None, None, None, None
         dh = torch.zeros(hidden.shape, device=hidden.device, dtype=torch.float32)
         dw = torch.empty_like(weight)
         for v0 in range(0, vocab, ctx.vc):
@@ -131,7 +156,7 @@ class _FusedLinearCE(torch.autograd.Function):
             torch.matmul(logits.T, hidden, out=dw[v0 : v0 + ctx.vc])
             dh += _matmul_fp32(logits, w)
             del logits
-        return dh.to(hidden.dtype), dw, None, None, None, None
+        return dh.to(hidden.dtype), dw, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(
@@ -141,6 +166,7 @@ def fused_linear_cross_entropy(
     z_loss: float = 0.0,
     ignore_index: int = -100,
     vocab_chunk: int | None = None,
+    keep_logits: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean next-token cross entropy of ``hidden @ weight.T`` (+ z_loss * mean logsumexp^2), fp32.
 
@@ -154,6 +180,9 @@ def fused_linear_cross_entropy(
         weight: (vocab, d) LM head weight.
         labels: (...) int targets.
         vocab_chunk: vocabulary rows per chunk; default keeps one fp32 chunk of logits <= 256 MB.
+        keep_logits: save the whole logits for backward (three head matmuls) instead of recomputing them
+            chunk by chunk (four); None = when no vocab_chunk is given and they take at most 2 GiB in the
+            weight dtype.
 
     Returns:
         (loss to optimize, cross entropy alone, detached), both fp32 scalars.
@@ -167,4 +196,5 @@ def fused_linear_cross_entropy(
     if torch.is_autocast_enabled(h.device.type):
         dtype, autocast = torch.get_autocast_dtype(h.device.type), torch.autocast(h.device.type, enabled=False)
     with autocast:
-        return _FusedLinearCE.apply(h.to(dtype), weight.to(dtype), y, float(z_loss), int(ignore_index), vocab_chunk)
+        return _FusedLinearCE.apply(h.to(dtype), weight.to(dtype), y, float(z_loss), int(ignore_index), vocab_chunk,
+                                    keep_logits)
