@@ -166,11 +166,12 @@ def test_ssd_unsupported_chunk_raises_under_triton():
         ssd_chunk_scan(t["x"], t["dt"], t["A"], t["B"], t["C"], 12)
 
 
-@pytest.mark.parametrize("with_seq", [True, False])
-def test_conv1d_matches_reference(with_seq):
+@pytest.mark.parametrize("with_seq, l", [(True, 45), (False, 45), (True, 300)])  # 300: two backward time blocks
+def test_conv1d_matches_reference(with_seq, l):
     gen = torch.Generator().manual_seed(7)
-    b, l, c, k = 2, 45, 150, 4
-    seq_idx = seq_from_starts(l, [[0, 5, 6, 30], [0, 40]]) if with_seq else None
+    b, c, k = 2, 150, 4
+    starts = [[0, 5, 6, 30], [0, 40]] if l < 256 else [[0, 5, 255, 257], [0, 254]]
+    seq_idx = seq_from_starts(l, starts) if with_seq else None
     x = torch.randn(b, l, c, generator=gen).requires_grad_(True)
     w = torch.randn(c, 1, k, generator=gen).requires_grad_(True)
     bias = torch.randn(c, generator=gen).requires_grad_(True) if with_seq else None

@@ -126,6 +126,8 @@ def _conv_bwd_dx_kernel(
 
 
 _BT, _BC = 32, 128
+_BWD_PRE = (256, 32, 4)  # (time rows, channels, warps) of a backward program: BENCHMARKS.md, kernels
+_BWD_DX = (_BT, _BC, 4)
 
 
 def _seq(seq_idx, x):
@@ -151,21 +153,22 @@ def conv1d_bwd(dout, x, weight, bias, seq_idx, silu):
     """Returns (dx, dweight (c, k), dbias or None)."""
     b, l, c = x.shape
     k = weight.shape[1]
-    ntb = triton.cdiv(l, _BT)
-    grid = (b, ntb, triton.cdiv(c, _BC))
+    bt, bc, warps = _BWD_PRE
+    ntb = triton.cdiv(l, bt)
     seq, ss_b, ss_l = _seq(seq_idx, x)
     dpre = torch.empty(b, l, c, device=x.device, dtype=torch.float32)
     dwp = torch.empty(b, ntb, c, k, device=x.device, dtype=torch.float32)
     dbp = torch.empty(b, ntb, c, device=x.device, dtype=torch.float32) if bias is not None else dwp
-    _conv_bwd_pre_kernel[grid](
+    _conv_bwd_pre_kernel[(b, ntb, triton.cdiv(c, bc))](
         x, weight, bias if bias is not None else weight, seq, dout, dpre, dwp, dbp,
         l, c, ntb, x.stride(0), x.stride(1), ss_b, ss_l, dout.stride(0), dout.stride(1),
-        K=k, BT=_BT, BC=_BC, HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None, SILU=silu, num_warps=4,
+        K=k, BT=bt, BC=bc, HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None, SILU=silu, num_warps=warps,
     )
     dx = torch.empty(b, l, c, device=x.device, dtype=x.dtype)
-    _conv_bwd_dx_kernel[grid](
+    bt, bc, warps = _BWD_DX
+    _conv_bwd_dx_kernel[(b, triton.cdiv(l, bt), triton.cdiv(c, bc))](
         dpre, weight, seq, dx, l, c, ss_b, ss_l, dx.stride(0), dx.stride(1),
-        K=k, BT=_BT, BC=_BC, HAS_SEQ=seq_idx is not None, num_warps=4,
+        K=k, BT=bt, BC=bc, HAS_SEQ=seq_idx is not None, num_warps=warps,
     )
     dw = dwp.sum((0, 1))
     db = dbp.sum((0, 1)) if bias is not None else None
