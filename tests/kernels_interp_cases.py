@@ -33,7 +33,7 @@ from hybrid_train.ops import causal_conv1d, conv_ssd_scan, deterministic, gated_
 from hybrid_train.ops.conv1d import causal_conv1d_torch  # noqa: E402
 from hybrid_train.ops.cross_entropy import fused_linear_cross_entropy  # noqa: E402
 from hybrid_train.ops.dispatch import set_kernels  # noqa: E402
-from hybrid_train.ops.norm import gated_rms_norm_torch  # noqa: E402
+from hybrid_train.ops.norm import gated_rms_norm_torch, rms_norm, rms_norm_torch  # noqa: E402
 from hybrid_train.ops.ssd import ssd_chunk_scan, ssd_chunk_scan_torch  # noqa: E402
 from hybrid_train.ops.triton.adamw import _rounded  # noqa: E402
 from hybrid_train.ops.triton.common import LAUNCH  # noqa: E402
@@ -202,6 +202,44 @@ def test_gated_norm_matches_reference(with_z):
     assert rel(y, y64) < 1e-5
     for a, r in zip(grads, torch.autograd.grad(y64, l64, dy.double())):
         assert rel(a, r) < 1e-5
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                    (torch.bfloat16, torch.float32)])
+def test_block_rms_norm_kernel_matches_float64(dtypes):
+    """The blocks' RMSNorm on the Triton kernel (eager): float64 values and gradients, the result in the
+    dtype the reference gives (fp32 weight on bf16 activations: fp32)."""
+    x_dtype, w_dtype = dtypes
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 19, 160, generator=gen).to(x_dtype).requires_grad_(True)
+    w = (1 + 0.1 * torch.randn(160, generator=gen)).to(w_dtype).requires_grad_(True)
+    y = rms_norm(x, w, 1e-5)
+    assert y.dtype == rms_norm_torch(x, w, 1e-5).dtype
+    dy = torch.randn(y.shape, generator=gen).to(y.dtype)
+    grads = torch.autograd.grad(y, (x, w), dy)
+    x64, w64 = (v.detach().double().requires_grad_(True) for v in (x, w))
+    y64 = rms_norm_torch(x64, w64, 1e-5)
+    tol = 1e-5 if x_dtype == torch.float32 else 1e-2
+    assert rel(y.double(), y64) < tol
+    for a, r in zip(grads, torch.autograd.grad(y64, (x64, w64), dy.double())):
+        assert rel(a.double(), r) < tol
+
+
+def test_block_rms_norm_stays_in_pytorch_ops_under_compile():
+    """Compiled, the norm is left to inductor (which fuses it with the residual add): no custom op in
+    the traced graph; eager runs the kernel."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    x, w = torch.randn(8, 64), torch.ones(64)
+    eager = rms_norm(x, w, 1e-5)
+    compiled = torch.compile(lambda a, b: rms_norm(a + 1.0, b, 1e-5), backend=capture, fullgraph=True)(x - 1.0, w)
+    assert graphs and not any("hybrid_train" in g for g in graphs)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    assert torch.equal(eager, torch.ops.hybrid_train.gated_rms_norm_fwd(x, None, w, 1e-5, 64)[0])
 
 
 @pytest.mark.parametrize("how", [dict(vocab_chunk=300), dict(keep_logits=True)])  # 4 ragged chunks | kept

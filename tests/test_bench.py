@@ -41,7 +41,7 @@ def test_bench_ladder_smoke_on_cpu(tmp_path, monkeypatch):
     results = load_bench().main(["--device", "cpu", "--tiny", "--ladder", "--layers", "2", "--attn", "1",
                                  "--seq-len", "32", "--steps", "1", "--warmup", "0", "--documents", "2",
                                  "--json", str(out)])
-    assert [r["variant"] for r in results] == ["reference", "+ssd", "+conv1d", "+gated_norm", "+mixer"]
+    assert [r["variant"] for r in results] == ["reference", "+ssd", "+conv1d", "+gated_norm", "+rms_norm", "+mixer"]
     assert results[0]["torch_ops"] == list(OPS) and results[-1]["torch_ops"] == ["cross_entropy"]
     # on CPU without the interpreter every variant runs the reference: the same bytes saved
     assert len({r["act_bytes_per_token"] for r in results}) == 1 and results[0]["act_bytes_per_token"] > 0

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from hybrid_train.model.config import ATTENTION, ModelConfig
 from hybrid_train.model.moe import MoE, SwiGLU
-from hybrid_train.ops import causal_attention, conv_ssd_scan, fused_linear_cross_entropy, gated_rms_norm
+from hybrid_train.ops import causal_attention, conv_ssd_scan, fused_linear_cross_entropy, gated_rms_norm, rms_norm
 
 
 def _local(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -31,9 +31,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
     def init_weights(self) -> None:
         nn.init.ones_(self.weight)

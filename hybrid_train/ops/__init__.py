@@ -11,11 +11,11 @@ from hybrid_train.ops.conv1d import causal_conv1d
 from hybrid_train.ops.conv_ssd import conv_ssd_scan
 from hybrid_train.ops.cross_entropy import fused_linear_cross_entropy
 from hybrid_train.ops.dispatch import deterministic, kernels_mode, set_kernels
-from hybrid_train.ops.norm import gated_rms_norm
+from hybrid_train.ops.norm import gated_rms_norm, rms_norm
 from hybrid_train.ops.ssd import ssd_chunk_scan
 
 __all__ = [
-    "ssd_chunk_scan", "causal_conv1d", "conv_ssd_scan", "gated_rms_norm", "causal_attention",
+    "ssd_chunk_scan", "causal_conv1d", "conv_ssd_scan", "gated_rms_norm", "rms_norm", "causal_attention",
     "fused_linear_cross_entropy",
     "set_kernels", "kernels_mode", "deterministic",
 ]

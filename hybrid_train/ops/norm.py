@@ -1,7 +1,10 @@
-"""Gated RMSNorm of the Mamba-2 mixer output (mamba_ssm RMSNormGated, norm_before_gate=False).
+"""Gated RMSNorm of the Mamba-2 mixer output (mamba_ssm RMSNormGated, norm_before_gate=False), and
+the plain RMSNorm of the blocks.
 
 ``gated_rms_norm_torch`` is the reference and CPU path; ``gated_rms_norm`` dispatches to the Triton
 kernels (hybrid_train/ops/triton/norm.py), registered as custom ops (hybrid_train/ops/library.py).
+``rms_norm`` runs the same kernels without a gate in eager mode; under torch.compile it stays in
+PyTorch ops, which inductor fuses with the residual add around it.
 """
 
 from __future__ import annotations
@@ -14,7 +17,27 @@ import torch.nn.functional as F
 from hybrid_train.ops.dispatch import KERNEL_DTYPES, use_triton
 from hybrid_train.ops.library import kernel_op
 
-__all__ = ["gated_rms_norm", "gated_rms_norm_torch"]
+__all__ = ["gated_rms_norm", "gated_rms_norm_torch", "rms_norm", "rms_norm_torch"]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * x / rms(x) over the last dim, computed in fp32; the result in x's dtype promoted with
+    weight's (fp32 weight on bf16 activations gives fp32, as ``rms_norm_torch``)."""
+    if (x.dtype in KERNEL_DTYPES and x.shape[-1] <= 65536 and not torch.compiler.is_compiling()
+            and use_triton(x, weight, op="rms_norm")):
+        d = x.shape[-1]
+        out_dtype = torch.promote_types(x.dtype, weight.dtype)
+        out, _ = _gated_norm_op(x.reshape(-1, d).to(out_dtype).contiguous(), None, weight.contiguous(), float(eps), d)
+        return out.view(x.shape)
+    return rms_norm_torch(x, weight, eps)
+
+
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The reference: normalized in fp32, rounded to x's dtype, then scaled by weight (as transformers'
+    Bamba / Llama RMSNorm)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
 
 
 def gated_rms_norm(
