@@ -8,6 +8,11 @@ activation checkpointing mode. Per slice: CUDA memory allocated after the forwar
 the forward keeps for backward) and the peak of forward + backward. Per layer type by differences:
 Mamba-2 + MLP = MM - M, attention + MLP = MA - M, MLP = (MM - MM without MLPs) / 2, head = M - (M - head).
 The 8-block slice is held out: the sums must reproduce it.
+
+The fused head is measured recomputing its logits chunk by chunk (the planner's act_head and
+act_head_backward); when the bf16 logits fit its 2 GiB budget it keeps them instead, which the
+planner adds exactly (2 bytes x vocabulary per token, and the bf16 hidden gradient in the head's
+backward). One more reading of slice M with the logits kept checks that.
 """
 
 from __future__ import annotations
@@ -20,13 +25,23 @@ import torch
 
 from bench import BAMBA_9B
 from hybrid_train.model import ModelConfig, build_model
-from hybrid_train.ops import set_kernels
+from hybrid_train.ops import cross_entropy, set_kernels
 from hybrid_train.parallel.ac import apply_ac
 
 SLICES = (("M", 14336), ("MM", 14336), ("MA", 14336), ("M", 0), ("MM", 0), ("MMMMAMMM", 14336))
 
 
-def measure(pattern: str, mlp_hidden: int, ac: str, batch: int, seq_len: int, documents: int) -> dict:
+def measure(pattern: str, mlp_hidden: int, ac: str, batch: int, seq_len: int, documents: int,
+            keep_logits: bool = False) -> dict:
+    budget = cross_entropy._KEEP_LOGITS_BYTES
+    cross_entropy._KEEP_LOGITS_BYTES = budget if keep_logits else -1
+    try:
+        return _measure(pattern, mlp_hidden, ac, batch, seq_len, documents) | {"keep_logits": keep_logits}
+    finally:
+        cross_entropy._KEEP_LOGITS_BYTES = budget
+
+
+def _measure(pattern: str, mlp_hidden: int, ac: str, batch: int, seq_len: int, documents: int) -> dict:
     cfg = ModelConfig(**{**BAMBA_9B, "mlp_hidden": mlp_hidden}, n_layers=len(pattern), layer_pattern=pattern).validate()
     torch.manual_seed(0)
     model = build_model(cfg, device="cuda").to(torch.bfloat16)
@@ -112,9 +127,25 @@ def main() -> None:
     for ac in ("none", "full", "selective"):
         print(ac, json.dumps({k: round(v) for k, v in per_layer_type(rows, ac).items()}))
     print("backward", json.dumps({k: round(v) for k, v in backward_terms(rows).items()}))
+    kept = measure("M", 14336, "none", args.batch, args.seq_len, args.documents, keep_logits=True)
+    print("kept logits", json.dumps({k: round(v) for k, v in kept_logits_check(rows, kept).items()}))
     if args.json:
         with open(args.json, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+            f.writelines(json.dumps(r) + "\n" for r in rows + [kept])
+
+
+def kept_logits_check(rows: list[dict], kept: dict) -> dict[str, float]:
+    """Slice M with the head's logits kept, against the recomputing reading plus the planner's exact
+    terms: 2 x vocabulary bytes per token kept, and in the head's backward the bf16 hidden gradient in
+    place of act_head_backward."""
+    (base,) = [r for r in rows if (r["pattern"], r["mlp_hidden"], r["ac"]) == ("M", 14336, "none")]
+    t = base["tokens"]
+    logits, hidden_grad = 2 * BAMBA_9B["vocab_size"], 2 * BAMBA_9B["d_model"]
+    head_backward = backward_terms(rows)["head_backward"]
+    return {"kept predicted": (base["after_forward"] - base["before"]) / t + logits,
+            "kept measured": (kept["after_forward"] - kept["before"]) / t,
+            "peak predicted": (base["peak"] - base["before"]) / t + logits - head_backward + hidden_grad,
+            "peak measured": (kept["peak"] - kept["before"]) / t}
 
 
 if __name__ == "__main__":

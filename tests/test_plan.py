@@ -73,7 +73,7 @@ def job_for(model_cfg: ModelConfig, **parallel) -> JobConfig:
 
 def test_overflowing_activations_are_refused_by_name(compose):
     overrides = BAMBA_ROW + ["cluster=h100_64"]
-    with pytest.raises(PlanError, match=r"out of memory: activations 6\d\.\d GiB \+ .* > 79 GiB on H100-80GB "
+    with pytest.raises(PlanError, match=r"out of memory: activations \d+\.\d GiB \+ .* > 79 GiB on H100-80GB "
                                         r"\(h100_64\): set parallel.activation_checkpoint=full"):
         plan_for(compose, *overrides, "parallel=hsdp")
     fits = plan_for(compose, *overrides, "parallel=hsdp", "parallel.activation_checkpoint=full")
@@ -219,3 +219,24 @@ def test_cli_prints_and_writes_the_plan_and_refuses_with_nonzero_exit(tmp_path, 
     with pytest.raises(SystemExit) as refused:
         runpy.run_path(str(REPO / "scripts" / "plan.py"), run_name="__main__")
     assert str(refused.value.code).startswith("refused: out of memory: activations")
+
+
+def test_kept_head_logits_are_planned_at_the_head_only(compose, monkeypatch):
+    """Where the fused loss keeps its bf16 logits (8192 tokens fit its 2 GiB budget), the head's moment
+    holds 2 x vocabulary bytes per token more and the bf16 hidden gradient in place of act_head_backward;
+    a checkpointed block's moment, later in backward, does not hold them."""
+    from hybrid_train.ops import cross_entropy
+    from hybrid_train.parallel.plan import activation_bytes
+
+    job = compose(BAMBA_ROW)
+    tokens, vocab, d = 8192, job.model.vocab_size, job.model.d_model
+    kept = activation_bytes(job, tp=1)
+    monkeypatch.setattr(cross_entropy, "_KEEP_LOGITS_BYTES", -1)
+    recomputed = activation_bytes(job, tp=1)
+    assert kept - recomputed == pytest.approx((2 * (vocab + d) - job.plan.act_head_backward) * tokens)
+    monkeypatch.undo()
+    # under full checkpointing the head's moment with kept logits is the peak
+    full = compose(BAMBA_ROW + ["parallel.activation_checkpoint=full"])
+    per_token = activation_bytes(full, tp=1) / tokens
+    blocks = 12 + 2 * d * len(full.model.layer_types)
+    assert per_token == pytest.approx(blocks + full.plan.act_head + 2 * (vocab + d))

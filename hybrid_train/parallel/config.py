@@ -178,20 +178,23 @@ class PlanConfig:
     fragmentation: float = 0.05
     """Allocator margin: cached but unusable memory, as a fraction of the tensor bytes."""
     # Activation bytes per token, measured on an H200 (BENCHMARKS.md, "Cluster plan"): bf16 parameters,
-    # Triton kernels, eager, fused head + loss, 4 documents per row; each mixer counts its pre-norm.
+    # Triton kernels, eager, fused head + loss recomputing its logits, 4 documents per row; each mixer
+    # counts its pre-norm.
     act_ref_d_model: int = 4096
     """d_model at which the act_* bytes were measured; other widths scale them by d_model / this."""
-    act_mamba: float = 108_808.0
+    act_mamba: float = 92_424.0
     """Bytes per token a Mamba-2 mixer keeps for backward (no checkpointing)."""
-    act_attention: float = 54_404.0
+    act_attention: float = 38_020.0
     """Bytes per token an attention mixer keeps for backward."""
-    act_mlp: float = 147_460.0
+    act_mlp: float = 131_076.0
     """Bytes per token a SwiGLU MLP keeps for backward."""
-    act_head: float = 32_785.0
-    """Bytes per token the embedding, final norm and fused LM head + loss keep for backward."""
-    act_head_backward: float = 65_520.0
-    """Bytes per token in flight in the head + loss backward, beyond its kept bytes and weight gradient."""
-    act_block_backward: float = 11_890.0
+    act_head: float = 16_401.0
+    """Bytes per token the embedding, final norm and fused LM head + loss keep for backward, the logits
+    recomputed; when the head keeps its bf16 logits (they fit its 2 GiB budget) the planner adds them."""
+    act_head_backward: float = 63_472.0
+    """Bytes per token in flight in the head + loss backward, beyond its kept bytes and weight gradient
+    (logits recomputed; with kept logits it is the bf16 hidden gradient)."""
+    act_block_backward: float = 3_698.0
     """full checkpointing: bytes per token in flight in one block's backward beyond its recomputed
     activations (which are the block's act_* bytes) and its weight gradients."""
     act_selective_mamba: float = 49_920.0
@@ -200,7 +203,7 @@ class PlanConfig:
     """selective per-op: an attention mixer's bytes per token."""
     act_selective_mlp: float = 65_536.0
     """selective per-op: an MLP's bytes per token."""
-    act_selective_recompute: float = 136_301.0
+    act_selective_recompute: float = 111_725.0
     """selective per-op: bytes per token recomputed and in flight at the peak of a Mamba-2 + MLP block's
     backward, beyond the kept bytes and its weight gradients."""
 

@@ -16,6 +16,7 @@ import torch
 from hybrid_train.config import JobConfig
 from hybrid_train.model import build_model, count_params, flops_per_token
 from hybrid_train.model.config import ATTENTION, MAMBA
+from hybrid_train.ops.cross_entropy import keeps_logits
 from hybrid_train.parallel.config import ClusterConfig, PlanConfig
 
 GIB = 2 ** 30
@@ -203,7 +204,12 @@ def activation_bytes(job: JobConfig, tp: int) -> float:
     mode, every = par.activation_checkpoint, par.ac_every_n_blocks
     per_op = mode == "selective" and not every
     kept = activation_bytes_per_token(job, selective=per_op)
-    head = kept["head"] + p.act_head_backward * s
+    tokens = job.train.micro_batch_size * job.train.seq_len
+    if job.fused_loss() and keeps_logits(tokens, job.model.vocab_size, BF16):
+        # the bf16 logits, held from the head's forward to its backward, and the bf16 hidden gradient
+        head = kept["head"] + BF16 * (job.model.vocab_size + job.model.d_model)
+    else:
+        head = kept["head"] + p.act_head_backward * s
     if mode == "none" or per_op:
         blocks = sum(kept[t] for t in types)
         recompute = kept["head"] + p.act_selective_recompute * s if per_op else 0.0
@@ -212,7 +218,6 @@ def activation_bytes(job: JobConfig, tp: int) -> float:
         ids = 8 + 4  # position ids (int64) and document index (int32)
         blocks = ids + sum(BF16 * job.model.d_model if c else kept[t] for t, c in zip(types, checkpointed))
         recompute = max(kept[t] for t, c in zip(types, checkpointed) if c) + p.act_block_backward * s
-    tokens = job.train.micro_batch_size * job.train.seq_len
     return (blocks + max(head, recompute)) * tokens / tp
 
 
