@@ -4,7 +4,7 @@
         train.seq_len=4096 train.micro_batch_size=1 parallel.compile=true
     torchrun --nproc_per_node=8 scripts/bench_train.py model=bamba_9b train.seq_len=4096
     python scripts/bench_train.py --steps 6 --warmup 2 train.seq_len=64      # CPU smoke run
-    python scripts/bench_train.py --profile 3 model=bamba_9b ...             # + where 3 more steps go
+    python scripts/bench_train.py --profile 3 model=bamba_9b ...             # + where the last 3 steps go
 
 Arguments after the options are the same Hydra overrides `train.py` takes. The run is the trainer
 itself (`hybrid_train.train.trainer.train`): data, model, optimizer, clipping, logging, everything a
@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=10, help="steps left out of the average (compile, allocator)")
     parser.add_argument("--window", type=int, default=5, help="steps per logged window (a host sync each)")
     parser.add_argument("--profile", type=int, default=0, metavar="K",
-                        help="after the measured steps, run K more under torch.profiler and print where their "
-                             "device time went (<run.dir>/profile/: traces and summary.txt)")
+                        help="run the last K steps under torch.profiler (left out of the averages) and print where "
+                             "their device time went (<run.dir>/profile/: traces and summary.txt)")
     parser.add_argument("--json", help="append the result as a JSON line to this file")
     args, overrides = parser.parse_known_args(argv)
     unknown = [o for o in overrides if o.startswith("-")]
@@ -78,10 +78,13 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"unrecognized arguments: {' '.join(unknown)} (Hydra overrides take no dashes)")
 
     tmp = tempfile.TemporaryDirectory(prefix="bench_train-")
-    if args.profile < 0:
-        parser.error("--profile takes the number of steps to profile (0 = none)")
-    profiling = [f"logging.profile_from={args.steps}", f"logging.profile_steps={args.profile}"] if args.profile else []
-    ours = profiling + [f"train.max_steps={args.steps + args.profile}", f"logging.log_every={args.window}",
+    if not 0 <= args.profile < args.steps - args.warmup:
+        parser.error(f"--profile {args.profile}: profile 0 (none) to fewer than --steps - --warmup "
+                     f"({args.steps - args.warmup}) steps; the steps before them are the measured ones")
+    measured_until = args.steps - args.profile  # the schedule is the same with or without profiling
+    profiling = ([f"logging.profile_from={measured_until}", f"logging.profile_steps={args.profile}"]
+                 if args.profile else [])
+    ours = profiling + [f"train.max_steps={args.steps}", f"logging.log_every={args.window}",
             "logging.progress=false", "checkpoint.final=false", "checkpoint.resume=false"]
     if not any(o.startswith("run.dir=") for o in overrides):
         ours.append(f"run.dir={tmp.name}")
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = {"date": time.strftime("%Y-%m-%d"),
            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
            "overrides": overrides, "steps": result.state.step, "wall_s": wall,
-           **steady_state(records, args.warmup, args.steps),
+           **steady_state(records, args.warmup, measured_until),
            "losses": [(r["step"], r["loss"]) for r in records]}
     summary = Path(job.run.dir) / "profile" / "summary.txt"
     if args.profile and summary.exists():

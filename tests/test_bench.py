@@ -147,15 +147,17 @@ def test_kernel_kinds_of_real_kernel_names():
 
 
 def test_bench_train_profiles_steps_after_the_measured_ones(tmp_path):
-    """--profile K runs K more steps under torch.profiler: a trace and a summary in run.dir/profile,
-    the steady state taken from the measured steps only."""
+    """--profile K runs the last K steps under torch.profiler: a trace and a summary in run.dir/profile,
+    the steady state taken from the steps before them, the run (and its schedule) as without it."""
     spec = importlib.util.spec_from_file_location("bench_train_script", REPO / "scripts" / "bench_train.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     run_dir = tmp_path / "run"
-    out = module.main(["--steps", "4", "--warmup", "2", "--window", "2", "--profile", "2", "train.seq_len=32",
-                       "train.micro_batch_size=2", f"run.dir={run_dir}", f"data.root={REPO / 'data' / 'sample'}"])
+    common = ["--steps", "6", "--warmup", "2", "--window", "2", "train.seq_len=32", "train.micro_batch_size=2",
+              f"data.root={REPO / 'data' / 'sample'}"]
+    out = module.main(common + ["--profile", "2", f"run.dir={run_dir}"])
     assert out["steps"] == 6 and out["measured_steps"] == 2  # the window of steps 3-4; 5-6 were profiled
+    assert out["losses"] == module.main(common + [f"run.dir={tmp_path / 'plain'}"])["losses"]
     traces = list((run_dir / "profile").glob("rank0_steps5-6.json.gz"))
     assert len(traces) == 1 and traces[0].stat().st_size > 0
     summary = (run_dir / "profile" / "summary.txt").read_text()
