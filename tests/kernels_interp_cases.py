@@ -225,6 +225,25 @@ def test_block_rms_norm_kernel_matches_float64(dtypes):
         assert rel(a.double(), r) < tol
 
 
+def test_block_rms_norm_of_tensor_parallel_dtensors_keeps_pytorch_ops(tmp_path):
+    """Under tensor parallelism the blocks' norms see DTensors (a custom op has no sharding rule for
+    them): rms_norm keeps the PyTorch form there, on a real one-rank gloo mesh."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        x, w = torch.randn(2, 8, 64), 1 + 0.1 * torch.randn(64)
+        xd, wd = distribute_tensor(x, mesh, [Shard(1)]), distribute_tensor(w, mesh, [Replicate()])
+        out = rms_norm(xd, wd, 1e-5)
+        assert type(out).__name__ == "DTensor"
+        torch.testing.assert_close(out.full_tensor(), rms_norm_torch(x, w, 1e-5))
+    finally:
+        dist.destroy_process_group()
+
+
 def test_block_rms_norm_stays_in_pytorch_ops_under_compile():
     """Compiled, the norm is left to inductor (which fuses it with the residual add): no custom op in
     the traced graph; eager runs the kernel."""

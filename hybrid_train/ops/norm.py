@@ -23,7 +23,9 @@ __all__ = ["gated_rms_norm", "gated_rms_norm_torch", "rms_norm", "rms_norm_torch
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * x / rms(x) over the last dim, computed in fp32; the result in x's dtype promoted with
     weight's (fp32 weight on bf16 activations gives fp32, as ``rms_norm_torch``)."""
-    if (x.dtype in KERNEL_DTYPES and x.shape[-1] <= 65536 and not torch.compiler.is_compiling()
+    # A tensor-parallel norm runs on DTensors (sequence-sharded or replicated): those keep PyTorch ops.
+    sharded = hasattr(x, "to_local") or hasattr(weight, "to_local")
+    if (x.dtype in KERNEL_DTYPES and x.shape[-1] <= 65536 and not sharded and not torch.compiler.is_compiling()
             and use_triton(x, weight, op="rms_norm")):
         d = x.shape[-1]
         out_dtype = torch.promote_types(x.dtype, weight.dtype)
