@@ -199,6 +199,8 @@ def bench_ce(t=8192, d=4096, v=128256) -> list[dict]:
     labels = torch.randint(0, v, (t,), device="cuda")
     out = []
     for name, fn in [("fused", lambda: fused_linear_cross_entropy(h, w, labels, z_loss=1e-4)[0]),
+                     ("fused, logits recomputed",
+                      lambda: fused_linear_cross_entropy(h, w, labels, z_loss=1e-4, keep_logits=False)[0]),
                      ("unfused", lambda: lm_loss((h @ w.T)[None], labels[None], 1e-4)[0])]:
         def step():
             h.grad = None
@@ -217,6 +219,35 @@ def bench_ce(t=8192, d=4096, v=128256) -> list[dict]:
         out.append({"op": "linear_ce", "impl": name, "tokens": t, "d": d, "vocab": v, "fwd_bwd_ms": ms,
                     "extra_gb": extra / 1e9, "tflops": 6 * t * d * v / ms / 1e9})
     return out
+
+
+# (time rows, channels, warps) of the conv1d backward's programs: BENCHMARKS.md, "Where the step went"
+CONV_BWD_SWEEP = [(32, 128, 4), (64, 128, 4), (64, 128, 8), (16, 128, 4), (32, 64, 4), (32, 256, 4), (32, 256, 8),
+                  (128, 64, 8), (64, 64, 4), (16, 256, 4), (128, 128, 8), (256, 32, 4)]
+
+
+def sweep_conv_bwd(results: list[dict], l=4096) -> None:
+    """The conv1d backward (pre-activation gradient kernel) under each CONV_BWD_SWEEP launch, at Bamba's
+    x (8192 channels) and B / C (128), one row of 4096 tokens with 4 documents; outputs checked equal."""
+    from hybrid_train.ops.triton import conv1d as conv
+
+    kept = conv._BWD_PRE
+    seq_idx = torch.bucketize(torch.arange(l, device="cuda"), torch.tensor([900, 2000, 3100], device="cuda"),
+                              right=True).int()[None].contiguous()
+    for c in (8192, 128):
+        x = torch.randn(1, l, c, device="cuda", dtype=torch.bfloat16)
+        w, bias = torch.randn(c, 4, device="cuda") * 0.3, torch.randn(c, device="cuda") * 0.1
+        dout = torch.randn(1, l, c, device="cuda", dtype=torch.bfloat16)
+        conv._BWD_PRE = kept
+        ref = conv.conv1d_bwd(dout, x, w, bias, seq_idx, True)
+        for variant in CONV_BWD_SWEEP:
+            conv._BWD_PRE = variant
+            out = conv.conv1d_bwd(dout, x, w, bias, seq_idx, True)
+            same = all(torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-3) for a, b in zip(out, ref))
+            ms = bench(lambda: conv.conv1d_bwd(dout, x, w, bias, seq_idx, True))
+            results.append({"op": "conv1d_bwd", "channels": c, "launch": variant, "ms": ms, "same": same})
+            print(json.dumps(results[-1]), flush=True)
+    conv._BWD_PRE = kept
 
 
 def bench_conv_norm(b=2, l=4096) -> list[dict]:
@@ -312,6 +343,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="per-kernel times of the SSD at the anchor shape")
     parser.add_argument("--sweep", action="store_true", help="try the launch variants in SWEEP at the anchor")
     parser.add_argument("--sweep-fwd", action="store_true", help="forward only: the launch variants in SWEEP_FWD")
+    parser.add_argument("--sweep-conv", action="store_true", help="the conv1d backward's launch variants")
     parser.add_argument("--graph", action="store_true",
                         help="SSD fwd+bwd: eager vs CUDA-graph replay, host time; the forward's replay")
     parser.add_argument("--host-profile", action="store_true", help="cProfile of eager SSD fwd+bwd host time")
@@ -329,6 +361,8 @@ def main() -> None:
         sweep_ssd(results)
     if args.sweep_fwd:
         sweep_ssd(results, SWEEP_FWD, fwd_only=True)
+    if args.sweep_conv:
+        sweep_conv_bwd(results)
     if args.graph:
         for shape in (ANCHOR, dict(ANCHOR, g=8), dict(ANCHOR, b=1, l=2048), dict(ANCHOR, b=1, l=8192),
                       dict(ANCHOR, b=1, l=16384)):
@@ -358,7 +392,7 @@ def main() -> None:
             print(f"ssd {r['impl']:6s} b{r['b']} l{r['l']:5d} g{r['g']} docs{r['docs']}: fwd {r['fwd_ms']:.3f} ms "
                   f"({r['fwd_tflops']:.0f} TFLOP/s, {r['fwd_gbps']:.0f} GB/s)  fwd+bwd {r['fwd_bwd_ms']:.3f} ms "
                   f"({r['fwd_bwd_tflops']:.0f} TFLOP/s){ratio}")
-        elif r["op"] == "ssd_sweep":
+        elif r["op"] in ("ssd_sweep", "conv1d_bwd"):
             continue  # printed by the sweep
         elif r["op"] == "ssd_overhead":
             print(f"ssd fwd+bwd b{r['b']} l{r['l']:5d} g{r['g']}: eager {r['eager_ms']:.3f} ms, CUDA graph "

@@ -39,6 +39,7 @@ RUN = [
     "python train.py model.layer_pattern=MAMAMA model.attn_layer_indices=null run.name=alternating",
     "python train.py train.global_batch_tokens=8192 train.micro_batch_size=4 run.name=accum",
     "python train.py optim.lr=2e-5 schedule=constant train.z_loss=1e-4 run.name=constant-lr",
+    "python train.py train.max_steps=6 logging.profile_from=3 logging.profile_steps=2 run.name=profiled",
     "python scripts/tokenize.py --tokenizer byte --out data/tok/web 'data/sample/web/*.jsonl.zst'",
     "python scripts/export_hf.py --checkpoint outputs/tiny-sample --out exports/tiny-hf [--dtype bf16] "
     "[--max-shard-size 5GB]",
@@ -176,8 +177,12 @@ def run_line(command: str, cwd: Path, monkeypatch) -> None:
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert proc.stdout.startswith("run tiny-sample: outputs in outputs/tiny-sample"), proc.stdout[:500]
     elif argv[:2] == ["python", "train.py"]:  # the rest in this process, composed as train.py composes
-        result = train(load_config(with_tiny_settings(argv[2:])))
-        assert result.state.step == 2 and not result.stopped
+        job = load_config(with_tiny_settings(argv[2:]))
+        result = train(job)
+        steps = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in argv[2:] if "=" in a}.get("train.max_steps", 2)
+        assert result.state.step == int(steps) and not result.stopped
+        if job.logging.profile_from:
+            assert (Path(job.run.dir) / "profile" / "summary.txt").exists()
     elif argv[0] == "python":  # a script, run as __main__ with its arguments
         if argv[1] == "scripts/merge.py":  # the two merge examples are alternatives
             for out in ("merged", "merged-hf"):
