@@ -217,6 +217,6 @@ def test_readme_commands_run_in_order(tmp_path, monkeypatch):
             run_line(command, cwd, monkeypatch)
         print(f"{time.perf_counter() - start:6.1f}s  {command}")  # shown with -s or on a failure
     assert sorted(p.name for p in (cwd / "outputs").iterdir()) == [
-        "accum", "alternating", "constant-lr", "mamba2_tiny-sample", "tiny-sample"]
+        "accum", "alternating", "constant-lr", "mamba2_tiny-sample", "profiled", "tiny-sample"]
     assert (cwd / "merged-hf" / "config.json").is_file() and (cwd / "eval.json").is_file()
     assert (cwd / "checkpoints" / "bamba-9b-2T").is_dir() and (cwd / "data" / "tok" / "web" / "manifest.json").is_file()
