@@ -8,6 +8,7 @@ import gzip
 import itertools
 import json
 import random
+import re
 import warnings
 from pathlib import Path
 
@@ -357,6 +358,16 @@ def test_glob_matching_nothing_names_source_and_pattern(tmp_path):
     cfg = two_source_config(tmp_path)
     cfg.sources["code"].paths = ["code/*.parquet", "missing/*.jsonl"]
     with pytest.raises(ValueError, match=r"source 'code': pattern 'missing/\*\.jsonl' matches no files"):
+        build_data_loader(cfg, ByteTokenizer(), 32, 2, 0, 1, 0)
+
+
+def test_relative_data_root_not_found_names_the_working_directory(tmp_path, monkeypatch):
+    """The bundled sample's data.root is relative: run from elsewhere, the error says where it looked."""
+    cfg = two_source_config(tmp_path)
+    cfg.root = "data/sample"
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=f"from the working directory {re.escape(str(tmp_path))}, which a relative "
+                                         r"data.root='data/sample' is taken from"):
         build_data_loader(cfg, ByteTokenizer(), 32, 2, 0, 1, 0)
 
 

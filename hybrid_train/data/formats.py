@@ -62,7 +62,9 @@ def resolve_paths(source: str, patterns: list[str], root: str) -> list[str]:
         full = pattern if os.path.isabs(pattern) else os.path.join(root, pattern)
         matches = [p for p in glob.glob(full, recursive=True) if os.path.isfile(p)]
         if not matches:
-            raise ValueError(f"source {source!r}: pattern {pattern!r} matches no files (searched {full!r})")
+            where = ("" if os.path.isabs(full) else
+                     f" from the working directory {os.getcwd()}, which a relative data.root={root!r} is taken from")
+            raise ValueError(f"source {source!r}: pattern {pattern!r} matches no files (searched {full!r}{where})")
         for path in matches:
             file_format(path)  # fail now, not hours into a run
         files.update(matches)
