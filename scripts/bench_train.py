@@ -82,10 +82,15 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--profile {args.profile}: profile 0 (none) to fewer than --steps - --warmup "
                      f"({args.steps - args.warmup}) steps; the steps before them are the measured ones")
     measured_until = args.steps - args.profile  # the schedule is the same with or without profiling
+    window_ends = set(range(args.window, args.steps + 1, args.window)) | {args.steps}
+    if not any(args.warmup < end <= measured_until for end in window_ends):
+        parser.error(f"no logged window ends after --warmup {args.warmup} and by step {measured_until} (--steps "
+                     f"{args.steps} less --profile {args.profile}; windows of --window {args.window}): raise --steps "
+                     "or lower --warmup, --window or --profile")
     profiling = ([f"logging.profile_from={measured_until}", f"logging.profile_steps={args.profile}"]
                  if args.profile else [])
     ours = profiling + [f"train.max_steps={args.steps}", f"logging.log_every={args.window}",
-            "logging.progress=false", "checkpoint.final=false", "checkpoint.resume=false"]
+                        "logging.progress=false", "checkpoint.final=false", "checkpoint.resume=false"]
     if not any(o.startswith("run.dir=") for o in overrides):
         ours.append(f"run.dir={tmp.name}")
     job = load_config(ours + overrides)

@@ -15,11 +15,15 @@ from hybrid_train.ops.dispatch import OPS
 REPO = Path(__file__).resolve().parents[1]
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_script", REPO / "scripts" / "bench.py")
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_bench():
+    return load_script("bench")
 
 
 def test_saved_bytes_counts_each_storage_once_and_skips_parameters():
@@ -74,9 +78,7 @@ def test_bench_master_weights_runs_the_trainers_precision(monkeypatch):
 
 def test_bench_train_runs_the_trainer_and_reports_its_split(tmp_path):
     """scripts/bench_train.py: real trainer steps with Hydra overrides, steady state after the warm-up."""
-    spec = importlib.util.spec_from_file_location("bench_train_script", REPO / "scripts" / "bench_train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("bench_train")
     out = tmp_path / "bench_train.jsonl"
     result = module.main(["--steps", "4", "--warmup", "2", "--window", "2", "--json", str(out), "train.seq_len=32",
                           "train.micro_batch_size=2", "model.n_layers=2", "model.attn_layer_indices=[1]",
@@ -91,9 +93,7 @@ def test_bench_train_runs_the_trainer_and_reports_its_split(tmp_path):
 
 def test_bench_optimizer_times_each_impl_on_cpu(tmp_path, capsys):
     """scripts/bench_optimizer.py: the AdamW step alone per optim.impl, on the model's parameter shapes."""
-    spec = importlib.util.spec_from_file_location("bench_optimizer_script", REPO / "scripts" / "bench_optimizer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("bench_optimizer")
     out = tmp_path / "optim.jsonl"
     argv = ["bench_optimizer.py", "--device", "cpu", "--steps", "1", "--impls", "fused,loop", "--json", str(out),
             "model=tiny"]
@@ -149,9 +149,7 @@ def test_kernel_kinds_of_real_kernel_names():
 def test_bench_train_profiles_steps_after_the_measured_ones(tmp_path):
     """--profile K runs the last K steps under torch.profiler: a trace and a summary in run.dir/profile,
     the steady state taken from the steps before them, the run (and its schedule) as without it."""
-    spec = importlib.util.spec_from_file_location("bench_train_script", REPO / "scripts" / "bench_train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("bench_train")
     run_dir = tmp_path / "run"
     common = ["--steps", "6", "--warmup", "2", "--window", "2", "train.seq_len=32", "train.micro_batch_size=2",
               f"data.root={REPO / 'data' / 'sample'}"]
@@ -163,3 +161,10 @@ def test_bench_train_profiles_steps_after_the_measured_ones(tmp_path):
     summary = (run_dir / "profile" / "summary.txt").read_text()
     assert "aten::mm" in summary and out["profile"] == summary.splitlines()
     assert "profiled steps 5-6" in (run_dir / "train.log").read_text()
+
+
+def test_bench_train_refuses_a_run_with_no_measured_window_before_training(capsys):
+    module = load_script("bench_train")
+    with pytest.raises(SystemExit):
+        module.main(["--steps", "8", "--warmup", "4", "--window", "4", "--profile", "3"])
+    assert "no logged window ends after --warmup 4 and by step 5" in capsys.readouterr().err

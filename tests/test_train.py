@@ -175,3 +175,34 @@ def test_no_final_checkpoint_when_switched_off(compose, tmp_path):
     result = train(compose(SMALL + [f"run.dir={tmp_path}", "train.max_steps=2", "checkpoint.final=false"]))
     assert result.state.step == 2 and result.checkpoint is None
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_profiler_start_and_export_stay_out_of_the_logged_windows(compose, tmp_path, monkeypatch):
+    """The profiler starts after the step it follows has been logged, and the window then restarts: a slow
+    start (here 0.5 s) shows in no window's rate or host time, and the profiled window is its steps alone."""
+    import time as time_module
+
+    from hybrid_train.train.profile import StepProfiler
+
+    started = StepProfiler._start
+    monkeypatch.setattr(StepProfiler, "_start", lambda self: (time_module.sleep(0.5), started(self)))
+    run_dir = tmp_path / "run"
+    train(compose(SMALL + [f"run.dir={run_dir}", "train.max_steps=6", "logging.log_every=2",
+                           "logging.profile_from=4", "logging.profile_steps=2"]))
+    records = {r["step"]: r for r in read_metrics(run_dir)}
+    assert records[4]["time_ms"]["host"] < 150, records[4]["time_ms"]  # 2 steps: 250 ms each if it landed here
+    assert (run_dir / "profile" / "rank0_steps5-6.json.gz").exists()
+    assert "profiled steps 5-6" in (run_dir / "train.log").read_text()
+
+
+def test_a_profile_past_the_run_is_cut_to_it_and_said(compose, tmp_path):
+    run_dir = tmp_path / "run"
+    train(compose(SMALL + [f"run.dir={run_dir}", "train.max_steps=4", "logging.log_every=2",
+                           "logging.profile_from=3", "logging.profile_steps=3"]))
+    log = (run_dir / "train.log").read_text()
+    assert ("logging.profile_from=3 with logging.profile_steps=3 runs past the run's last step (4): profiling "
+            "steps 4-4") in log
+    assert (run_dir / "profile" / "rank0_steps4-4.json.gz").exists() and "profiled steps 4-4" in log
+    later = tmp_path / "later"
+    train(compose(SMALL + [f"run.dir={later}", "train.max_steps=2", "logging.profile_from=5"]))
+    assert "nothing is profiled" in (later / "train.log").read_text() and not (later / "profile").exists()

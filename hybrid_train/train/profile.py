@@ -76,17 +76,28 @@ def summarize_cpu(events, steps: int, top: int = 25) -> list[str]:
 
 
 class StepProfiler:
-    """Profiles steps cfg.profile_from+1 .. cfg.profile_from+cfg.profile_steps; `after_step(step)` is
-    called once a step has finished (with the number of steps done), and is free when nothing is profiled."""
+    """Profiles steps cfg.profile_from+1 .. cfg.profile_from+cfg.profile_steps, cut to the run's last step.
 
-    def __init__(self, cfg: LoggingConfig, run_dir: Path, rank: int, device: torch.device, start_step: int):
-        self.first, self.last = cfg.profile_from + 1, cfg.profile_from + cfg.profile_steps
+    The trainer calls `after_step(step)` once a step and its logging are done; it returns True when the
+    profiler started or stopped there, so that the trainer restarts its throughput window and neither the
+    start nor the trace export lands in a logged rate. The report of a finished profile is `take_report()`.
+    Nothing is done (or costs anything) when no step is profiled."""
+
+    def __init__(self, cfg: LoggingConfig, run_dir: Path, rank: int, device: torch.device, start_step: int,
+                 total_steps: int):
+        end = cfg.profile_from + cfg.profile_steps
+        self.first = max(cfg.profile_from, start_step) + 1  # resumed inside the window: what is left of it
+        self.last = min(end, total_steps)
+        self.enabled = cfg.profile_from > 0 and self.first <= self.last
         self.dir, self.rank, self.device = run_dir / "profile", rank, device
-        self.enabled = cfg.profile_from > 0 and self.last > start_step
+        self.notes: list[str] = []
+        if cfg.profile_from > 0 and end > total_steps and start_step < end:
+            what = f"profiling steps {self.first}-{self.last}" if self.enabled else "nothing is profiled"
+            self.notes.append(f"logging.profile_from={cfg.profile_from} with logging.profile_steps={cfg.profile_steps} "
+                              f"runs past the run's last step ({total_steps}): {what}")
         self._prof = None
-        self.summary: list[str] = []
-        if self.enabled and start_step >= cfg.profile_from:  # resumed inside the window: profile what is left
-            self.first = start_step + 1
+        self._report: list[str] = []
+        self._done = start_step
         if self.enabled and self.first == start_step + 1:
             self._start()
 
@@ -95,35 +106,50 @@ class StepProfiler:
         self._prof = torch.profiler.profile(activities=activities)
         self._prof.__enter__()
 
-    def after_step(self, step: int) -> list[str]:
-        """Start before the first profiled step, stop after the last; the summary lines when it stopped."""
+    def after_step(self, step: int) -> bool:
+        """Start before the first profiled step, stop after the last; True when either happened."""
         if not self.enabled:
-            return []
+            return False
+        self._done = step
         if step == self.first - 1 and self._prof is None:
             self._start()
-        elif step == self.last and self._prof is not None:
-            return self._stop()
-        return []
+            return True
+        if step == self.last and self._prof is not None:
+            self._report = self._stop(self.last)
+            return True
+        return False
 
-    def _stop(self) -> list[str]:
+    def take_report(self) -> list[str]:
+        """Lines for the log about the profile that just stopped (empty on ranks other than 0)."""
+        report, self._report = self._report, []
+        return report
+
+    def _stop(self, last: int) -> list[str]:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self._prof.__exit__(None, None, None)
         prof, self._prof, self.enabled = self._prof, None, False
-        steps = self.last - self.first + 1
+        steps = last - self.first + 1
         self.dir.mkdir(parents=True, exist_ok=True)
-        trace = self.dir / f"rank{self.rank}_steps{self.first}-{self.last}.json.gz"
+        trace = self.dir / f"rank{self.rank}_steps{self.first}-{last}.json.gz"
         prof.export_chrome_trace(str(trace))
         if self.rank != 0:
             return []
         kernels = [(e.name, e.time_range.elapsed_us()) for e in prof.events() if _is_kernel(e)]
         lines = summarize(kernels, steps) if kernels else summarize_cpu(prof.key_averages(), steps)
         (self.dir / "summary.txt").write_text("\n".join(lines) + "\n")
-        self.summary = lines
-        return [f"profiled steps {self.first}-{self.last}: trace {trace}, summary {self.dir / 'summary.txt'}"] + lines
+        return [f"profiled steps {self.first}-{last}: trace {trace}, summary {self.dir / 'summary.txt'}"] + lines
 
-    def close(self) -> None:
-        """Stop a profile the run ended inside of, without a report."""
-        if self._prof is not None:
+    def close(self) -> list[str]:
+        """A profile the run stopped inside of (a stop request, an error): written for the steps it covers."""
+        if self._prof is None:
+            return []
+        if self._done < self.first:
             self._prof.__exit__(None, None, None)
             self._prof = None
+            return []
+        try:
+            return self._stop(self._done)
+        except Exception as err:  # the run is ending on an error already: report, do not mask it
+            self._prof = None
+            return [f"the profile of steps {self.first}-{self._done} was not written: {type(err).__name__}: {err}"]

@@ -220,7 +220,9 @@ def _train(job: JobConfig, run_log: RunLog) -> TrainResult:
                 else contextlib.nullcontext())
     stop = StopRequest(run_dir, env.cpu_group)
     timer, watch = StepTimer(env.device), SkippedStepWatch(env.device)
-    profiler = StepProfiler(job.logging, run_dir, env.rank, env.device, state.step)
+    profiler = StepProfiler(job.logging, run_dir, env.rank, env.device, state.step, plan.total_steps)
+    for message in profiler.notes:
+        logger.warning(message)
 
     # 6. The loop. Nothing in a step waits for the device: the loss and gradient norm stay on it and
     # are read on log steps; a non-finite step is skipped by the optimizer itself (SkippedStepWatch).
@@ -261,8 +263,6 @@ def _train(job: JobConfig, run_log: RunLog) -> TrainResult:
             state.stage_tokens += plan.tokens_per_step
             state.total_tokens += plan.tokens_per_step
             logger.advance()
-            for line in profiler.after_step(state.step):
-                logger.info(line)
 
             last = state.step == plan.total_steps
             stopped = not last and stop.should_stop()
@@ -291,13 +291,19 @@ def _train(job: JobConfig, run_log: RunLog) -> TrainResult:
                     logger.info(f"saved checkpoint {path}")
                 logger.start_window(state.stage_tokens)  # keep checkpoint time out of throughput
                 timer.reset()
+            if profiler.after_step(state.step):  # started or stopped: keep that out of throughput too
+                for line in profiler.take_report():
+                    logger.info(line)
+                logger.start_window(state.stage_tokens)
+                timer.reset()
             if stopped:
                 stop.consume(env.is_main)
                 logger.info(f"stopping at step {state.step} ({stop.reason}); the same command resumes the run")
                 break
         checkpointer.wait()
     finally:
-        profiler.close()
+        for line in profiler.close():
+            logger.info(line)
         stop.restore()
         loader.close()
         logger.close()
