@@ -147,6 +147,37 @@ def _count_matmuls(fn) -> int:
     return Count.n
 
 
+def test_kept_logits_on_the_pytorch_path_make_fp32_temporaries_a_chunk_at_a_time(monkeypatch):
+    """bf16 logits kept whole, their fp32 passes (stats, gradient) over 1024-column slices: 3 ragged
+    passes at a 3000 vocabulary, float64 lm_loss's values and gradients to bf16 accuracy."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from hybrid_train.ops import cross_entropy
+
+    monkeypatch.setattr(cross_entropy, "_CHUNK_BYTES", 1)  # the smallest chunk: 1024 columns
+    h, w, labels = _head_case(v=3000)
+    widest = []
+
+    class Widest(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten.exp.default and out.dtype == torch.float32 and out.dim() == 2:
+                widest.append(out.shape[1])
+            return out
+
+    hb, wb = (t.bfloat16().requires_grad_(True) for t in (h, w))
+    with Widest():
+        loss, _ = fused_linear_cross_entropy(hb, wb, labels, z_loss=1e-2, keep_logits=True)
+        loss.backward()
+    assert sorted(set(widest)) == [952, 1024]
+    h64, w64 = (t.bfloat16().double().requires_grad_(True) for t in (h, w))
+    ref, _ = lm_loss((h64 @ w64.T)[None], labels[None], 1e-2)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 2e-2
+    for out, expected in ((hb.grad, h64.grad), (wb.grad, w64.grad)):
+        assert (out.double() - expected).norm() / expected.norm() < 2e-2
+
+
 def test_kept_logits_take_one_head_matmul_less_and_allow_one_backward(monkeypatch):
     """Kept: 1 matmul forward + 2 backward (an unfused head's 3); 4 recomputed chunks: 4 + 3 x 4. Over the
     byte budget the default recomputes. The kept logits become the gradient: a second backward is refused."""

@@ -11,15 +11,16 @@ gradient. Here the vocabulary is walked in chunks:
   dW_chunk = dlogits^T hidden (written straight into the weight gradient: no accumulation across
   chunks) and d hidden += dlogits W_chunk (fp32 accumulator, tokens x d).
 
-Extra memory is one logits chunk (tokens x chunk in the weight dtype, plus an fp32 copy on the
-PyTorch path) and the fp32 hidden-gradient accumulator; the price is one more (tokens x vocab x d)
-matmul than an unfused head.
+Extra memory is one logits chunk (tokens x chunk in the weight dtype, plus fp32 temporaries of a chunk
+on the PyTorch path) and the fp32 hidden-gradient accumulator; the price is one more
+(tokens x vocab x d) matmul than an unfused head.
 
 When the logits in the weight dtype take at most _KEEP_LOGITS_BYTES (2 GiB: 8192 tokens at a 128256
 vocabulary in bf16), they are kept instead: the forward computes them in one matmul and saves them,
 the backward turns them in place into d loss / d logits and takes dW and d hidden as one matmul each
 (the hidden gradient accumulates in fp32 inside that matmul). Three head matmuls, as an unfused head,
-for the bf16 logits held from forward to backward (the unfused head holds them in fp32, twice).
+for the bf16 logits held from forward to backward (the unfused head holds them in fp32, twice); the
+PyTorch path still makes its fp32 temporaries one chunk at a time.
 
 On CUDA the elementwise passes over a chunk are Triton row kernels
 (hybrid_train/ops/triton/cross_entropy.py); elsewhere the same loop runs in PyTorch ops.
@@ -102,14 +103,22 @@ class _FusedLinearCE(torch.autograd.Function):
             stats = _stats_torch
         if keep_logits is None:
             keep_logits = chunk is None and keeps_logits(t, vocab, weight.element_size())
-        vc = vocab if keep_logits else _vocab_chunk(t, vocab, chunk)
+        vc = _vocab_chunk(t, vocab, chunk)
+        # The row kernels read a whole kept row in one pass; the PyTorch ops make fp32 temporaries, so they
+        # walk the kept logits in chunks of the same size as the recomputing path.
+        pass_chunk = vocab if triton_path else vc
         dev = hidden.device
         m = torch.full((t,), float("-inf"), device=dev, dtype=torch.float32)
         s = torch.zeros(t, device=dev, dtype=torch.float32)
         tgt = torch.zeros(t, device=dev, dtype=torch.float32)
-        for v0 in range(0, vocab, vc):
-            logits = hidden @ weight[v0 : v0 + vc].T  # (t, vc) in the weight dtype
-            stats(logits, labels, v0, m, s, tgt)
+        if keep_logits:
+            logits = hidden @ weight.T  # (t, vocab) in the weight dtype, one matmul
+            for v0 in range(0, vocab, pass_chunk):
+                stats(logits[:, v0 : v0 + pass_chunk], labels, v0, m, s, tgt)
+        else:
+            for v0 in range(0, vocab, vc):
+                logits = hidden @ weight[v0 : v0 + vc].T  # (t, vc) in the weight dtype
+                stats(logits, labels, v0, m, s, tgt)
         lse = m + torch.log(s)  # (t)
         valid = labels != ignore_index
         n_valid = valid.sum()
@@ -118,7 +127,7 @@ class _FusedLinearCE(torch.autograd.Function):
         kept = (logits,) if keep_logits else ()
         del logits
         ctx.save_for_backward(hidden, weight, labels, lse, valid, n_valid, *kept)
-        ctx.z_loss, ctx.vc, ctx.triton_path, ctx.kept = z_loss, vc, triton_path, keep_logits
+        ctx.z_loss, ctx.vc, ctx.pass_chunk, ctx.triton_path, ctx.kept = z_loss, vc, pass_chunk, triton_path, keep_logits
         ce = ce.detach()
         # An autograd.Function attaches every output to its node, detached or not; unmarked, ce would keep
         # the graph alive in whatever accumulates it (a running loss sum chained every step's graph).
@@ -145,7 +154,8 @@ class _FusedLinearCE(torch.autograd.Function):
         if kept:  # the whole logits, saved by forward: overwritten here, so there is no second backward
             ctx.kept = "used"
             (logits,) = kept
-            grad_(logits, labels, 0, lse, a, gt)  # now d loss / d logits
+            for v0 in range(0, vocab, ctx.pass_chunk):  # now d loss / d logits, in place
+                grad_(logits[:, v0 : v0 + ctx.pass_chunk], labels, v0, lse, a, gt)
             return logits @ weight, logits.T @ hidden, None, None, None, None, None
         dh = torch.zeros(hidden.shape, device=hidden.device, dtype=torch.float32)
         dw = torch.empty_like(weight)
