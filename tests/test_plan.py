@@ -235,6 +235,14 @@ def test_kept_head_logits_are_planned_at_the_head_only(compose, monkeypatch):
     recomputed = activation_bytes(job, tp=1)
     assert kept - recomputed == pytest.approx((2 * (vocab + d) - job.plan.act_head_backward) * tokens)
     monkeypatch.undo()
+    # fp32 training keeps fp32 logits, and only up to 4096 tokens at this vocabulary
+    fp32 = compose(BAMBA_ROW + ["train.precision=fp32", "train.micro_batch_size=1"])
+    monkeypatch.setattr(cross_entropy, "_KEEP_LOGITS_BYTES", -1)
+    fp32_recomputed = activation_bytes(fp32, tp=1)
+    monkeypatch.undo()
+    assert activation_bytes(fp32, tp=1) - fp32_recomputed == pytest.approx(
+        (4 * (vocab + d) - job.plan.act_head_backward) * 4096)
+    assert activation_bytes(compose(BAMBA_ROW + ["train.precision=fp32"]), tp=1) == pytest.approx(2 * fp32_recomputed)
     # under full checkpointing the head's moment with kept logits is the peak
     full = compose(BAMBA_ROW + ["parallel.activation_checkpoint=full"])
     per_token = activation_bytes(full, tp=1) / tokens

@@ -205,9 +205,10 @@ def activation_bytes(job: JobConfig, tp: int) -> float:
     per_op = mode == "selective" and not every
     kept = activation_bytes_per_token(job, selective=per_op)
     tokens = job.train.micro_batch_size * job.train.seq_len
-    if job.fused_loss() and keeps_logits(tokens, job.model.vocab_size, BF16):
-        # the bf16 logits, held from the head's forward to its backward, and the bf16 hidden gradient
-        head = kept["head"] + BF16 * (job.model.vocab_size + job.model.d_model)
+    logits = FP32 if job.train.precision == "fp32" else BF16  # the head's matmul dtype (bf16 on GPUs by default)
+    if job.fused_loss() and keeps_logits(tokens, job.model.vocab_size, logits):
+        # the logits, held from the head's forward to its backward, and the hidden gradient
+        head = kept["head"] + logits * (job.model.vocab_size + job.model.d_model)
     else:
         head = kept["head"] + p.act_head_backward * s
     if mode == "none" or per_op:
