@@ -22,7 +22,10 @@ __all__ = ["gated_rms_norm", "gated_rms_norm_torch", "rms_norm", "rms_norm_torch
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * x / rms(x) over the last dim, computed in fp32; the result in x's dtype promoted with
-    weight's (fp32 weight on bf16 activations gives fp32, as ``rms_norm_torch``)."""
+    weight's (fp32 weight on bf16 activations gives fp32, as ``rms_norm_torch``). The kernel rounds once,
+    at the end; the reference (and so a compiled run) rounds the normalized value to x's dtype before
+    scaling, as transformers does: for bf16 activations the two differ by that rounding, for fp32 ones
+    (the trainer's residual stream) by float order only."""
     # A tensor-parallel norm runs on DTensors (sequence-sharded or replicated): those keep PyTorch ops.
     sharded = hasattr(x, "to_local") or hasattr(weight, "to_local")
     if (x.dtype in KERNEL_DTYPES and x.shape[-1] <= 65536 and not sharded and not torch.compiler.is_compiling()
