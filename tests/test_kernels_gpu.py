@@ -202,6 +202,29 @@ def test_gated_norm_matches_float64(group_size):
         assert rel(out, ref) <= 1e-2, (key, rel(out, ref))
 
 
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_block_rms_norm_matches_float64(x_dtype):
+    """The blocks' RMSNorm as the eager trainer runs it (4096 tokens x d 4096, fp32 weight; the residual
+    stream in fp32, or bf16 activations) on the kernel, against float64: values and gradients."""
+    from hybrid_train.ops.norm import rms_norm, rms_norm_torch
+
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    x, dy = (torch.randn(1, 4096, 4096, device="cuda", generator=gen).to(x_dtype) for _ in range(2))
+    w = 1 + 0.1 * torch.randn(4096, device="cuda", generator=gen)
+    leaves = [x.requires_grad_(True), w.requires_grad_(True)]
+    poison_allocator()
+    y = rms_norm(x, w, 1e-5)
+    assert y.dtype == torch.float32  # fp32 weight: as the reference, whatever x's dtype
+    grads = torch.autograd.grad(y, leaves, dy.float())
+    l64 = [t.detach().double().requires_grad_(True) for t in leaves]
+    y64 = rms_norm_torch(l64[0], l64[1], 1e-5)
+    g64 = torch.autograd.grad(y64, l64, dy.double())
+    tol = 1e-5 if x_dtype == torch.float32 else 1e-2
+    for key, out, ref in [("y", y, y64), ("dx", grads[0], g64[0]), ("dw", grads[1], g64[1])]:
+        assert not torch.isnan(out).any(), key
+        assert rel(out, ref) <= tol, (key, rel(out, ref))
+
+
 @pytest.mark.parametrize("how", [dict(vocab_chunk=4096), dict(keep_logits=True)])  # 32 chunks | kept, one matmul
 def test_fused_linear_cross_entropy_matches_float64(how):
     from hybrid_train.ops.cross_entropy import fused_linear_cross_entropy
