@@ -22,7 +22,7 @@ from hybrid_train.train.config import LoggingConfig
 # First match wins; a kernel's name decides its kind.
 KERNEL_KINDS = (
     ("communication", re.compile(r"nccl|gloo", re.I)),
-    ("memcpy / memset", re.compile(r"^Memcpy|^Memset|memcpy|memset", re.I)),
+    ("memcpy / memset", re.compile(r"memcpy|memset", re.I)),
     ("attention", re.compile(r"flash|fmha|attention|flex", re.I)),
     ("matmul", re.compile(r"gemm|nvjet|cutlass|xmma|cublas|wgmma|_grouped_mm|matmul", re.I)),
     ("compiled (inductor)", re.compile(r"^triton_(poi|red|per|tem)_")),

@@ -283,17 +283,19 @@ def _train(job: JobConfig, run_log: RunLog) -> TrainResult:
                     "time_ms": timer.split(),
                     **router_metrics(model, env),
                 })
+            new_window = False  # after a checkpoint or the profiler's start / stop: keep their time out of throughput
             if last or stopped or checkpointer.due(state, plan.tokens_per_step):
                 watch.check()
                 if not last or job.checkpoint.final:
                     state.source_tokens = _global_source_tokens(loader.source_tokens, env)
                     path = checkpointer.save(state, model, optimizer, scheduler, loader, final=last or stopped)
                     logger.info(f"saved checkpoint {path}")
-                logger.start_window(state.stage_tokens)  # keep checkpoint time out of throughput
-                timer.reset()
-            if profiler.after_step(state.step):  # started or stopped: keep that out of throughput too
+                new_window = True
+            if profiler.after_step(state.step):
                 for line in profiler.take_report():
                     logger.info(line)
+                new_window = True
+            if new_window:
                 logger.start_window(state.stage_tokens)
                 timer.reset()
             if stopped:
