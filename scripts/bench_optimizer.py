@@ -5,8 +5,9 @@
 
 fp32 parameters with random gradients, the clip scale and the non-finite flag as device scalars
 (`clip_and_step`, as the trainer steps). Prints, per implementation, milliseconds per step and the
-bandwidth of the 28 bytes per fp32 parameter AdamW must move (read parameter, gradient, two moments;
-write parameter, two moments). Arguments after the options are train.py's Hydra overrides.
+bandwidth of the bytes per fp32 parameter AdamW must move (read parameter, gradient, two moments;
+write parameter, two moments): 28, or 20 with `optim.moment_dtype=bfloat16`. Arguments after the
+options are train.py's Hydra overrides.
 """
 
 from __future__ import annotations
@@ -58,10 +59,13 @@ def main() -> None:
     n = sum(p.numel() for p in model.parameters())
     result = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
               else "cpu", "torch": torch.__version__, "params": n, "overrides": overrides}
+    per_param = 12 + 4 * (2 if job.optim.moment_dtype == "bfloat16" else 4)  # p, g read, p written; 2 moments both ways
+    result["bytes_per_param"] = per_param
     for impl in args.impls.split(","):
         seconds = time_impl(model, dataclasses.replace(job.optim, impl=impl), args.steps, device)
-        result[impl] = {"ms": seconds * 1e3, "GB_per_s": 28 * n / seconds / 1e9}
-        print(f"{impl:8s} {seconds * 1e3:8.2f} ms/step  {28 * n / seconds / 1e9:7.0f} GB/s  ({n / 1e9:.2f}B parameters)")
+        result[impl] = {"ms": seconds * 1e3, "GB_per_s": per_param * n / seconds / 1e9}
+        print(f"{impl:8s} {seconds * 1e3:8.2f} ms/step  {per_param * n / seconds / 1e9:7.0f} GB/s  "
+              f"({n / 1e9:.2f}B parameters, {per_param} bytes each)")
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps(result) + "\n")

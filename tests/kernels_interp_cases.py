@@ -492,7 +492,7 @@ def _adamw_pair(dtype, cfg):
     from hybrid_train.train.optim import build_optimizer
 
     torch.manual_seed(0)
-    # odd sizes: a partial last block; more than one block (BLOCK 4096) in the first matrix
+    # odd sizes: a partial last block; more than one block (INTERPRETER_BLOCK 4096) in the first matrix
     model = torch.nn.Sequential(torch.nn.Linear(97, 61), torch.nn.LayerNorm(61), torch.nn.Linear(61, 5)).to(dtype)
     ref = torch.nn.Sequential(torch.nn.Linear(97, 61), torch.nn.LayerNorm(61), torch.nn.Linear(61, 5)).to(dtype)
     ref.load_state_dict(model.state_dict())
@@ -762,6 +762,160 @@ def test_trainer_with_bf16_weight_copies_logs_autocast_losses(compose, tmp_path,
     with pytest.raises(ValueError, match="train.bf16_weight_copies=true: .*fp32"):
         train(compose(common + [f"run.dir={tmp_path / 'fp32'}", "train.max_steps=1", "train.precision=fp32",
                                 "train.bf16_weight_copies=true"]))
+
+
+def _bf16_neighbours(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bf16 values at and just beyond x (fp32) in magnitude: truncated, and truncated + 1 ulp."""
+    bits = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    low = (bits >> 16).to(torch.int32).to(torch.int16)  # (int32 -> int16 wraps the sign bit back in)
+    return low.view(torch.bfloat16), (low + 1).view(torch.bfloat16)
+
+
+def test_bf16_moments_step_fp32_and_round_stochastically_between_neighbours():
+    """optim.moment_dtype=bfloat16: three clipped steps of the Triton AdamW on fp32 parameters against
+    float64 AdamW taken from the stored bf16 moments: the parameters match, and each stored moment is
+    one of the two bf16 values around its fp32 value (truncated, or one ulp beyond), never further."""
+    from hybrid_train.parallel import grad_norm
+    from hybrid_train.train.config import OptimConfig
+    from hybrid_train.train.optim import TritonAdamW, clip_and_step
+
+    cfg = OptimConfig(lr=1e-2, weight_decay=0.1, impl="triton", moment_dtype="bfloat16")
+    model, opt, _ = _adamw_pair(torch.float32, cfg)
+    assert isinstance(opt, TritonAdamW) and opt.moment_dtype == torch.bfloat16
+    beta1, beta2 = cfg.betas
+    for t, scale in enumerate((1e-3, 1e3, 1e-2), start=1):
+        (model(torch.randn(8, 97)).square().sum() * scale).backward()
+        norm = grad_norm(model.parameters())
+        clip = max(1.0, (norm.item() + 1e-6) / 1.0)
+        before = {p: (p.detach().double(), p.grad.double() / clip,
+                      *(opt.state[p][k].double() if opt.state[p] else torch.zeros_like(p, dtype=F64)
+                        for k in ("exp_avg", "exp_avg_sq"))) for p in model.parameters()}
+        assert clip_and_step(opt, norm, 1.0).item() == 0.0
+        opt.zero_grad(set_to_none=True)
+        for p, (p0, g, m0, v0) in before.items():
+            group = next(gr for gr in opt.param_groups if any(q is p for q in gr["params"]))
+            m = beta1 * m0 + (1 - beta1) * g
+            v = beta2 * v0 + (1 - beta2) * g * g
+            expected = p0 * (1 - 1e-2 * group["weight_decay"]) - 1e-2 / (1 - beta1 ** t) * m / (
+                (v / (1 - beta2 ** t)).sqrt() + cfg.eps)
+            torch.testing.assert_close(p.detach().double(), expected, rtol=1e-5, atol=1e-7)
+            for key, value in (("exp_avg", m), ("exp_avg_sq", v)):
+                stored = opt.state[p][key]
+                assert stored.dtype == torch.bfloat16
+                low, high = _bf16_neighbours(value.float())
+                near = (stored.float() - value.float()).abs() <= 1e-6 * value.abs().float().clamp(min=1e-30)
+                assert ((stored == low) | (stored == high) | near).all(), key
+
+
+def test_bf16_moment_rounding_is_unbiased_and_seeded_by_tensor_and_step():
+    """One moment value a fraction f of a bf16 ulp above a bf16 value, in 65,536 elements: about f of
+    them round up (the mean is the fp32 value), and the pattern differs between tensors and steps but
+    is the same when a step is taken again (a resume rounds as the uninterrupted run)."""
+    from hybrid_train.ops.triton.adamw import adamw_step
+
+    n = 1 << 16
+    base = torch.tensor(1.0 + 5 / 128, dtype=torch.float32)  # a bf16 value; + 0.3 ulp below
+    target = base + 0.3 * 2.0 ** -7
+    g = torch.full((n,), float(target) / 0.1)  # m = 0 + 0.1 * (g - 0) in fp32: target to within an fp32 ulp
+
+    def rounded(step_count: float, index: int) -> torch.Tensor:
+        p, m, v = torch.zeros(n), torch.zeros(n, dtype=torch.bfloat16), torch.zeros(n, dtype=torch.bfloat16)
+        step, skip = torch.tensor(step_count), torch.zeros(())
+        adamw_step(p, g, m, v, step, None, skip, lr=0.0, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0,
+                   tensor_index=index)
+        m32 = torch.tensor(0.1, dtype=torch.float32) * g[0]
+        low, high = _bf16_neighbours(m32.reshape(1))
+        assert ((m == low) | (m == high)).all()
+        return m == high
+
+    fraction = (float(torch.tensor(0.1) * g[0]) - float(base)) / 2.0 ** -7
+    up = rounded(1.0, 1)
+    assert abs(up.float().mean().item() - fraction) < 4 * math.sqrt(fraction * (1 - fraction) / n), up.float().mean()
+    assert torch.equal(rounded(1.0, 1), up)
+    for other in (rounded(2.0, 1), rounded(1.0, 2)):
+        agree = (other == up).float().mean().item()  # independent patterns agree on f^2 + (1 - f)^2 of elements
+        assert abs(agree - (fraction ** 2 + (1 - fraction) ** 2)) < 0.02, agree
+
+
+def test_bf16_moments_resume_across_moment_dtypes(tmp_path):
+    """DCP: bf16 moments are saved as bf16; a bf16 run resumed from its own checkpoint steps exactly as
+    the uninterrupted one (the rounding is seeded by step and tensor, not by a generator), and a run
+    resumes under the other moment dtype with its moments cast."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from hybrid_train.train.config import OptimConfig
+    from hybrid_train.train.optim import build_optimizer
+
+    x = torch.randn(8, 97)
+
+    def run(moments: str, first: int, last: int, load: str | None = None, save: str | None = None):
+        """Steps first..last (inputs x * step), from a fresh model or a checkpoint."""
+        model, _, _ = _adamw_pair(torch.float32, OptimConfig(lr=1e-2))
+        opt = build_optimizer(model, OptimConfig(lr=1e-2, impl="triton", moment_dtype=moments))
+        if load is not None:
+            msd, osd = get_state_dict(model, opt)
+            state = {"model": msd, "optim": osd}
+            dcp.load(state, checkpoint_id=load)
+            set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        for step in range(first, last + 1):
+            model(x * step).square().sum().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if save is not None:
+            msd, osd = get_state_dict(model, opt)
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=save)
+        return model, opt
+
+    def moment_dtypes(opt) -> set:
+        return {v.dtype for s in opt.state.values() for k, v in s.items() if k != "step"}
+
+    bf16_dir, fp32_dir = str(tmp_path / "bf16"), str(tmp_path / "fp32")
+    _, saved = run("bfloat16", 1, 2, save=bf16_dir)
+    assert moment_dtypes(saved) == {torch.bfloat16}
+    meta = dcp.FileSystemReader(bf16_dir).read_metadata()
+    moments = [m for k, m in meta.state_dict_metadata.items() if "exp_avg" in k]
+    assert moments and all(m.properties.dtype == torch.bfloat16 for m in moments)
+    straight, straight_opt = run("bfloat16", 1, 3)
+    resumed, resumed_opt = run("bfloat16", 3, 3, load=bf16_dir)
+    assert all(torch.equal(p, q) for p, q in zip(resumed.parameters(), straight.parameters()))
+    for a, b in zip(resumed_opt.state.values(), straight_opt.state.values()):
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+    run("float32", 1, 2, save=fp32_dir)
+    for moments, saved_dir, dtype in (("float32", bf16_dir, torch.float32), ("bfloat16", fp32_dir, torch.bfloat16)):
+        _, opt = run(moments, 3, 3, load=saved_dir)
+        assert moment_dtypes(opt) == {dtype}
+        assert all(float(s["step"]) == 3 for s in opt.state.values())
+
+
+def test_trainer_with_bf16_moments_says_so_saves_them_and_plans_their_bytes(compose, tmp_path, monkeypatch):
+    """train.py with optim.moment_dtype=bfloat16: the header says so, the checkpoint holds bf16 moments, and
+    the planner's AdamW bytes equal a run's (2 bytes per moment element and the step counters)."""
+    from test_plan import one_step, state_bytes
+
+    from hybrid_train.parallel.plan import Layout, memory_per_gpu
+    from hybrid_train.train.optim import build_optimizer
+    from hybrid_train.train.trainer import train
+
+    monkeypatch.setenv("HYBRID_TRAIN_KERNELS", "auto")  # model ops in PyTorch (model.kernels=torch)
+    overrides = ["model=tiny", "model.n_layers=2", "model.attn_layer_indices=[1]", "model.kernels=torch",
+                 "train.seq_len=32", "train.micro_batch_size=2", "train.max_steps=1", "optim.impl=triton",
+                 "optim.moment_dtype=bfloat16", "logging.progress=false", f"run.dir={tmp_path}"]
+    job = compose(overrides)
+    train(job)
+    assert "AdamW (bf16 moments, stochastically rounded)" in (tmp_path / "train.log").read_text()
+    import torch.distributed.checkpoint as dcp
+
+    meta = dcp.FileSystemReader(str(tmp_path / "checkpoints" / "step_00000001")).read_metadata()
+    moments = [m.properties.dtype for k, m in meta.state_dict_metadata.items() if "exp_avg" in k]
+    assert len(moments) == 2 * len(list(build_model(job.model).parameters())) and set(moments) == {torch.bfloat16}
+    model = build_model(job.model)
+    optimizer = build_optimizer(model, job.optim)
+    one_step(model, optimizer, job.model.vocab_size)
+    assert memory_per_gpu(job, Layout(1, 1, 1, 1)).optimizer == state_bytes(model, optimizer)["optimizer"]
+    fp32 = compose(overrides[:-2] + ["optim.moment_dtype=float32"])
+    n = sum(p.numel() for p in model.parameters())
+    assert memory_per_gpu(fp32, Layout(1, 1, 1, 1)).optimizer - state_bytes(model, optimizer)["optimizer"] == 4 * n
 
 
 @triton.jit

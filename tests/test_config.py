@@ -104,6 +104,8 @@ def test_wrong_type_fails(compose):
     (["parallel.tp=2", "train.loss_impl=fused"], "train.loss_impl='fused' needs the whole LM head but parallel.tp=2"),
     (["logging.profile_from=-1"], "logging.profile_from must be >= 0 \\(0 = off\\)"),
     (["logging.profile_from=5", "logging.profile_steps=0"], "logging.profile_steps positive, got 5 and 0"),
+    (["optim.moment_dtype=fp16"], "optim.moment_dtype='fp16' must be one of float32, bfloat16"),
+    (["optim.moment_dtype=bfloat16", "optim.impl=fused"], "optim.moment_dtype=bfloat16 needs the Triton AdamW"),
 ])
 def test_cross_field_validation_names_fields(compose, overrides, message):
     with pytest.raises(ValueError, match=message):

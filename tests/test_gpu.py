@@ -96,3 +96,38 @@ def test_clip_and_step_on_cuda_matches_torch_clip_then_adamw(reference_adamw, im
     next(ours.parameters()).grad[0, 0] = float("inf")
     assert clip_and_step(opt, grad_norm(ours.parameters()), 1.0).item() == 1.0
     assert all(torch.equal(p, q) for p, q in zip(ours.parameters(), before))
+
+
+def test_bf16_moments_round_stochastically_on_gpu():
+    """optim.moment_dtype=bfloat16 on the GPU (compiled code, not the interpreter): the parameter takes the
+    fp32 step, each stored moment is within one bf16 ulp of its exact value, and one value a fraction
+    0.3 of an ulp above a bf16 value rounds up in about 0.3 of 2^20 elements (to nearest: in none)."""
+    import math
+
+    from hybrid_train.ops.triton.adamw import adamw_step
+
+    torch.manual_seed(0)
+    n = 1 << 20
+    step, skip = torch.ones((), device="cuda"), torch.zeros((), device="cuda")
+
+    def one_step(g: torch.Tensor, p: torch.Tensor):
+        m, v = torch.zeros_like(g, dtype=torch.bfloat16), torch.zeros_like(g, dtype=torch.bfloat16)
+        adamw_step(p, g, m, v, step, None, skip, lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1,
+                   tensor_index=3)
+        return m, v
+
+    g, p = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
+    p0 = p.double()
+    m, v = one_step(g, p)
+    g64 = g.double()
+    expected = p0 * (1 - 1e-4) - 1e-3 * g64 / (g64.abs() + 1e-8)  # step 1: bias-corrected m / sqrt(v) = g / |g|
+    torch.testing.assert_close(p.double(), expected, rtol=1e-6, atol=1e-6)
+    for stored, exact in ((m, 0.1 * g64), (v, 0.05 * g64 * g64)):
+        ulp = torch.exp2(torch.floor(torch.log2(exact.abs())) - 7)
+        assert ((stored.double() - exact).abs() <= ulp * 1.001).all()
+    base = 1.0 + 5 / 128  # a bf16 value
+    g = torch.full((n,), (base + 0.3 * 2.0 ** -7) / 0.1, device="cuda")
+    m, _ = one_step(g, torch.zeros(n, device="cuda"))
+    up = (m.float() > base).float().mean().item()
+    assert set(m.float().unique().tolist()) <= {base, base + 2.0 ** -7}
+    assert abs(up - 0.3) < 4 * math.sqrt(0.3 * 0.7 / n) + 1e-3, up

@@ -92,3 +92,10 @@ def test_default_lr_scales_with_width(compose):
     assert compose(["model=hybrid_1b"]).optim.lr == pytest.approx(6e-4)
     assert compose([]).optim.lr == pytest.approx(3e-3)
     assert compose(["model=bamba_9b", "optim.lr=1e-3"]).optim.lr == pytest.approx(1e-3)  # the user's value wins
+
+
+def test_bf16_moments_without_the_triton_step_are_refused_by_name():
+    """optim.moment_dtype=bfloat16 where optim.impl=auto resolves to torch's AdamW (CPU, no interpreter):
+    refused when the optimizer is built, naming both settings, rather than silently keeping fp32 moments."""
+    with pytest.raises(ValueError, match="optim.moment_dtype=bfloat16: .*optim.impl=auto resolved to torch's AdamW"):
+        build_optimizer(torch.nn.Linear(4, 4), OptimConfig(lr=1e-2, moment_dtype="bfloat16"))

@@ -21,7 +21,7 @@ from hybrid_train.parallel.config import ClusterConfig, PlanConfig
 
 GIB = 2 ** 30
 FP32, BF16 = 4, 2
-ADAMW_STATES = 2  # exp_avg and exp_avg_sq, fp32, the shape of the parameter
+ADAMW_STATES = 2  # exp_avg and exp_avg_sq, the shape of the parameter, in optim.moment_dtype
 ADAMW_STEP_BYTES = 4  # AdamW's per-tensor `step` counter: a float32 scalar tensor per parameter
 # Tensor-parallel weights split on their input dimension (row-parallel); other sharded ones on dim 0.
 ROW_PARALLEL = ("out_proj.weight", "o_proj.weight", "down_proj.weight")
@@ -235,7 +235,8 @@ def memory_per_gpu(job: JobConfig, layout: Layout, units: list[dict] | None = No
         # DTensor's embedding backward returns the vocabulary-sharded table's gradient whole (Replicate)
         # on every TP rank; FSDP, when present, reduce-scatters it back to the shard.
         gradients += FP32 * (job.model.vocab_size * job.model.d_model - units[0]["numel"])
-    optimizer = ADAMW_STATES * FP32 * local + ADAMW_STEP_BYTES * tensors
+    moment = BF16 if job.optim.moment_dtype == "bfloat16" else FP32
+    optimizer = ADAMW_STATES * moment * local + ADAMW_STEP_BYTES * tensors
     gathered_sizes = [BF16 * u["gathered_numel"] for u in units]
     if layout.dp_size == 1:
         gathered, grad_buffers = float(sum(gathered_sizes)), 0.0
@@ -404,7 +405,7 @@ def make_plan(job: JobConfig, cluster: ClusterConfig | None = None, world_size: 
 MEMORY_LABELS = {
     "parameters": "parameters (fp32, sharded)",
     "gradients": "gradients (fp32, sharded)",
-    "optimizer": "AdamW states (fp32 x 2, + step counters)",
+    "optimizer": "AdamW states (2 moments, + step counters)",
     "gathered": "gathered bf16 units in flight",
     "grad_buffers": "unsharded gradient of one unit (bf16, + fp32 to reduce)",
     "activations": "activations",

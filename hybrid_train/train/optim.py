@@ -31,8 +31,13 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Ada
     elif impl == "triton" and not _triton_can_step(params, interpreter_ok=True):
         raise ValueError("optim.impl=triton needs contiguous float32/bfloat16/float16 parameters on a CUDA "
                          "device (or TRITON_INTERPRET=1) and triton installed; use optim.impl=fused")
+    if cfg.moment_dtype != "float32" and impl != "triton":
+        raise ValueError(f"optim.moment_dtype={cfg.moment_dtype}: the Triton AdamW keeps bf16 moments, and "
+                         f"optim.impl={cfg.impl} resolved to torch's AdamW here (the Triton step runs on CUDA, or "
+                         "under TRITON_INTERPRET=1 with optim.impl=triton)")
     if impl == "triton":
-        return TritonAdamW(groups, **hyper)
+        moments = torch.bfloat16 if cfg.moment_dtype == "bfloat16" else None
+        return TritonAdamW(groups, moment_dtype=moments, **hyper)
     return torch.optim.AdamW(groups, **hyper, fused=True if impl == "fused" else None,
                              foreach=False if impl == "loop" else None)
 
@@ -54,14 +59,19 @@ class TritonAdamW(torch.optim.AdamW):
     counts stay) as device scalars set on the optimizer (clip_and_step), and reads nothing back.
 
     With `keep_copies(WeightCopies)` it also writes each copied parameter's bf16 copy, and takes the
-    gradient from the copy where the parameter has none (hybrid_train/train/precision.py)."""
+    gradient from the copy where the parameter has none (hybrid_train/train/precision.py).
+
+    moment_dtype: the dtype both moments are kept in (None: the parameter's, as torch's AdamW). bf16
+    moments of fp32 parameters are stochastically rounded (hybrid_train/ops/triton/adamw.py). Moments
+    loaded in another dtype (torch's load_state_dict casts them to the parameter's) are cast at the next step."""
 
     takes_grad_scale = True
 
-    def __init__(self, params, **kwargs):
+    def __init__(self, params, moment_dtype: torch.dtype | None = None, **kwargs):
         super().__init__(params, foreach=False, **kwargs)
         if any(g["amsgrad"] or g["maximize"] for g in self.param_groups):
             raise ValueError("TritonAdamW has no amsgrad or maximize")
+        self.moment_dtype = moment_dtype
         self.grad_scale = self.found_inf = None
         self.weight_copies = None
 
@@ -83,23 +93,30 @@ class TritonAdamW(torch.optim.AdamW):
             with torch.enable_grad():
                 loss = closure()
         copies = self.weight_copies
+        index = 0  # each tensor's place in the optimizer: with its step count, the seed of its rounding
         for group in self.param_groups:
             work = []
             for p in group["params"]:
+                index += 1
                 copy = copies.copies.get(p) if copies is not None else None
                 grad = copies.holder(p).grad if copies is not None else p.grad
                 if grad is None:
                     continue
                 state = self.state[p]
                 local = local_tensor(p)
+                moment_dtype = self.moment_dtype or p.dtype
                 if not state:
                     state["step"] = torch.zeros((), dtype=torch.float32, device=local.device)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=moment_dtype,
+                                                           memory_format=torch.preserve_format)
                 elif state["step"].device != local.device:  # loaded from a checkpoint: counts on the host
                     state["step"] = state["step"].to(local.device, torch.float32)
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if state[key].dtype != moment_dtype:  # loaded (as the parameter's dtype) or saved in another
+                        state[key] = state[key].to(moment_dtype)
                 work.append((local, local_tensor(grad).contiguous(), local_tensor(state["exp_avg"]),
-                             local_tensor(state["exp_avg_sq"]), state["step"], copy))
+                             local_tensor(state["exp_avg_sq"]), state["step"], copy, index))
             if not work:
                 continue
             device = work[0][0].device
@@ -109,10 +126,10 @@ class TritonAdamW(torch.optim.AdamW):
             steps = [w[4] for w in work]
             torch._foreach_add_(steps, 1.0)
             beta1, beta2 = group["betas"]
-            for param, grad, exp_avg, exp_avg_sq, step, copy in work:
+            for param, grad, exp_avg, exp_avg_sq, step, copy, index in work:
                 adamw_step(param, grad, exp_avg, exp_avg_sq, step, scale, skip, lr=float(group["lr"]),
                            beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                           copy=copy)
+                           copy=copy, tensor_index=index)
             if self.found_inf is not None:
                 torch._foreach_sub_(steps, [skip] * len(steps))
         return loss

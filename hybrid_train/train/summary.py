@@ -52,7 +52,8 @@ def run_header(job: JobConfig, total_steps: int, tokens_per_step: int, grad_accu
         f"  length    {total_steps:,} steps x {tokens_per_step:,} tokens = {count(total_steps * tokens_per_step)} "
         f"tokens ({length}); {t.micro_batch_size} rows of {t.seq_len} tokens per micro-batch, "
         f"grad accumulation {grad_accum}",
-        f"  schedule  {s.name}: peak lr {job.optim.lr:g} after {warmup}, {shape}; AdamW, weight decay "
+        f"  schedule  {s.name}: peak lr {job.optim.lr:g} after {warmup}, {shape}; AdamW"
+        f"{' (bf16 moments, stochastically rounded)' if job.optim.moment_dtype == 'bfloat16' else ''}, weight decay "
         f"{job.optim.weight_decay:g}, grad clip {t.grad_clip:g}",
         f"  devices   {world_size} process(es) on {device}, {precision}, "
         f"{'fused head + loss' if job.fused_loss() else 'loss from full logits'}, "
