@@ -499,13 +499,28 @@ def _adamw_pair(dtype, cfg):
     return model, build_optimizer(model, cfg), ref
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_adamw_matches_torch_adamw_with_clip_and_skip(dtype):
+@pytest.mark.parametrize("dtype,batched_below", [(torch.float32, 1 << 20), (torch.bfloat16, 1 << 20),
+                                                  (torch.float32, 0), (torch.float32, 1000)])
+def test_triton_adamw_matches_torch_adamw_with_clip_and_skip(dtype, batched_below, monkeypatch):
     """Three steps (gradients below, far above, below max_norm) and a skipped one: the Triton step
-    against torch's clip_grad_norm_ + single-tensor AdamW with the same hyperparameters."""
+    against torch's clip_grad_norm_ + single-tensor AdamW with the same hyperparameters. With every
+    tensor in one batched launch (the default for tensors this small), each in its own, and mixed."""
+    from hybrid_train.ops.triton import adamw
     from hybrid_train.parallel import grad_norm
     from hybrid_train.train.config import OptimConfig
     from hybrid_train.train.optim import TritonAdamW, clip_and_step
+
+    monkeypatch.setattr(adamw, "BATCHED_BELOW", batched_below)
+    launches = {"one": 0, "many": 0}
+    for name, kernel in (("one", adamw._adamw_kernel), ("many", adamw._adamw_many_kernel)):
+        class Counting:  # count the launches of each kernel
+            def __init__(self, kernel, name):
+                self.kernel, self.name = kernel, name
+
+            def __getitem__(self, grid):
+                launches[self.name] += 1
+                return self.kernel[grid]
+        monkeypatch.setattr(adamw, "_adamw_kernel" if name == "one" else "_adamw_many_kernel", Counting(kernel, name))
 
     cfg = OptimConfig(lr=1e-2, weight_decay=0.1, impl="triton")
     model, opt, ref = _adamw_pair(dtype, cfg)
@@ -539,6 +554,11 @@ def test_triton_adamw_matches_torch_adamw_with_clip_and_skip(dtype):
     assert clip_and_step(opt, grad_norm(model.parameters()), 1.0).item() == 1.0
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     assert all(s["step"].item() == 3 for s in opt.state.values())
+    # (per-tensor, batched) launches a step, the skipped one too, over the 2 groups: decay (the 97 x 61 and
+    # 61 x 5 matrices) and none (three biases, the norm's weight). All batched: one per group; none: one per
+    # tensor; below 1000 elements: the large matrix alone, the rest in one batch per group.
+    per_step = {1 << 20: (0, 2), 0: (6, 0), 1000: (1, 2)}[batched_below]
+    assert (launches["one"], launches["many"]) == tuple(4 * k for k in per_step), launches
 
 
 def test_triton_adamw_takes_torch_adamw_state():

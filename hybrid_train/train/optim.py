@@ -54,9 +54,10 @@ def _triton_can_step(params: list[torch.Tensor], interpreter_ok: bool = False) -
 
 class TritonAdamW(torch.optim.AdamW):
     """torch's AdamW (same groups, hyperparameters and state, so checkpoints move between the two),
-    stepped by one Triton kernel per tensor (hybrid_train/ops/triton/adamw.py). Like the fused AdamW it
-    takes `grad_scale` (gradients are divided by it) and `found_inf` (non-zero: nothing is written, step
-    counts stay) as device scalars set on the optimizer (clip_and_step), and reads nothing back.
+    stepped by Triton kernels: a launch per large tensor, one for all small ones of a kind
+    (hybrid_train/ops/triton/adamw.py). Like the fused AdamW it takes `grad_scale` (gradients are divided
+    by it) and `found_inf` (non-zero: nothing is written, step counts stay) as device scalars set on the
+    optimizer (clip_and_step), and reads nothing back.
 
     With `keep_copies(WeightCopies)` it also writes each copied parameter's bf16 copy, and takes the
     gradient from the copy where the parameter has none (hybrid_train/train/precision.py).
@@ -86,7 +87,7 @@ class TritonAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
-        from hybrid_train.ops.triton.adamw import adamw_step
+        from hybrid_train.ops.triton.adamw import adamw_steps
 
         loss = None
         if closure is not None:
@@ -126,10 +127,8 @@ class TritonAdamW(torch.optim.AdamW):
             steps = [w[4] for w in work]
             torch._foreach_add_(steps, 1.0)
             beta1, beta2 = group["betas"]
-            for param, grad, exp_avg, exp_avg_sq, step, copy, index in work:
-                adamw_step(param, grad, exp_avg, exp_avg_sq, step, scale, skip, lr=float(group["lr"]),
-                           beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                           copy=copy, tensor_index=index)
+            adamw_steps(work, scale, skip, lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                        weight_decay=group["weight_decay"])
             if self.found_inf is not None:
                 torch._foreach_sub_(steps, [skip] * len(steps))
         return loss

@@ -1,4 +1,4 @@
-"""One AdamW step of one tensor, in Triton: read parameter, gradient and both moments once, write
+"""The AdamW step in Triton: read parameter, gradient and both moments once, write
 parameter and moments once (28 bytes per fp32 parameter), the clip and the non-finite skip taken from
 device scalars so that nothing is read back to the host.
 
@@ -16,6 +16,8 @@ and its step count, so a run and its resume round alike, with no generator state
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -59,39 +61,68 @@ def _stochastic_bf16(x, noise):
     return ((bits + noise) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
+@triton.jit
+def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, copy_ptr, offs, mask, step_ptr, scale_ptr, tensor_index,
+                 lr, beta1, beta2, eps, weight_decay,
+                 HAS_SCALE: tl.constexpr, HAS_COPY: tl.constexpr, STOCHASTIC_MOMENTS: tl.constexpr):
+    """The step of the elements `offs` of one tensor."""
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        g = g / tl.load(scale_ptr)
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    step = tl.load(step_ptr).to(tl.float32)
+    p = p * (1.0 - lr * weight_decay)
+    m = m + (1.0 - beta1) * (g - m)  # torch: exp_avg.lerp_(grad, 1 - beta1)
+    v = v * beta2 + (1.0 - beta2) * g * g
+    bias1 = 1.0 - tl.exp2(step * tl.log2(beta1))
+    bias2_sqrt = tl.sqrt(1.0 - tl.exp2(step * tl.log2(beta2)))
+    p = p - (lr / bias1) * m / (tl.sqrt(v) / bias2_sqrt + eps)
+    tl.store(p_ptr + offs, _rounded(p, p_ptr.dtype.element_ty), mask=mask)
+    if STOCHASTIC_MOMENTS:  # bf16 moments: the low 16 random bits round m, the high 16 v
+        key = _hash(step.to(tl.uint32) * 0x9E3779B9 + tensor_index.to(tl.uint32))
+        noise = _hash(offs.to(tl.uint32) ^ key)
+        tl.store(m_ptr + offs, _stochastic_bf16(m, noise & 0xFFFF), mask=mask)
+        tl.store(v_ptr + offs, _stochastic_bf16(v, noise >> 16), mask=mask)
+    else:
+        tl.store(m_ptr + offs, _rounded(m, m_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_ptr + offs, _rounded(v, v_ptr.dtype.element_ty), mask=mask)
+    if HAS_COPY:
+        tl.store(copy_ptr + offs, _rounded(p, copy_ptr.dtype.element_ty), mask=mask)
+
+
 @triton.jit(do_not_specialize=["tensor_index"])  # one build for every tensor's index
 def _adamw_kernel(
     p_ptr, g_ptr, m_ptr, v_ptr, step_ptr, scale_ptr, skip_ptr, copy_ptr, n, tensor_index,
     lr, beta1, beta2, eps, weight_decay,
     BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_COPY: tl.constexpr, STOCHASTIC_MOMENTS: tl.constexpr,
 ):
+    """One tensor, a block of it per program."""
     if tl.load(skip_ptr) == 0:
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_SCALE:
-            g = g / tl.load(scale_ptr)
-        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        step = tl.load(step_ptr).to(tl.float32)
-        p = p * (1.0 - lr * weight_decay)
-        m = m + (1.0 - beta1) * (g - m)  # torch: exp_avg.lerp_(grad, 1 - beta1)
-        v = v * beta2 + (1.0 - beta2) * g * g
-        bias1 = 1.0 - tl.exp2(step * tl.log2(beta1))
-        bias2_sqrt = tl.sqrt(1.0 - tl.exp2(step * tl.log2(beta2)))
-        p = p - (lr / bias1) * m / (tl.sqrt(v) / bias2_sqrt + eps)
-        tl.store(p_ptr + offs, _rounded(p, p_ptr.dtype.element_ty), mask=mask)
-        if STOCHASTIC_MOMENTS:  # bf16 moments: the low 16 random bits round m, the high 16 v
-            key = _hash(step.to(tl.uint32) * 0x9E3779B9 + tensor_index.to(tl.uint32))
-            noise = _hash(offs.to(tl.uint32) ^ key)
-            tl.store(m_ptr + offs, _stochastic_bf16(m, noise & 0xFFFF), mask=mask)
-            tl.store(v_ptr + offs, _stochastic_bf16(v, noise >> 16), mask=mask)
-        else:
-            tl.store(m_ptr + offs, _rounded(m, m_ptr.dtype.element_ty), mask=mask)
-            tl.store(v_ptr + offs, _rounded(v, v_ptr.dtype.element_ty), mask=mask)
-        if HAS_COPY:
-            tl.store(copy_ptr + offs, _rounded(p, copy_ptr.dtype.element_ty), mask=mask)
+        _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, copy_ptr, offs, offs < n, step_ptr, scale_ptr, tensor_index,
+                     lr, beta1, beta2, eps, weight_decay, HAS_SCALE, HAS_COPY, STOCHASTIC_MOMENTS)
+
+
+@triton.jit
+def _adamw_many_kernel(
+    rows_ptr, block_tensor_ptr, block_index_ptr, scale_ptr, skip_ptr,
+    lr, beta1, beta2, eps, weight_decay,
+    P_DT: tl.constexpr, G_DT: tl.constexpr, M_DT: tl.constexpr, C_DT: tl.constexpr,
+    BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_COPY: tl.constexpr, STOCHASTIC_MOMENTS: tl.constexpr,
+):
+    """Many tensors in one launch: program i steps block block_index[i] of tensor block_tensor[i], whose
+    addresses, size and index are row block_tensor[i] of `rows` (ROW int64s each)."""
+    if tl.load(skip_ptr) == 0:
+        pid = tl.program_id(0)
+        row = rows_ptr + tl.load(block_tensor_ptr + pid).to(tl.int64) * 8
+        offs = tl.load(block_index_ptr + pid).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        _adamw_block(tl.load(row).to(tl.pointer_type(P_DT)), tl.load(row + 1).to(tl.pointer_type(G_DT)),
+                     tl.load(row + 2).to(tl.pointer_type(M_DT)), tl.load(row + 3).to(tl.pointer_type(M_DT)),
+                     tl.load(row + 5).to(tl.pointer_type(C_DT)), offs, offs < tl.load(row + 6),
+                     tl.load(row + 4).to(tl.pointer_type(tl.float32)), scale_ptr, tl.load(row + 7),
+                     lr, beta1, beta2, eps, weight_decay, HAS_SCALE, HAS_COPY, STOCHASTIC_MOMENTS)
 
 
 def adamw_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
@@ -101,14 +132,63 @@ def adamw_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, e
     """In place on contiguous tensors of one shape; step, grad_scale and skip are 0-dim float32 tensors
     on the parameter's device (skip != 0: write nothing); copy, if given, gets the new parameter too.
     bf16 moments are rounded stochastically (module doc), seeded by tensor_index and the step count."""
-    n = param.numel()
-    assert copy is None or (copy.shape == param.shape and copy.is_contiguous()), "copy: param's shape, contiguous"
-    assert exp_avg.dtype == exp_avg_sq.dtype, "both moments in one dtype"
-    block = BLOCK if param.is_cuda else INTERPRETER_BLOCK
-    _adamw_kernel[(triton.cdiv(n, block),)](
-        param, grad, exp_avg, exp_avg_sq, step, grad_scale if grad_scale is not None else skip, skip,
-        copy if copy is not None else param, n, tensor_index,
-        float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
-        BLOCK=block, HAS_SCALE=grad_scale is not None, HAS_COPY=copy is not None,
-        STOCHASTIC_MOMENTS=exp_avg.dtype == torch.bfloat16, num_warps=NUM_WARPS,
-    )
+    adamw_steps([(param, grad, exp_avg, exp_avg_sq, step, copy, tensor_index)], grad_scale, skip, lr=lr,
+                beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+
+
+# Tensors below this many elements are stepped together, in one launch per combination of dtypes: a
+# model has hundreds of norm weights, biases, A_log, D and dt_bias vectors, and stepping each with its
+# own launch took the host longer than the GPU (13 ms a step for hybrid_1b's 291 tensors on an H200).
+BATCHED_BELOW = 1 << 20
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def adamw_steps(items, grad_scale: torch.Tensor | None, skip: torch.Tensor, *, lr: float, beta1: float, beta2: float,
+                eps: float, weight_decay: float) -> None:
+    """adamw_step for each (param, grad, exp_avg, exp_avg_sq, step, copy or None, tensor_index) of `items`,
+    all with these hyperparameters: a launch each for large tensors, one per kind for the small ones."""
+    small: dict[tuple, list] = {}
+    for item in items:
+        param, grad, exp_avg, exp_avg_sq, step, copy, tensor_index = item
+        assert param.is_contiguous() and grad.is_contiguous() and exp_avg.is_contiguous() and \
+            exp_avg_sq.is_contiguous() and grad.shape == param.shape, "contiguous tensors of the parameter's shape"
+        assert exp_avg.dtype == exp_avg_sq.dtype, "both moments in one dtype"
+        assert copy is None or (copy.shape == param.shape and copy.is_contiguous()), "copy: param's shape, contiguous"
+        if param.numel() < BATCHED_BELOW:
+            kind = (param.device, param.dtype, grad.dtype, exp_avg.dtype, None if copy is None else copy.dtype)
+            small.setdefault(kind, []).append(item)
+            continue
+        block = BLOCK if param.is_cuda else INTERPRETER_BLOCK
+        _adamw_kernel[(triton.cdiv(param.numel(), block),)](
+            param, grad, exp_avg, exp_avg_sq, step, grad_scale if grad_scale is not None else skip, skip,
+            copy if copy is not None else param, param.numel(), tensor_index,
+            float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
+            BLOCK=block, HAS_SCALE=grad_scale is not None, HAS_COPY=copy is not None,
+            STOCHASTIC_MOMENTS=exp_avg.dtype == torch.bfloat16, num_warps=NUM_WARPS,
+        )
+    for (device, p_dtype, g_dtype, m_dtype, c_dtype), group in small.items():
+        block = BLOCK if device.type == "cuda" else INTERPRETER_BLOCK
+        rows = torch.tensor([[p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), s.data_ptr(),
+                              (c if c is not None else p).data_ptr(), p.numel(), i]
+                             for p, g, m, v, s, c, i in group], dtype=torch.int64)
+        block_tensor, block_index = _block_table(tuple(p.numel() for p, *_ in group), block, device)
+        if device.type == "cuda":  # (a pinned copy, queued: the host does not wait)
+            rows = rows.pin_memory().to(device, non_blocking=True)
+        _adamw_many_kernel[(block_tensor.numel(),)](
+            rows, block_tensor, block_index, grad_scale if grad_scale is not None else skip, skip,
+            float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
+            P_DT=_TL_DTYPES[p_dtype], G_DT=_TL_DTYPES[g_dtype], M_DT=_TL_DTYPES[m_dtype],
+            C_DT=_TL_DTYPES[c_dtype or p_dtype], BLOCK=block, HAS_SCALE=grad_scale is not None,
+            HAS_COPY=c_dtype is not None, STOCHASTIC_MOMENTS=m_dtype == torch.bfloat16, num_warps=NUM_WARPS,
+        )
+
+
+@functools.lru_cache(maxsize=64)
+def _block_table(sizes: tuple[int, ...], block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, block within the tensor) of every block of tensors of these sizes, as int32 tensors on device:
+    the same every step, so built once."""
+    counts = torch.tensor([triton.cdiv(n, block) for n in sizes])
+    tensor = torch.repeat_interleave(torch.arange(len(sizes)), counts)
+    first = torch.cumsum(counts, 0) - counts
+    index = torch.arange(int(counts.sum())) - torch.repeat_interleave(first, counts)
+    return tensor.to(device, torch.int32), index.to(device, torch.int32)
