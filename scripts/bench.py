@@ -8,8 +8,8 @@
 Forward + backward (+ AdamW step with --optimizer) of a slice of Bamba-9B (all widths exact, fewer
 layers), parameters in bf16, loss outside the model, median over timed steps after warm-up.
 
-``--master-weights`` keeps the trainer's precision on one GPU instead: fp32 parameters and AdamW
-moments, bf16 autocast on the optimizer's bf16 weight copies (hybrid_train/train/precision.py), and
+``--master-weights`` keeps the trainer's precision on one GPU instead: fp32 masters and AdamW
+moments, bf16 autocast on bf16 weights with split fp32 masters (hybrid_train/train/precision.py), and
 with --optimizer the trainer's gradient norm and clip (1.0) folded into the step. The trainer's own
 step is then this plus its data, logging and host time (`scripts/bench_train.py`).
 
@@ -52,9 +52,9 @@ from hybrid_train.ops import set_kernels
 from hybrid_train.ops.dispatch import OPS, interpreting, torch_ops
 from hybrid_train.train.config import OptimConfig
 from hybrid_train.train.loss import lm_loss
-from hybrid_train.parallel import grad_norm
+from hybrid_train.parallel import total_norm
 from hybrid_train.train.optim import build_optimizer, clip_and_step
-from hybrid_train.train.precision import WeightCopies
+from hybrid_train.train.precision import BF16Weights
 from hybrid_train.train.metrics import device_peak_flops
 
 BAMBA_9B = dict(name="bamba_9b_slice", vocab_size=128256, d_model=4096, mlp_hidden=14336, n_heads=32, n_kv_heads=8,
@@ -68,6 +68,7 @@ TINY_MOE = dict(name="tiny_moe_slice", moe_n_experts=8, moe_top_k=2, moe_hidden=
 MOE_VARIANTS = ("grouped", "loop")
 # --ladder switches these on in this order, each variant keeping the ones before it.
 LADDER = ("ssd", "conv1d", "gated_norm", "rms_norm", "mixer")
+MODEL_OPS = tuple(op for op in OPS if op != "sum_squares")  # (the sum of squares is the gradient norm's, not the model's)
 
 
 class SavedBytes:
@@ -116,7 +117,7 @@ def variants(ladder: bool, fused_loss: bool, moe: bool = False) -> list[tuple[st
     if not ladder:
         return [("kernels", ())]
     steps = LADDER + (("cross_entropy",) if fused_loss else ())
-    return [("reference" if i == 0 else "+" + steps[i - 1], tuple(op for op in OPS if op not in steps[:i]))
+    return [("reference" if i == 0 else "+" + steps[i - 1], tuple(op for op in MODEL_OPS if op not in steps[:i]))
             for i in range(len(steps) + 1)]
 
 
@@ -143,7 +144,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="include an AdamW step (build_optimizer's: Triton on CUDA) on the bf16 parameters and "
                              "states here; the trainer keeps fp32 masters and moments")
     parser.add_argument("--master-weights", action="store_true",
-                        help="fp32 parameters and moments, bf16 weight copies under autocast (train.py on one GPU)")
+                        help="fp32 masters and moments, bf16 weights with split fp32 masters under autocast (train.py "
+                             "on one GPU)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each block")
     parser.add_argument("--fused-loss", action="store_true", help="loss in the model's head, fused with it")
     parser.add_argument("--ladder", action="store_true", help="switch the kernels on one at a time")
@@ -169,13 +171,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for block in model.layers.values():
             block.compile()
     n_params, n_emb = count_params(model)
-    # (on CPU the Triton step that writes the copies runs only when asked for, through the interpreter)
+    # (on CPU the Triton step of split masters runs only when asked for, through the interpreter)
     impl = "triton" if args.master_weights and not cuda and interpreting() else "auto"
     opt = build_optimizer(model, OptimConfig(lr=1e-5, impl=impl)) if args.optimizer else None
-    copies = WeightCopies(model, enabled=args.master_weights)
+    bf16_weights = BF16Weights(model, enabled=args.master_weights)
     if args.master_weights and opt is not None:
         try:
-            copies.attach(opt)
+            bf16_weights.attach(opt)
         except TypeError as err:
             parser.error(f"--master-weights --optimizer: {err} (the Triton step: CUDA, or TRITON_INTERPRET=1)")
     precision = (torch.autocast(device.type, dtype=torch.bfloat16) if args.master_weights
@@ -196,13 +198,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     def zero_grad() -> None:
         model.zero_grad(set_to_none=True)
-        copies.zero_grad()
+        bf16_weights.zero_grad()
 
     def step() -> None:
-        with copies.in_use():
-            forward_loss().backward()
+        forward_loss().backward()
         if opt is not None and args.master_weights:
-            clip_and_step(opt, grad_norm(copies.grad_holders(model.parameters())), 1.0)
+            clip_and_step(opt, total_norm(bf16_weights.grads(model.parameters())), 1.0)
         elif opt is not None:
             opt.step()
         zero_grad()
@@ -229,7 +230,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 step()
             sync()
             before = torch.cuda.memory_allocated(device) if cuda else 0
-            with SavedBytes([*model.parameters(), *copies.copies.values()]) as saved, copies.in_use():
+            with SavedBytes([*model.parameters(), *bf16_weights.low.values()]) as saved:
                 loss = forward_loss()
             sync()
             alloc = torch.cuda.memory_allocated(device) - before if cuda else None

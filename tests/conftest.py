@@ -37,7 +37,7 @@ def compose():
 @pytest.fixture
 def head_dtypes(monkeypatch):
     """The dtype of the model's head weight each time the trainer runs a micro-batch's forward and backward
-    (bf16 while the bf16 weight copies are swapped in, fp32 otherwise)."""
+    (bf16 with bf16 weights on split fp32 masters, fp32 otherwise)."""
     from hybrid_train.train import trainer
 
     seen = []

@@ -35,7 +35,7 @@ from hybrid_train.ops.cross_entropy import fused_linear_cross_entropy  # noqa: E
 from hybrid_train.ops.dispatch import set_kernels  # noqa: E402
 from hybrid_train.ops.norm import gated_rms_norm_torch, rms_norm, rms_norm_torch  # noqa: E402
 from hybrid_train.ops.ssd import ssd_chunk_scan, ssd_chunk_scan_torch  # noqa: E402
-from hybrid_train.ops.triton.adamw import _rounded  # noqa: E402
+from hybrid_train.ops.triton.adamw import _rounded, join_fp32, split_fp32  # noqa: E402
 from hybrid_train.ops.triton.common import LAUNCH  # noqa: E402
 from test_ssd import grads_of, make_inputs, seq_from_starts  # noqa: E402
 
@@ -664,66 +664,63 @@ def test_triton_adamw_checkpoint_moves_to_torch_adamw_and_back(tmp_path):
             assert float(s["step"]) == 3
 
 
-def _steps_with_copies(cfg, use_copies: bool, grad_accum: int, steps: int = 3):
-    """`steps` clipped Triton-AdamW steps of a model under bf16 autocast, with or without the bf16
-    weight copies; (cross entropies, gradient norms, final state dict, copies (None without), names of
-    the copied parameters, whether the copied masters held no gradient after each step's first backward)."""
-    import contextlib
-
-    from hybrid_train.parallel import grad_norm
+def _steps_with_split(cfg, split: bool, grad_accum: int, steps: int = 3):
+    """`steps` clipped Triton-AdamW steps of a model under bf16 autocast, with or without bf16 weights on
+    split fp32 masters; (cross entropies, gradient norms, final state dict, BF16Weights (None without),
+    names of the split parameters, whether each step's first backward left bf16 gradients on them)."""
+    from hybrid_train.parallel import total_norm
     from hybrid_train.train.config import OptimConfig
     from hybrid_train.train.optim import build_optimizer, clip_and_step
-    from hybrid_train.train.precision import WeightCopies
+    from hybrid_train.train.precision import BF16Weights
 
     torch.manual_seed(0)
     model = build_model(cfg)
     opt = build_optimizer(model, OptimConfig(lr=1e-2, impl="triton"))
-    copies = WeightCopies(model) if use_copies else None
-    if copies is not None:
-        copies.attach(opt)
+    weights = BF16Weights(model, enabled=split)
+    if split:
+        weights.attach(opt)
     torch.manual_seed(1)
-    ces, norms, masters_gradless = [], [], []
+    ces, norms, bf16_grads = [], [], []
     for _ in range(steps):
         for _ in range(grad_accum):
             ids = torch.randint(0, cfg.vocab_size, (2, 33))
-            with copies.in_use() if copies is not None else contextlib.nullcontext():
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    loss, ce = model(ids[:, :-1], labels=ids[:, 1:])
-                (loss / grad_accum).backward()
-            if copies is not None:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss, ce = model(ids[:, :-1], labels=ids[:, 1:])
+            (loss / grad_accum).backward()
+            if split:
                 if len(ces) % grad_accum == 0:  # the step's first micro-batch
-                    masters_gradless.append(all(p.grad is None for p in copies.copies))
+                    bf16_grads.append(all(p.grad.dtype == torch.bfloat16 for p in weights.low))
                 if grad_accum > 1:
-                    copies.fold_grads()
+                    weights.fold_grads()
             ces.append(ce.item())
-        norm = grad_norm(copies.grad_holders(model.parameters()) if copies is not None else model.parameters())
+        norm = total_norm(weights.grads(model.parameters()))
         norms.append(norm.item())
         assert clip_and_step(opt, norm, 0.5).item() == 0.0
         opt.zero_grad(set_to_none=True)
-    if copies is not None:  # a non-finite step writes neither masters nor copies
-        before = {p: (p.detach().clone(), c.detach().clone()) for p, c in copies.copies.items()}
-        with copies.in_use(), torch.autocast("cpu", dtype=torch.bfloat16):
+    if split:  # a non-finite step writes neither half
+        before = {p: (p.detach().clone(), low.clone()) for p, low in weights.low.items()}
+        with torch.autocast("cpu", dtype=torch.bfloat16):
             model(ids[:, :-1], labels=ids[:, 1:])[0].backward()
-        next(iter(copies.copies.values())).grad.view(-1)[0] = float("nan")
-        assert clip_and_step(opt, grad_norm(copies.grad_holders(model.parameters())), 0.5).item() == 1.0
-        assert all(torch.equal(p, b[0]) and torch.equal(c, b[1]) for (p, c), b in zip(copies.copies.items(),
-                                                                                       before.values()))
+        next(iter(weights.low)).grad.view(-1)[0] = float("nan")
+        assert clip_and_step(opt, total_norm(weights.grads(model.parameters())), 0.5).item() == 1.0
+        assert all(torch.equal(p, b[0]) and torch.equal(weights.low[p], b[1]) for p, b in before.items())
         opt.zero_grad(set_to_none=True)
-    names = {n for n, p in model.named_parameters() if copies is not None and p in copies.copies}
-    return ces, norms, {k: v.detach().clone() for k, v in model.state_dict().items()}, copies, names, masters_gradless
+    names = {n for n, p in model.named_parameters() if p in weights.low}
+    return ces, norms, {k: v.detach().clone() for k, v in model.state_dict().items()}, weights, names, bf16_grads
 
 
 @pytest.mark.parametrize("grad_accum", [1, 2])
-def test_bf16_weight_copies_train_as_autocast(grad_accum, monkeypatch):
-    """A hybrid with Mamba-2, attention and MoE blocks, three clipped steps under bf16 autocast: with the
-    optimizer's bf16 weight copies (forward and backward on them) the cross entropies, gradient norms
-    and fp32 weights are those of plain autocast, which casts the same weights itself."""
+def test_bf16_weights_on_split_masters_train_as_autocast(grad_accum, monkeypatch):
+    """A hybrid with Mamba-2, attention and MoE blocks, three clipped steps under bf16 autocast: with bf16
+    weights on split fp32 masters (forward and backward on the bf16 halves) the cross entropies and gradient
+    norms are plain autocast's, which casts fp32 weights itself, and so are the fp32 masters, to the bit but
+    for the rare value halfway between two bf16 values, kept one fp32 ulp off (precision.py)."""
     monkeypatch.setenv("HYBRID_TRAIN_KERNELS", "auto")
     set_kernels("torch")  # the model's ops in PyTorch (fast here); the AdamW step through the interpreter
     try:
         cfg = mixer_cfg(moe_n_experts=4, moe_top_k=2, moe_hidden=24, moe_every=2, moe_offset=1)
-        ces0, norms0, weights0, _, _, _ = _steps_with_copies(cfg, False, grad_accum)
-        ces1, norms1, weights1, copies, copied, gradless = _steps_with_copies(cfg, True, grad_accum)
+        ces0, norms0, weights0, _, _, _ = _steps_with_split(cfg, False, grad_accum)
+        ces1, norms1, weights1, split, names, bf16_grads = _steps_with_split(cfg, True, grad_accum)
     finally:
         set_kernels("auto")
     # the linear layers (mixer and attention projections, router, head) and the experts' matrices; not the
@@ -732,22 +729,78 @@ def test_bf16_weight_copies_train_as_autocast(grad_accum, monkeypatch):
               ("z", "x", "B", "C", "dt", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj", "router", "lm_head",
                "gate_proj", "up_proj", "down_proj")}
     assert len(linear) == 15  # 6 mixer + 3 MLP projections, 4 attention, router, head
-    assert copied == linear | {"layers.1.mlp.experts.gate_up_proj", "layers.1.mlp.experts.down_proj"}, copied
-    assert len(gradless) == 3 and all(gradless)  # the gradients landed on the copies, not on the masters
-    assert ces1[0] == ces0[0]  # the first forward: the copies are autocast's own rounding of the masters
-    torch.testing.assert_close(ces1, ces0, rtol=1e-6, atol=0)
-    torch.testing.assert_close(norms1, norms0, rtol=1e-6, atol=0)
-    for name, value in weights0.items():
-        torch.testing.assert_close(weights1[name], value, rtol=1e-6, atol=1e-8, msg=name)
-    for master, copy in copies.copies.items():  # the optimizer wrote each copy as it stepped its master
-        assert copy.dtype == torch.bfloat16 and torch.equal(copy, master.detach().to(torch.bfloat16))
+    assert names == linear | {"layers.1.mlp.experts.gate_up_proj", "layers.1.mlp.experts.down_proj"}, names
+    assert len(bf16_grads) == 3 and all(bf16_grads)  # the gradients are the bf16 weights' own
+    assert ces1 == ces0 and norms1 == norms0
+    ulps = {n: (weights1[n].view(torch.int32) - w.view(torch.int32)).abs() for n, w in weights0.items()}
+    assert all(weights1[n].dtype == torch.float32 for n in weights0)  # the state dict: fp32 masters either way
+    assert sum(int((u > 0).sum()) for u in ulps.values()) <= 8 and max(int(u.max()) for u in ulps.values()) <= 2
+    for param, low in split.low.items():  # the optimizer wrote both halves as it stepped each master
+        master = join_fp32(param, low)
+        assert param.dtype == torch.bfloat16 and torch.equal(split_fp32(master)[0], param)
 
 
-def test_trainer_with_bf16_weight_copies_logs_autocast_losses(compose, tmp_path, monkeypatch, head_dtypes):
-    """train.py's loop with train.bf16_weight_copies on and off (bf16 autocast, Triton AdamW, 2 micro-batches
-    a step), and on with activation checkpointing (whose recompute in backward must see the copies too):
-    the same losses and gradient norms; the header says which; the checkpoint holds the fp32 masters, and
-    a resumed run goes on as the uninterrupted one."""
+@pytest.mark.parametrize("batched_below", [1 << 20, 0])
+def test_split_master_step_is_the_fp32_step(batched_below, monkeypatch):
+    """The Triton step of a split master (bf16 half + int16 low half) is the step of an fp32 parameter:
+    over three clipped steps with bf16 gradients and fp32 or bf16 moments, its halves are split_fp32 of what
+    the fp32 parameter stepped to (which then goes on from their join, as the split master does: that
+    join differs at ties that round down); with every tensor in one batched launch, and each in its own."""
+    from hybrid_train.ops.triton import adamw
+
+    monkeypatch.setattr(adamw, "BATCHED_BELOW", batched_below)
+    torch.manual_seed(0)
+    shapes = [(300, 7), (1000,), (5, 3, 4)]
+    for moments in (torch.float32, torch.bfloat16):
+        halves = [split_fp32(torch.randn(s)) for s in shapes]
+        plain = [join_fp32(*h) for h in halves]
+        states = [[(torch.zeros(s, dtype=moments), torch.zeros(s, dtype=moments), torch.zeros(()))
+                   for s in shapes] for _ in range(2)]
+        scale, skip = torch.tensor(3.0), torch.zeros(())
+        for _ in range(3):
+            grads = [torch.randn(s).bfloat16() for s in shapes]
+            for run, params in enumerate((plain, halves)):
+                items = []
+                for i, (param, grad, (m, v, step)) in enumerate(zip(params, grads, states[run])):
+                    step += 1
+                    high, low = param if run else (param, None)
+                    items.append((high, grad, m, v, step, low, i))
+                adamw.adamw_steps(items, scale, skip, lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+            for p, (high, low) in zip(plain, halves):
+                expected_high, expected_low = split_fp32(p)
+                assert torch.equal(high, expected_high) and torch.equal(low, expected_low)
+                p.copy_(join_fp32(high, low))
+        for (m0, v0, _), (m1, v1, _) in zip(*states):
+            assert torch.equal(m0, m1) and torch.equal(v0, v1)
+
+
+def test_sum_squares_kernel_matches_float64():
+    """One launch per dtype over tensors of ragged sizes (within a block, several blocks, empty): the fp32
+    sum of squares against float64; inf and NaN come through."""
+    from hybrid_train.ops.reductions import sum_squares
+    from hybrid_train.ops.triton import sum_squares as kernel
+
+    torch.manual_seed(0)
+    tensors = [torch.randn(s, dtype=d) * 3 for s, d in (((3, 5), torch.float32), ((9000,), torch.bfloat16),
+                                                        ((0,), torch.float32), ((4096, 3), torch.float32),
+                                                        ((7,), torch.float16), ((2, 4097), torch.bfloat16))]
+    expected = sum(t.double().square().sum() for t in tensors)
+    for block in (None, 1024):
+        got = kernel.sum_squares(tensors, block=block)
+        assert got.dtype == torch.float32 and got.shape == ()
+        torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(sum_squares(tensors).double(), expected, rtol=1e-6, atol=0)  # dispatched: Triton
+    tensors[1][5] = float("inf")
+    assert torch.isinf(kernel.sum_squares(tensors))
+    tensors[3][0, 0] = float("nan")
+    assert torch.isnan(kernel.sum_squares(tensors))
+
+
+def test_trainer_with_bf16_weights_logs_autocast_losses(compose, tmp_path, monkeypatch, head_dtypes):
+    """train.py's loop with train.bf16_weights on and off (bf16 autocast, Triton AdamW, 2 micro-batches
+    a step), and on with activation checkpointing: the same losses and gradient norms; the header says
+    which; the checkpoint holds the fp32 masters, a resumed run goes on as the uninterrupted one, and a
+    checkpoint of either kind resumes under the other."""
     import json
 
     from hybrid_train.train.checkpoint import iter_model_tensors
@@ -761,27 +814,71 @@ def test_trainer_with_bf16_weight_copies_logs_autocast_losses(compose, tmp_path,
     runs = {}
     for name, extra in (("false", []), ("true", []), ("true_ac", ["parallel.activation_checkpoint=full"])):
         run_dir = tmp_path / name
-        copies = name.split("_")[0]
+        split = name.split("_")[0]
         head_dtypes.clear()
-        train(compose(common + extra + [f"run.dir={run_dir}", "train.max_steps=4",
-                                        f"train.bf16_weight_copies={copies}"]))
+        train(compose(common + extra + [f"run.dir={run_dir}", "train.max_steps=4", f"train.bf16_weights={split}"]))
         runs[name] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        assert ("bf16 weight copies" in (run_dir / "train.log").read_text()) == (copies == "true")
-        assert head_dtypes == [torch.bfloat16 if copies == "true" else torch.float32] * 8  # 4 steps x 2
+        assert ("split fp32 masters" in (run_dir / "train.log").read_text()) == (split == "true")
+        assert head_dtypes == [torch.bfloat16 if split == "true" else torch.float32] * 8  # 4 steps x 2
     for name in ("true", "true_ac"):
         for key in ("loss", "grad_norm"):
-            torch.testing.assert_close([r[key] for r in runs[name]], [r[key] for r in runs["false"]], rtol=1e-5, atol=0)
+            torch.testing.assert_close([r[key] for r in runs[name]], [r[key] for r in runs["false"]], rtol=1e-6, atol=0)
     saved = dict(iter_model_tensors(tmp_path / "true"))
     assert all(t.dtype == torch.float32 for t in saved.values())
-    resumed = tmp_path / "resumed"  # train.bf16_weight_copies unset: on, as it applies here
+    resumed = tmp_path / "resumed"  # train.bf16_weights unset: on, as it applies here
     train(compose(common + [f"run.dir={resumed}", "train.max_steps=2", "checkpoint.final=true"]))
-    assert "bf16 weight copies" in (resumed / "train.log").read_text()
+    assert "split fp32 masters" in (resumed / "train.log").read_text()
     train(compose(common + [f"run.dir={resumed}", "train.max_steps=4"]))
     losses = [json.loads(line)["loss"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert losses[-2:] == [r["loss"] for r in runs["true"]][-2:]
-    with pytest.raises(ValueError, match="train.bf16_weight_copies=true: .*fp32"):
+    # across the two: a split run's checkpoint resumed with fp32 weights, and back (fp32 moments kept fp32)
+    for first, second in (("true", "false"), ("false", "true")):
+        run_dir = tmp_path / f"across_{first}"
+        train(compose(common + [f"run.dir={run_dir}", "train.max_steps=2", "checkpoint.final=true",
+                                f"train.bf16_weights={first}"]))
+        train(compose(common + [f"run.dir={run_dir}", "train.max_steps=4", f"train.bf16_weights={second}"]))
+        losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        torch.testing.assert_close(losses, [r["loss"] for r in runs["false"]], rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="train.bf16_weights=true: .*fp32"):
         train(compose(common + [f"run.dir={tmp_path / 'fp32'}", "train.max_steps=1", "train.precision=fp32",
-                                "train.bf16_weight_copies=true"]))
+                                "train.bf16_weights=true"]))
+
+
+def test_split_masters_keep_fp32_moments_through_a_state_dict():
+    """torch's Optimizer.load_state_dict casts moments to the parameter's dtype: the Triton AdamW keeps
+    the fp32 moments of split masters (bf16 parameters) as saved, and steps on as before."""
+    from hybrid_train.train.config import OptimConfig
+    from hybrid_train.train.optim import build_optimizer
+    from hybrid_train.train.precision import BF16Weights
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 4))
+        opt = build_optimizer(model, OptimConfig(lr=1e-2, impl="triton"))
+        BF16Weights(model).attach(opt)
+        return model, opt
+
+    x = torch.randn(8, 16)
+    model, opt = build()
+    for _ in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x).float().square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    saved = copy.deepcopy(opt.state_dict())  # (a state dict holds the optimizer's own tensors)
+    assert all(s["exp_avg"].dtype == torch.float32 for s in saved["state"].values())
+    other, other_opt = build()
+    other.load_state_dict(model.state_dict())
+    other_opt.load_state_dict(saved)
+    for p in other.parameters():
+        state = other_opt.state[p]
+        assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float32, p.dtype
+    assert any(p.dtype == torch.bfloat16 for p in other.parameters())
+    for m, o in ((model, opt), (other, other_opt)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            m(x * 2).float().square().sum().backward()
+        o.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
 
 
 def _bf16_neighbours(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

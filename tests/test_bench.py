@@ -42,11 +42,11 @@ def test_saved_bytes_counts_each_storage_once_and_skips_parameters():
 def test_bench_ladder_smoke_on_cpu(tmp_path, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     out = tmp_path / "bench.jsonl"
-    results = load_bench().main(["--device", "cpu", "--tiny", "--ladder", "--layers", "2", "--attn", "1",
-                                 "--seq-len", "32", "--steps", "1", "--warmup", "0", "--documents", "2",
-                                 "--json", str(out)])
+    bench = load_bench()
+    results = bench.main(["--device", "cpu", "--tiny", "--ladder", "--layers", "2", "--attn", "1",
+                          "--seq-len", "32", "--steps", "1", "--warmup", "0", "--documents", "2", "--json", str(out)])
     assert [r["variant"] for r in results] == ["reference", "+ssd", "+conv1d", "+gated_norm", "+rms_norm", "+mixer"]
-    assert results[0]["torch_ops"] == list(OPS) and results[-1]["torch_ops"] == ["cross_entropy"]
+    assert results[0]["torch_ops"] == list(bench.MODEL_OPS) and results[-1]["torch_ops"] == ["cross_entropy"]
     # on CPU without the interpreter every variant runs the reference: the same bytes saved
     assert len({r["act_bytes_per_token"] for r in results}) == 1 and results[0]["act_bytes_per_token"] > 0
     assert all(r["tokens_per_s"] > 0 and r["act_alloc_bytes_per_token"] is None for r in results)
@@ -64,8 +64,8 @@ def test_bench_fused_loss_adds_the_cross_entropy_step(monkeypatch):
 
 
 def test_bench_master_weights_runs_the_trainers_precision(monkeypatch):
-    """--master-weights: fp32 parameters under autocast on bf16 weight copies (CPU: without the optimizer,
-    whose Triton step writes the copies; asked for on CPU without the interpreter, a clear error)."""
+    """--master-weights: autocast on bf16 weights with split fp32 masters (CPU: without the optimizer, whose
+    Triton step updates them; asked for on CPU without the interpreter, a clear error)."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     bench = load_bench()
     args = ["--device", "cpu", "--tiny", "--layers", "1", "--attn", "--seq-len", "16", "--steps", "1", "--warmup", "1",
@@ -109,6 +109,8 @@ def test_bench_optimizer_times_each_impl_on_cpu(tmp_path, capsys):
     n = sum(p.numel() for p in build_model(load_config(["model=tiny"]).model).parameters())
     assert result["params"] == n and result["overrides"] == ["model=tiny"]
     assert result["fused"]["ms"] > 0 and result["loop"]["GB_per_s"] > 0
+    assert result["bytes_per_step"] == 28 * n  # fp32 parameters, gradients and moments
+    assert result["norm_torch"]["ms"] > 0 and "norm_triton" not in result  # (CPU: no Triton sum of squares)
     assert "fused" in capsys.readouterr().out
 
 

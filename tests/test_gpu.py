@@ -38,24 +38,57 @@ def test_train_steps_on_gpu(compose, tmp_path):
     assert records[-1]["mfu"] is not None and records[-1]["mem_gb"] > 0
 
 
-def test_bf16_weight_copies_log_autocast_losses_on_gpu(compose, tmp_path, head_dtypes):
-    """Eager, clip off (so the norm's summation order cannot move the weights): the bf16 weight copies
-    (the default on one GPU) and plain autocast log the same losses, with Mamba-2, attention and MoE."""
+def test_bf16_weights_log_autocast_losses_on_gpu(compose, tmp_path, head_dtypes):
+    """Eager, clip off (so the norm's summation order cannot move the weights): bf16 weights on split fp32
+    masters (the default on one GPU) and plain autocast log the same losses, with Mamba-2, attention and MoE."""
     import json
 
     from hybrid_train.train.trainer import train
 
     losses = {}
-    for copies in ("true", "false"):
+    for split in ("true", "false"):
         head_dtypes.clear()
-        run_dir = tmp_path / copies
+        run_dir = tmp_path / split
         train(compose(["model=jamba_mamba2_tiny", f"run.dir={run_dir}", "train.max_tokens=0", "train.max_steps=10",
                        "logging.log_every=1", "logging.progress=false", "parallel.compile=false",
-                       "train.grad_clip=0", f"train.bf16_weight_copies={copies}"]))
-        assert ("bf16 weight copies" in (run_dir / "train.log").read_text()) == (copies == "true")
-        assert set(head_dtypes) == {torch.bfloat16 if copies == "true" else torch.float32}
-        losses[copies] = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+                       "train.grad_clip=0", f"train.bf16_weights={split}"]))
+        assert ("split fp32 masters" in (run_dir / "train.log").read_text()) == (split == "true")
+        assert set(head_dtypes) == {torch.bfloat16 if split == "true" else torch.float32}
+        losses[split] = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert losses["true"] == losses["false"]
+
+
+def test_split_master_step_and_sum_squares_on_gpu():
+    """The Triton kernels behind the trainer's step on the GPU (where Triton 3.6 compiles them, unlike the
+    CPU interpreter): a split master's step is split_fp32 of the fp32 step, and the one-launch sum of
+    squares over mixed-dtype tensors matches float64."""
+    from hybrid_train.ops.triton.adamw import adamw_steps, join_fp32, split_fp32
+    from hybrid_train.ops.triton.sum_squares import sum_squares
+
+    torch.manual_seed(0)
+    shapes = [(4096, 1000), (3000,), (17, 33)]  # one launch of its own, and two in a batched one
+    halves = [split_fp32(torch.randn(s, device="cuda")) for s in shapes]
+    plain = [join_fp32(*h) for h in halves]
+    states = [[(torch.zeros(s, device="cuda"), torch.zeros(s, device="cuda"), torch.zeros((), device="cuda"))
+               for s in shapes] for _ in range(2)]
+    scale, skip = torch.tensor(3.0, device="cuda"), torch.zeros((), device="cuda")
+    for _ in range(3):
+        grads = [torch.randn(s, device="cuda").bfloat16() for s in shapes]
+        for run, params in enumerate((plain, halves)):
+            items = []
+            for i, (param, grad, (m, v, step)) in enumerate(zip(params, grads, states[run])):
+                step += 1
+                high, low = param if run else (param, None)
+                items.append((high, grad, m, v, step, low, i))
+            adamw_steps(items, scale, skip, lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+        for p, (high, low) in zip(plain, halves):
+            expected_high, expected_low = split_fp32(p)
+            assert torch.equal(high, expected_high) and torch.equal(low, expected_low)
+            p.copy_(join_fp32(high, low))
+    tensors = [torch.randn(s, device="cuda", dtype=d) for s, d in (((4096, 1000), torch.bfloat16), ((5,), torch.float32),
+                                                                  ((3, 4097), torch.float32), ((0,), torch.bfloat16))]
+    expected = sum(t.double().square().sum() for t in tensors)
+    torch.testing.assert_close(sum_squares(tensors).double(), expected, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("impl", ["triton", "fused"])

@@ -11,7 +11,7 @@ import torch
 
 from hybrid_train.parallel.ac import apply_ac
 from hybrid_train.parallel.collectives import (all_reduce_mean, any_rank, barrier, clip_grad_norm_, destroy,
-                                               full_tensor, grad_norm, sum_over_data_parallel)
+                                               full_tensor, grad_norm, sum_over_data_parallel, total_norm)
 from hybrid_train.parallel.compile import apply_compile
 from hybrid_train.parallel.config import ParallelConfig
 from hybrid_train.parallel.ep import apply_ep
@@ -21,7 +21,7 @@ from hybrid_train.parallel.mesh import Distributed, build_mesh, init_distributed
 from hybrid_train.parallel.tp import apply_tp, loss_parallel_context
 
 __all__ = ["ParallelConfig", "Distributed", "init_distributed", "build_mesh", "parallelize", "full_tensor_init",
-           "clip_grad_norm_", "grad_norm", "any_rank", "all_reduce_mean", "full_tensor", "loss_context",
+           "clip_grad_norm_", "grad_norm", "total_norm", "any_rank", "all_reduce_mean", "full_tensor", "loss_context",
            "loss_parallel_context", "barrier", "destroy", "sum_over_data_parallel"]
 
 

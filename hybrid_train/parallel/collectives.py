@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from hybrid_train.ops.reductions import sum_squares
+
 
 def full_tensor(value: torch.Tensor) -> torch.Tensor:
     """The whole value as a plain tensor: a DTensor gathered (a loss computed under loss parallelism is
@@ -44,16 +46,22 @@ def sum_over_data_parallel(value: torch.Tensor, tp_size: int) -> torch.Tensor:
 
 @torch.no_grad()
 def grad_norm(parameters: Iterable[torch.Tensor]) -> torch.Tensor:
-    """The global L2 norm of the gradients, as a 0-dim float32 tensor on their device (no host sync).
+    """The global L2 norm of the parameters' gradients (`total_norm`)."""
+    return total_norm([p.grad for p in parameters if p.grad is not None])
+
+
+@torch.no_grad()
+def total_norm(grads: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The global L2 norm of gradients, as a 0-dim float32 tensor on their device (no host sync).
 
     The norm is over the whole model whatever the layout: for a DTensor gradient, the sharded dims
     (FSDP, TP) contribute every shard once and the replicated dims (HSDP replicas, TP-replicated
     norms) once in total. Gradients are grouped by mesh, since a norm can only combine DTensors of
-    one mesh. Plain gradients of a low-precision dtype (bf16 weight copies) are summed in fp32: a bf16
+    one mesh. Plain gradients of a low-precision dtype (bf16 weights) are summed in fp32: a bf16
     norm would be off by up to 0.4%, and with it the clip."""
     squares = []
-    for mesh, grads in _by_mesh([p.grad for p in parameters if p.grad is not None]).items():
-        norm = _fp32_norm(grads) if mesh is None else torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    for mesh, group in _by_mesh(list(grads)).items():
+        norm = _fp32_norm(group) if mesh is None else torch.nn.utils.get_total_norm(group, norm_type=2.0)
         squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm).float().square())
     if not squares:
         return torch.zeros(())
@@ -81,9 +89,8 @@ def _fp32_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
     for g in grads:
         by_device[g.device].append(g)
-    norms = [n.to(grads[0].device) for group in by_device.values()
-             for n in torch._foreach_norm(group, 2.0, dtype=torch.float32)]
-    return torch.linalg.vector_norm(torch.stack(norms))
+    squares = [sum_squares(group).to(grads[0].device) for group in by_device.values()]
+    return torch.stack(squares).sum().sqrt()
 
 
 def _by_mesh(tensors: list[torch.Tensor]) -> dict[object, list[torch.Tensor]]:

@@ -223,8 +223,9 @@ def activation_bytes(job: JobConfig, tp: int) -> float:
 
 
 def memory_per_gpu(job: JobConfig, layout: Layout, units: list[dict] | None = None) -> Memory:
-    """Peak memory of one rank. World size 1 is the single-process trainer: fp32 parameters, no FSDP,
-    bf16 autocast copies of the weights held through forward and backward (counted as `gathered`)."""
+    """Peak memory of one rank. World size 1 is the single-process trainer with fp32 parameters, no FSDP,
+    bf16 autocast copies of the weights held through forward and backward (counted as `gathered`); on one
+    GPU its bf16 weights on split fp32 masters hold less (no copies, bf16 gradients for those weights)."""
     units = units if units is not None else fsdp_units(job, layout.tp, layout.dp_shard)
     par, p = job.parallel, job.plan
     local = sum(u["numel"] for u in units)

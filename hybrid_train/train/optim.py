@@ -59,12 +59,14 @@ class TritonAdamW(torch.optim.AdamW):
     by it) and `found_inf` (non-zero: nothing is written, step counts stay) as device scalars set on the
     optimizer (clip_and_step), and reads nothing back.
 
-    With `keep_copies(WeightCopies)` it also writes each copied parameter's bf16 copy, and takes the
-    gradient from the copy where the parameter has none (hybrid_train/train/precision.py).
+    With `keep_split_masters(BF16Weights)` it steps the split fp32 masters of bf16 parameters (both
+    halves), and takes their gradients where BF16Weights keeps them (hybrid_train/train/precision.py).
 
-    moment_dtype: the dtype both moments are kept in (None: the parameter's, as torch's AdamW). bf16
-    moments of fp32 parameters are stochastically rounded (hybrid_train/ops/triton/adamw.py). Moments
-    loaded in another dtype (torch's load_state_dict casts them to the parameter's) are cast at the next step."""
+    moment_dtype: the dtype both moments are kept in (None: the master's, as torch's AdamW keeps the
+    parameter's: fp32 for a split master). bf16 moments of fp32 masters are stochastically rounded
+    (hybrid_train/ops/triton/adamw.py). Moments loaded in another dtype are cast at the next step; a
+    state dict loaded into bf16 parameters keeps its saved moments as they are (torch's load casts them
+    to the parameter's dtype, which would round fp32 moments of split masters to bf16)."""
 
     takes_grad_scale = True
 
@@ -74,16 +76,27 @@ class TritonAdamW(torch.optim.AdamW):
             raise ValueError("TritonAdamW has no amsgrad or maximize")
         self.moment_dtype = moment_dtype
         self.grad_scale = self.found_inf = None
-        self.weight_copies = None
+        self.split_masters = None
 
-    def keep_copies(self, weight_copies) -> None:
-        """Write these bf16 copies (a WeightCopies) in every step from now on."""
-        self.weight_copies = weight_copies
+    def keep_split_masters(self, weights) -> None:
+        """Step these split masters (a BF16Weights) from now on."""
+        self.split_masters = weights
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
-        if self.weight_copies is not None:
-            self.weight_copies.zero_grad()
+        if self.split_masters is not None:
+            self.split_masters.zero_grad()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved = state_dict["state"]
+        ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for i, p in zip(ids, params):
+            for key in ("exp_avg", "exp_avg_sq"):
+                value = saved.get(i, {}).get(key)
+                if isinstance(value, torch.Tensor) and value.dtype != self.state[p][key].dtype:
+                    self.state[p][key] = value.to(self.state[p][key].device)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -93,19 +106,19 @@ class TritonAdamW(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        copies = self.weight_copies
+        masters = self.split_masters
         index = 0  # each tensor's place in the optimizer: with its step count, the seed of its rounding
         for group in self.param_groups:
             work = []
             for p in group["params"]:
                 index += 1
-                copy = copies.copies.get(p) if copies is not None else None
-                grad = copies.holder(p).grad if copies is not None else p.grad
+                low = masters.low.get(p) if masters is not None else None
+                grad = masters.grad(p) if masters is not None else p.grad
                 if grad is None:
                     continue
                 state = self.state[p]
                 local = local_tensor(p)
-                moment_dtype = self.moment_dtype or p.dtype
+                moment_dtype = self.moment_dtype or (torch.float32 if low is not None else p.dtype)
                 if not state:
                     state["step"] = torch.zeros((), dtype=torch.float32, device=local.device)
                     state["exp_avg"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.preserve_format)
@@ -117,7 +130,7 @@ class TritonAdamW(torch.optim.AdamW):
                     if state[key].dtype != moment_dtype:  # loaded (as the parameter's dtype) or saved in another
                         state[key] = state[key].to(moment_dtype)
                 work.append((local, local_tensor(grad).contiguous(), local_tensor(state["exp_avg"]),
-                             local_tensor(state["exp_avg_sq"]), state["step"], copy, index))
+                             local_tensor(state["exp_avg_sq"]), state["step"], low, index))
             if not work:
                 continue
             device = work[0][0].device

@@ -1,135 +1,141 @@
-"""bf16 copies of the weights autocast would cast, written by the optimizer (one process, bf16 autocast).
+"""bf16 weights with their fp32 masters in 4 bytes (one process, bf16 autocast).
 
 Under autocast every linear layer casts its fp32 weight to bf16 in each forward (read 4 bytes, write 2),
 and the cast's backward turns the bf16 weight gradient into an fp32 one (read 2, write 4): 12 bytes per
-parameter a step, about 8 ms at 9B width on an H200. Here the optimizer writes a bf16 copy of each such
-matrix when it updates the fp32 master (2 bytes), forward and backward run on the copy, and the copy's
-bf16 gradient is what the norm and the optimizer read.
+parameter a step, about 8 ms at 9B width on an H200. Here each weight autocast would cast is held as the
+bf16 value forward and backward use, plus an int16 holding what the fp32 master has beyond it: the master
+takes the 4 bytes it took before, and the optimizer rebuilds it, updates it in fp32 and writes both halves
+back (hybrid_train/ops/triton/adamw.py). Nothing is cast in forward or backward, and the norm and the
+optimizer read the bf16 gradients.
 
-The numbers are autocast's: the copy is the master rounded to bf16 as autocast's cast rounds it, and
-its gradient is the bf16 gradient autocast would have upcast exactly. With gradient accumulation each
-micro-batch's gradient is added to the fp32 master's, as autocast accumulates (`fold_grads`). What
-autocast leaves in fp32 stays fp32 and uncopied: the embedding (so the residual stream stays fp32),
-norms, conv kernels, A_log, D, dt_bias, and a weight tied to any of them. The model, its state dict
-and the optimizer's state keep the fp32 masters only, so checkpoints are unchanged.
+The numbers are autocast's: the bf16 half is the master rounded to nearest even, as autocast's cast
+rounds it, and its gradient is the bf16 gradient autocast would have upcast exactly. The master is kept to
+the bit, but for a value exactly halfway between two bf16 values that rounds down, which moves one fp32
+ulp toward zero (1 in 131,072 values, 2^-24 relative: an fp32 update rounds by up to half that itself).
+With gradient accumulation each micro-batch's gradient is added to an fp32 one, as autocast accumulates
+(`fold_grads`). What autocast leaves in fp32 stays fp32: the embedding (so the residual stream stays
+fp32), norms, conv kernels, A_log, D, dt_bias, and a weight tied to any of them. The model's state dict
+shows the fp32 masters (joined on the fly) and loads fp32 values into both halves, so checkpoints, export
+and merges are those of an fp32 model.
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Iterable
 
 import torch
 import torch.nn as nn
 
 from hybrid_train.model.moe import GroupedExperts
+from hybrid_train.ops.triton.adamw import join_fp32, split_fp32
 
 # Modules whose parameters autocast (or the model, following autocast: GroupedExperts) casts to bf16.
 CAST_BY_AUTOCAST = (nn.Linear, GroupedExperts)
 
 
-class WeightCopies:
-    """bf16 copies of a model's autocast-cast fp32 parameters, swapped in for forward and backward.
-    enabled=False: none (every method then leaves the model and its gradients as they are).
+class BF16Weights:
+    """Splits a model's autocast-cast fp32 parameters, in place, into bf16 parameters (the same Parameter
+    objects, so an optimizer built on them keeps them) and int16 low halves (`low`). enabled=False: none
+    (every method then leaves the model and its gradients as they are)."""
 
-    Compiled blocks see bf16 weights inside `in_use`; calling the model outside it (fp32 masters) compiles
-    each block type once more."""
-
-    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16, enabled: bool = True):
-        self.copies: dict[nn.Parameter, nn.Parameter] = {}
-        self._slots: list[tuple[nn.Module, str, nn.Parameter]] = []
+    def __init__(self, model: nn.Module, enabled: bool = True):
+        self.low: dict[nn.Parameter, torch.Tensor] = {}
+        self._fp32_grads: dict[nn.Parameter, torch.Tensor] = {}
         if not enabled:
             return
         slots = [(module, name, param) for module in model.modules()
                  for name, param in module._parameters.items() if param is not None]
-        copied: dict[nn.Parameter, bool] = {}
-        for module, _, param in slots:  # a parameter in two modules (tied) is copied only if both cast it
-            copied[param] = copied.get(param, True) and isinstance(module, CAST_BY_AUTOCAST)
-        self.copies = {p: nn.Parameter(torch.empty_like(p, dtype=dtype)) for p, yes in copied.items()
-                       if yes and p.requires_grad and p.dtype == torch.float32}
-        self._slots = [(module, name, param) for module, name, param in slots if param in self.copies]
-        self.refresh()
+        cast: dict[nn.Parameter, bool] = {}
+        for module, _, param in slots:  # a parameter in two modules (tied) is split only if both cast it
+            cast[param] = cast.get(param, True) and isinstance(module, CAST_BY_AUTOCAST)
+        with torch.no_grad():
+            for param, yes in cast.items():
+                if yes and param.requires_grad and param.dtype == torch.float32:
+                    high, self.low[param] = split_fp32(param)
+                    param.data = high
+        owners = {id(module): module for module, _, param in slots if param in self.low}
+        for module in owners.values():  # (closures: the hook API marks each hook, which a bound method refuses)
+            module.register_state_dict_post_hook(lambda *args: self._state_dict_hook(*args))
+            module.register_load_state_dict_pre_hook(lambda *args: self._load_hook(*args))
 
     def attach(self, optimizer) -> None:
-        """Have `optimizer` write the copies in each step (the Triton AdamW is the one that can)."""
+        """Have `optimizer` step the split masters (the Triton AdamW is the one that can)."""
         from hybrid_train.train.optim import TritonAdamW
 
         if not isinstance(optimizer, TritonAdamW):
-            raise TypeError(f"bf16 weight copies are written by the Triton AdamW, not {type(optimizer).__name__}")
-        optimizer.keep_copies(self)
+            raise TypeError(f"split fp32 masters are stepped by the Triton AdamW, not {type(optimizer).__name__}")
+        optimizer.keep_split_masters(self)
 
-    @torch.no_grad()
-    def refresh(self) -> None:
-        """Round every master into its copy: after the masters changed outside the optimizer (init,
-        checkpoint load). The optimizer keeps them in step afterwards."""
-        for param, copy in self.copies.items():
-            copy.copy_(param)
+    def master(self, param: nn.Parameter) -> torch.Tensor:
+        """The fp32 master of `param` (a new tensor; the parameter itself where it is not split)."""
+        low = self.low.get(param)
+        return param.detach() if low is None else join_fp32(param, low)
 
-    @contextlib.contextmanager
-    def in_use(self):
-        """The model's modules hold the copies inside this block (forward and backward, whose activation
-        checkpointing runs forward again), the masters outside it. A copy wants a gradient when its master does."""
-        for module, name, param in self._slots:
-            copy = self.copies[param]
-            copy.requires_grad_(param.requires_grad)
-            module._parameters[name] = copy
-        try:
-            yield
-        finally:
-            for module, name, param in self._slots:
-                module._parameters[name] = param
+    # The model's state dict: fp32 masters out, fp32 values in (both halves written).
+    def _state_dict_hook(self, module, state_dict, prefix, local_metadata) -> None:
+        for name, param in module._parameters.items():
+            if param in self.low and prefix + name in state_dict:
+                state_dict[prefix + name] = self.master(param)
+
+    def _load_hook(self, module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                   error_msgs) -> None:
+        for name, param in module._parameters.items():
+            value = state_dict.get(prefix + name)
+            if param in self.low and isinstance(value, torch.Tensor) and value.shape == param.shape:
+                high, low = split_fp32(value.to(param.device))
+                self.low[param].copy_(low)
+                state_dict[prefix + name] = high  # what the default load copies into the parameter
 
     @torch.no_grad()
     def fold_grads(self) -> None:
-        """Add each copy's gradient to its master's (fp32) and clear it: between the micro-batches of
-        an accumulated step, so the sum is taken in fp32 as under autocast."""
-        for param, copy in self.copies.items():
-            if copy.grad is None:
-                continue
+        """Add each split parameter's bf16 gradient to an fp32 one and clear it: between the micro-batches
+        of an accumulated step, so the sum is taken in fp32 as under autocast."""
+        for param in self.low:
             if param.grad is None:
-                param.grad = copy.grad.float()
+                continue
+            held = self._fp32_grads.get(param)
+            if held is None:
+                self._fp32_grads[param] = param.grad.float()
             else:
-                param.grad.add_(copy.grad)
-            copy.grad = None
+                held.add_(param.grad)
+            param.grad = None
 
-    def holder(self, param: nn.Parameter) -> torch.Tensor:
-        """The tensor whose .grad is `param`'s gradient: its copy while the gradient is still there (not
-        folded into the master), else the parameter."""
-        copy = self.copies.get(param)
-        return copy if copy is not None and param.grad is None and copy.grad is not None else param
+    def grad(self, param: nn.Parameter) -> torch.Tensor | None:
+        """`param`'s gradient: the fp32 sum of folded micro-batches if any, else its own."""
+        return self._fp32_grads.get(param, param.grad)
 
-    def grad_holders(self, params: Iterable[nn.Parameter]) -> list[torch.Tensor]:
-        return [self.holder(p) for p in params]
+    def grads(self, params: Iterable[nn.Parameter]) -> list[torch.Tensor]:
+        """The gradients of `params` that exist (what the norm reads)."""
+        return [g for g in (self.grad(p) for p in params) if g is not None]
 
     def zero_grad(self) -> None:
-        for copy in self.copies.values():
-            copy.grad = None
+        self._fp32_grads.clear()
 
     def __bool__(self) -> bool:
-        return bool(self.copies)
+        return bool(self.low)
 
     def numel(self) -> int:
-        return sum(c.numel() for c in self.copies.values())
+        return sum(low.numel() for low in self.low.values())
 
 
-def weight_copies_for(job, model: nn.Module, optimizer, world_size: int,
-                      autocast_dtype: torch.dtype | None) -> WeightCopies:
-    """The run's bf16 weight copies (`train.bf16_weight_copies`; None = where they apply), attached to the
-    optimizer that writes them; empty where they are off."""
+def bf16_weights_for(job, model: nn.Module, optimizer, world_size: int,
+                     autocast_dtype: torch.dtype | None) -> BF16Weights:
+    """The run's split masters (`train.bf16_weights`; None = where they apply), attached to the optimizer
+    that steps them; empty where they are off. Call it once the masters are final (initialized or loaded)."""
     from hybrid_train.train.optim import TritonAdamW
 
-    wanted = job.train.bf16_weight_copies
+    wanted = job.train.bf16_weights
     why_not = (
         "they replace bf16 autocast's casts; this run computes in fp32 (train.precision)"
         if autocast_dtype != torch.bfloat16
         else f"they apply to one process; under FSDP (world size {world_size}) its all-gather casts the weights"
         if world_size > 1
-        else f"the Triton AdamW writes them, and optim.impl={job.optim.impl} resolved to torch's AdamW here "
+        else f"the Triton AdamW steps them, and optim.impl={job.optim.impl} resolved to torch's AdamW here "
              "(the Triton step runs on CUDA)"
         if not isinstance(optimizer, TritonAdamW) else None)
     if wanted and why_not is not None:
-        raise ValueError(f"train.bf16_weight_copies=true: {why_not}")
-    copies = WeightCopies(model, enabled=wanted is not False and why_not is None)
-    if copies:
-        copies.attach(optimizer)
-    return copies
+        raise ValueError(f"train.bf16_weights=true: {why_not}")
+    weights = BF16Weights(model, enabled=wanted is not False and why_not is None)
+    if weights:
+        weights.attach(optimizer)
+    return weights

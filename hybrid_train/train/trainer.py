@@ -16,8 +16,8 @@ from hybrid_train.config import JobConfig, to_yaml
 from hybrid_train.data import DataExhausted, build_data_loader, build_tokenizer
 from hybrid_train.model import active_params, build_model, count_params, flops_per_token
 from hybrid_train.ops import set_kernels
-from hybrid_train.parallel import (all_reduce_mean, any_rank, barrier, destroy, full_tensor, full_tensor_init, grad_norm,
-                                   init_distributed, loss_context, parallelize, sum_over_data_parallel)
+from hybrid_train.parallel import (all_reduce_mean, any_rank, barrier, destroy, full_tensor, full_tensor_init,
+                                   init_distributed, loss_context, parallelize, sum_over_data_parallel, total_norm)
 from hybrid_train.train.checkpoint import read_meta, resolve_checkpoint
 from hybrid_train.train.checkpointer import Checkpointer, TrainState, find_resume_point
 from hybrid_train.train.loss import lm_loss
@@ -25,7 +25,7 @@ from hybrid_train.train.metrics import (MetricsLogger, RunLog, StepTimer, device
                                       router_metrics)
 from hybrid_train.train.optim import build_lr_scheduler, build_optimizer, clip_and_step
 from hybrid_train.train.plan import RunPlan, Saved, plan_run  # noqa: F401 (RunPlan: API)
-from hybrid_train.train.precision import weight_copies_for
+from hybrid_train.train.precision import bf16_weights_for
 from hybrid_train.train.profile import StepProfiler
 from hybrid_train.train.preemption import StopRequest
 from hybrid_train.train.summary import run_header
@@ -182,7 +182,6 @@ def _train(job: JobConfig, run_log: RunLog) -> TrainResult:
         model.init_weights()
     model.train()
     optimizer = build_optimizer(model, job.optim)
-    copies = weight_copies_for(job, model, optimizer, env.world_size, autocast_dtype)  # bf16, one GPU
 
     # 4. Where this run starts: its own checkpoint (resume), an earlier stage (init_from), or scratch.
     checkpointer = Checkpointer(job.checkpoint, run_dir, env, {
@@ -197,7 +196,8 @@ def _train(job: JobConfig, run_log: RunLog) -> TrainResult:
                                    plan.warmup_steps)
     if resume_from is not None:
         state = checkpointer.resume(resume_from, model, optimizer, scheduler, loader, job.model)
-    copies.refresh()  # from the masters as loaded (resume, init_from) or initialized
+    # bf16 weights with split fp32 masters (one GPU), from the masters as loaded (resume, init_from) or initialized
+    bf16_weights = bf16_weights_for(job, model, optimizer, env.world_size, autocast_dtype)
 
     # 5. Observability.
     flops_token = flops_per_token(job.model, n_params, n_embedding, job.train.seq_len)
@@ -208,7 +208,7 @@ def _train(job: JobConfig, run_log: RunLog) -> TrainResult:
     logger.info(run_header(job, plan.total_steps, plan.tokens_per_step, plan.grad_accum, n_params=n_params,
                            n_embedding=n_embedding, world_size=env.world_size, device=device_type,
                            precision="fp32" if autocast_dtype is None else
-                           "bf16 (bf16 weight copies)" if copies else "bf16",
+                           "bf16 (bf16 weights, split fp32 masters)" if bf16_weights else "bf16",
                            start_total_tokens=stage_start_total, resumed_from=resume_from, resumed_step=state.step,
                            warmup_steps=plan.warmup_steps))
     for level, message in notes + plan.notes:
@@ -243,13 +243,12 @@ def _train(job: JobConfig, run_log: RunLog) -> TrainResult:
             loss_sum = torch.zeros((), device=env.device)
             for batch in batches:
                 batch = _to_device(batch, env.device)
-                with copies.in_use():
-                    ce = forward_backward(model, batch, job.train.z_loss, fused_loss, plan.grad_accum, autocast,
-                                          env, timer)
+                ce = forward_backward(model, batch, job.train.z_loss, fused_loss, plan.grad_accum, autocast, env,
+                                      timer)
                 if plan.grad_accum > 1:
-                    copies.fold_grads()  # accumulate in fp32, as autocast does
+                    bf16_weights.fold_grads()  # accumulate in fp32, as autocast does
                 loss_sum += full_tensor(ce) / plan.grad_accum
-            norm = grad_norm(copies.grad_holders(model.parameters()))
+            norm = total_norm(bf16_weights.grads(model.parameters()))
             loss = all_reduce_mean(loss_sum)
             timer.mark("clip")
             watch.check()  # the previous step's flag, long computed

@@ -3,9 +3,13 @@ parameter and moments once (28 bytes per fp32 parameter), the clip and the non-f
 device scalars so that nothing is read back to the host.
 
 The step count is a device scalar per tensor, already advanced by the caller (and advanced back when
-the step is skipped), as torch's fused AdamW keeps it. Given a `copy` (a bf16 copy of an fp32 parameter
-that forward and backward use), the new value is also written there, rounded: 2 more bytes per
-parameter instead of casting the weight again every forward.
+the step is skipped), as torch's fused AdamW keeps it.
+
+A split fp32 master (`low` given: hybrid_train/train/precision.py) is a bf16 parameter, the weight that
+forward and backward use (the master rounded to nearest even, as autocast casts it), plus the int16 `low`
+holding what the fp32 value has beyond it: the step rebuilds the fp32 value, updates it, and writes both
+halves back (8 bytes instead of the 10 of an fp32 parameter with a bf16 copy beside it). `split_fp32` / `join_fp32` below are the same
+arithmetic in PyTorch.
 
 Moments held in bf16 (`optim.moment_dtype=bfloat16`: 20 bytes per fp32 parameter instead of 28) are
 computed in fp32 and stored stochastically rounded: to the bf16 value above or below with the
@@ -17,11 +21,11 @@ and its step count, so a run and its resume round alike, with no generator state
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from hybrid_train.ops.triton.common import block_table, device_rows
 
 # 1024 elements over 4 warps: 4.10 TB/s on an H200 at 9B width, against 3.96 for 4096 over 8 (BENCHMARKS.md).
 # Triton's CPU interpreter runs each program in numpy, so there fewer, larger programs are faster.
@@ -62,14 +66,38 @@ def _stochastic_bf16(x, noise):
 
 
 @triton.jit
-def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, copy_ptr, offs, mask, step_ptr, scale_ptr, tensor_index,
+def _split(bits):
+    """(high, low) halves (uint32s holding 16 bits each) of fp32 `bits`: high the bf16 rounding to nearest
+    even (`_rounded`'s, autocast's), low the difference as a signed int16, which `_join` adds back. A value
+    exactly halfway that rounds down would need +2^15, one more than int16 holds: it keeps 2^15 - 1, one
+    fp32 ulp toward zero (1 in 131,072 values, a 2^-24 relative change, under an fp32 update's own
+    rounding). NaN stays NaN (quieted)."""
+    high = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    low = bits & 0xFFFF
+    low = tl.where((low == 0x8000) & (high == bits >> 16), 0x7FFF, low)
+    high = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, (bits >> 16) | 0x40, high)
+    return high, low
+
+
+@triton.jit
+def _join(high, low):
+    """The fp32 value whose halves are `high` (bf16) and `low` (int16)."""
+    bits = (high.to(tl.uint16, bitcast=True).to(tl.uint32) << 16) + low.to(tl.int32).to(tl.uint32, bitcast=True)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, low_ptr, offs, mask, step_ptr, scale_ptr, tensor_index,
                  lr, beta1, beta2, eps, weight_decay,
-                 HAS_SCALE: tl.constexpr, HAS_COPY: tl.constexpr, STOCHASTIC_MOMENTS: tl.constexpr):
+                 HAS_SCALE: tl.constexpr, SPLIT: tl.constexpr, STOCHASTIC_MOMENTS: tl.constexpr):
     """The step of the elements `offs` of one tensor."""
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_SCALE:
         g = g / tl.load(scale_ptr)
-    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if SPLIT:
+        p = _join(tl.load(p_ptr + offs, mask=mask, other=0.0), tl.load(low_ptr + offs, mask=mask, other=0))
+    else:
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     step = tl.load(step_ptr).to(tl.float32)
@@ -79,7 +107,12 @@ def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, copy_ptr, offs, mask, step_ptr, sca
     bias1 = 1.0 - tl.exp2(step * tl.log2(beta1))
     bias2_sqrt = tl.sqrt(1.0 - tl.exp2(step * tl.log2(beta2)))
     p = p - (lr / bias1) * m / (tl.sqrt(v) / bias2_sqrt + eps)
-    tl.store(p_ptr + offs, _rounded(p, p_ptr.dtype.element_ty), mask=mask)
+    if SPLIT:
+        high, low = _split(p.to(tl.uint32, bitcast=True))
+        tl.store(p_ptr + offs, high.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+        tl.store(low_ptr + offs, low.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
+    else:
+        tl.store(p_ptr + offs, _rounded(p, p_ptr.dtype.element_ty), mask=mask)
     if STOCHASTIC_MOMENTS:  # bf16 moments: the low 16 random bits round m, the high 16 v
         key = _hash(step.to(tl.uint32) * 0x9E3779B9 + tensor_index.to(tl.uint32))
         noise = _hash(offs.to(tl.uint32) ^ key)
@@ -88,29 +121,27 @@ def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, copy_ptr, offs, mask, step_ptr, sca
     else:
         tl.store(m_ptr + offs, _rounded(m, m_ptr.dtype.element_ty), mask=mask)
         tl.store(v_ptr + offs, _rounded(v, v_ptr.dtype.element_ty), mask=mask)
-    if HAS_COPY:
-        tl.store(copy_ptr + offs, _rounded(p, copy_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["tensor_index"])  # one build for every tensor's index
 def _adamw_kernel(
-    p_ptr, g_ptr, m_ptr, v_ptr, step_ptr, scale_ptr, skip_ptr, copy_ptr, n, tensor_index,
+    p_ptr, g_ptr, m_ptr, v_ptr, step_ptr, scale_ptr, skip_ptr, low_ptr, n, tensor_index,
     lr, beta1, beta2, eps, weight_decay,
-    BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_COPY: tl.constexpr, STOCHASTIC_MOMENTS: tl.constexpr,
+    BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr, SPLIT: tl.constexpr, STOCHASTIC_MOMENTS: tl.constexpr,
 ):
     """One tensor, a block of it per program."""
     if tl.load(skip_ptr) == 0:
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, copy_ptr, offs, offs < n, step_ptr, scale_ptr, tensor_index,
-                     lr, beta1, beta2, eps, weight_decay, HAS_SCALE, HAS_COPY, STOCHASTIC_MOMENTS)
+        _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, low_ptr, offs, offs < n, step_ptr, scale_ptr, tensor_index,
+                     lr, beta1, beta2, eps, weight_decay, HAS_SCALE, SPLIT, STOCHASTIC_MOMENTS)
 
 
 @triton.jit
 def _adamw_many_kernel(
     rows_ptr, block_tensor_ptr, block_index_ptr, scale_ptr, skip_ptr,
     lr, beta1, beta2, eps, weight_decay,
-    P_DT: tl.constexpr, G_DT: tl.constexpr, M_DT: tl.constexpr, C_DT: tl.constexpr,
-    BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_COPY: tl.constexpr, STOCHASTIC_MOMENTS: tl.constexpr,
+    P_DT: tl.constexpr, G_DT: tl.constexpr, M_DT: tl.constexpr,
+    BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr, SPLIT: tl.constexpr, STOCHASTIC_MOMENTS: tl.constexpr,
 ):
     """Many tensors in one launch: program i steps block block_index[i] of tensor block_tensor[i], whose
     addresses, size and index are row block_tensor[i] of `rows` (ROW int64s each)."""
@@ -120,19 +151,20 @@ def _adamw_many_kernel(
         offs = tl.load(block_index_ptr + pid).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         _adamw_block(tl.load(row).to(tl.pointer_type(P_DT)), tl.load(row + 1).to(tl.pointer_type(G_DT)),
                      tl.load(row + 2).to(tl.pointer_type(M_DT)), tl.load(row + 3).to(tl.pointer_type(M_DT)),
-                     tl.load(row + 5).to(tl.pointer_type(C_DT)), offs, offs < tl.load(row + 6),
+                     tl.load(row + 5).to(tl.pointer_type(tl.int16)), offs, offs < tl.load(row + 6),
                      tl.load(row + 4).to(tl.pointer_type(tl.float32)), scale_ptr, tl.load(row + 7),
-                     lr, beta1, beta2, eps, weight_decay, HAS_SCALE, HAS_COPY, STOCHASTIC_MOMENTS)
+                     lr, beta1, beta2, eps, weight_decay, HAS_SCALE, SPLIT, STOCHASTIC_MOMENTS)
 
 
 def adamw_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                step: torch.Tensor, grad_scale: torch.Tensor | None, skip: torch.Tensor, *, lr: float,
                beta1: float, beta2: float, eps: float, weight_decay: float,
-               copy: torch.Tensor | None = None, tensor_index: int = 0) -> None:
+               low: torch.Tensor | None = None, tensor_index: int = 0) -> None:
     """In place on contiguous tensors of one shape; step, grad_scale and skip are 0-dim float32 tensors
-    on the parameter's device (skip != 0: write nothing); copy, if given, gets the new parameter too.
-    bf16 moments are rounded stochastically (module doc), seeded by tensor_index and the step count."""
-    adamw_steps([(param, grad, exp_avg, exp_avg_sq, step, copy, tensor_index)], grad_scale, skip, lr=lr,
+    on the parameter's device (skip != 0: write nothing). With `low` (int16) the parameter is the bf16
+    half of a split fp32 master (module doc). bf16 moments are rounded stochastically (module doc),
+    seeded by tensor_index and the step count."""
+    adamw_steps([(param, grad, exp_avg, exp_avg_sq, step, low, tensor_index)], grad_scale, skip, lr=lr,
                 beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
 
 
@@ -145,50 +177,58 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 
 def adamw_steps(items, grad_scale: torch.Tensor | None, skip: torch.Tensor, *, lr: float, beta1: float, beta2: float,
                 eps: float, weight_decay: float) -> None:
-    """adamw_step for each (param, grad, exp_avg, exp_avg_sq, step, copy or None, tensor_index) of `items`,
+    """adamw_step for each (param, grad, exp_avg, exp_avg_sq, step, low or None, tensor_index) of `items`,
     all with these hyperparameters: a launch each for large tensors, one per kind for the small ones."""
     small: dict[tuple, list] = {}
     for item in items:
-        param, grad, exp_avg, exp_avg_sq, step, copy, tensor_index = item
+        param, grad, exp_avg, exp_avg_sq, step, low, tensor_index = item
         assert param.is_contiguous() and grad.is_contiguous() and exp_avg.is_contiguous() and \
             exp_avg_sq.is_contiguous() and grad.shape == param.shape, "contiguous tensors of the parameter's shape"
         assert exp_avg.dtype == exp_avg_sq.dtype, "both moments in one dtype"
-        assert copy is None or (copy.shape == param.shape and copy.is_contiguous()), "copy: param's shape, contiguous"
+        assert low is None or (param.dtype == torch.bfloat16 and low.dtype == torch.int16 and low.shape == param.shape
+                               and low.is_contiguous()), "a split master: bf16 parameter, int16 low half of its shape"
         if param.numel() < BATCHED_BELOW:
-            kind = (param.device, param.dtype, grad.dtype, exp_avg.dtype, None if copy is None else copy.dtype)
+            kind = (param.device, param.dtype, grad.dtype, exp_avg.dtype, low is not None)
             small.setdefault(kind, []).append(item)
             continue
         block = BLOCK if param.is_cuda else INTERPRETER_BLOCK
         _adamw_kernel[(triton.cdiv(param.numel(), block),)](
             param, grad, exp_avg, exp_avg_sq, step, grad_scale if grad_scale is not None else skip, skip,
-            copy if copy is not None else param, param.numel(), tensor_index,
+            low if low is not None else param, param.numel(), tensor_index,
             float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
-            BLOCK=block, HAS_SCALE=grad_scale is not None, HAS_COPY=copy is not None,
+            BLOCK=block, HAS_SCALE=grad_scale is not None, SPLIT=low is not None,
             STOCHASTIC_MOMENTS=exp_avg.dtype == torch.bfloat16, num_warps=NUM_WARPS,
         )
-    for (device, p_dtype, g_dtype, m_dtype, c_dtype), group in small.items():
+    for (device, p_dtype, g_dtype, m_dtype, split), group in small.items():
         block = BLOCK if device.type == "cuda" else INTERPRETER_BLOCK
-        rows = torch.tensor([[p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), s.data_ptr(),
-                              (c if c is not None else p).data_ptr(), p.numel(), i]
-                             for p, g, m, v, s, c, i in group], dtype=torch.int64)
-        block_tensor, block_index = _block_table(tuple(p.numel() for p, *_ in group), block, device)
-        if device.type == "cuda":  # (a pinned copy, queued: the host does not wait)
-            rows = rows.pin_memory().to(device, non_blocking=True)
+        rows = device_rows([[p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), s.data_ptr(),
+                             (low if low is not None else p).data_ptr(), p.numel(), i]
+                            for p, g, m, v, s, low, i in group], device)
+        block_tensor, block_index = block_table(tuple(p.numel() for p, *_ in group), block, device)
         _adamw_many_kernel[(block_tensor.numel(),)](
             rows, block_tensor, block_index, grad_scale if grad_scale is not None else skip, skip,
             float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
             P_DT=_TL_DTYPES[p_dtype], G_DT=_TL_DTYPES[g_dtype], M_DT=_TL_DTYPES[m_dtype],
-            C_DT=_TL_DTYPES[c_dtype or p_dtype], BLOCK=block, HAS_SCALE=grad_scale is not None,
-            HAS_COPY=c_dtype is not None, STOCHASTIC_MOMENTS=m_dtype == torch.bfloat16, num_warps=NUM_WARPS,
+            BLOCK=block, HAS_SCALE=grad_scale is not None, SPLIT=split,
+            STOCHASTIC_MOMENTS=m_dtype == torch.bfloat16, num_warps=NUM_WARPS,
         )
 
 
-@functools.lru_cache(maxsize=64)
-def _block_table(sizes: tuple[int, ...], block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row, block within the tensor) of every block of tensors of these sizes, as int32 tensors on device:
-    the same every step, so built once."""
-    counts = torch.tensor([triton.cdiv(n, block) for n in sizes])
-    tensor = torch.repeat_interleave(torch.arange(len(sizes)), counts)
-    first = torch.cumsum(counts, 0) - counts
-    index = torch.arange(int(counts.sum())) - torch.repeat_interleave(first, counts)
-    return tensor.to(device, torch.int32), index.to(device, torch.int32)
+def split_fp32(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bf16 high half, int16 low half) of fp32 `value`, as the step splits it (`_split`): the high half is
+    `value` rounded to nearest even, as autocast's cast rounds it; `join_fp32` restores `value` bit for
+    bit, but for a value exactly halfway that rounds down, which comes back one fp32 ulp toward zero."""
+    bits = value.detach().float().contiguous().view(torch.int32)
+    # int32 arithmetic: for negative values the sign-extended shifts keep the same low 16 bits as the
+    # kernel's unsigned ones, and int32 -> int16 keeps the low 16 bits
+    high = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    low = bits & 0xFFFF
+    low = torch.where((low == 0x8000) & (high == bits >> 16), 0x7FFF, low)
+    high = torch.where((bits & 0x7FFFFFFF) > 0x7F800000, (bits >> 16) | 0x40, high)
+    return high.to(torch.int16).view(torch.bfloat16), low.to(torch.int16)
+
+
+def join_fp32(high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """The fp32 value of a split master (`split_fp32`)."""
+    bits = (high.detach().view(torch.int16).to(torch.int32) << 16) + low.to(torch.int32)
+    return bits.view(torch.float32)

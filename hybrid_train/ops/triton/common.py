@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -79,3 +81,21 @@ def process_dt(raw, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LI
     if HAS_LIMIT:
         v = tl.minimum(tl.maximum(v, lo), hi)
     return v
+
+
+@functools.lru_cache(maxsize=64)
+def block_table(sizes: tuple[int, ...], block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, block within the tensor) of every block of tensors of these sizes, as int32 tensors on device,
+    for a kernel that walks many tensors in one launch: the same every step, so built once."""
+    counts = torch.tensor([triton.cdiv(n, block) for n in sizes])
+    tensor = torch.repeat_interleave(torch.arange(len(sizes)), counts)
+    first = torch.cumsum(counts, 0) - counts
+    index = torch.arange(int(counts.sum())) - torch.repeat_interleave(first, counts)
+    return tensor.to(device, torch.int32), index.to(device, torch.int32)
+
+
+def device_rows(rows: list[list[int]], device: torch.device) -> torch.Tensor:
+    """A table of int64 rows (addresses, sizes) on device: on a GPU through a pinned copy, queued, so the
+    host does not wait."""
+    table = torch.tensor(rows, dtype=torch.int64)
+    return table.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else table
