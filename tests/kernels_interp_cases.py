@@ -37,6 +37,7 @@ from hybrid_train.ops.norm import gated_rms_norm_torch, rms_norm, rms_norm_torch
 from hybrid_train.ops.ssd import ssd_chunk_scan, ssd_chunk_scan_torch  # noqa: E402
 from hybrid_train.ops.triton.adamw import _rounded, join_fp32, split_fp32  # noqa: E402
 from hybrid_train.ops.triton.common import LAUNCH  # noqa: E402
+from reference import assert_split_master_step_is_the_fp32_step  # noqa: E402
 from test_ssd import grads_of, make_inputs, seq_from_starts  # noqa: E402
 
 F64 = torch.float64
@@ -750,28 +751,8 @@ def test_split_master_step_is_the_fp32_step(batched_below, monkeypatch):
 
     monkeypatch.setattr(adamw, "BATCHED_BELOW", batched_below)
     torch.manual_seed(0)
-    shapes = [(300, 7), (1000,), (5, 3, 4)]
     for moments in (torch.float32, torch.bfloat16):
-        halves = [split_fp32(torch.randn(s)) for s in shapes]
-        plain = [join_fp32(*h) for h in halves]
-        states = [[(torch.zeros(s, dtype=moments), torch.zeros(s, dtype=moments), torch.zeros(()))
-                   for s in shapes] for _ in range(2)]
-        scale, skip = torch.tensor(3.0), torch.zeros(())
-        for _ in range(3):
-            grads = [torch.randn(s).bfloat16() for s in shapes]
-            for run, params in enumerate((plain, halves)):
-                items = []
-                for i, (param, grad, (m, v, step)) in enumerate(zip(params, grads, states[run])):
-                    step += 1
-                    high, low = param if run else (param, None)
-                    items.append((high, grad, m, v, step, low, i))
-                adamw.adamw_steps(items, scale, skip, lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
-            for p, (high, low) in zip(plain, halves):
-                expected_high, expected_low = split_fp32(p)
-                assert torch.equal(high, expected_high) and torch.equal(low, expected_low)
-                p.copy_(join_fp32(high, low))
-        for (m0, v0, _), (m1, v1, _) in zip(*states):
-            assert torch.equal(m0, m1) and torch.equal(v0, v1)
+        assert_split_master_step_is_the_fp32_step([(300, 7), (1000,), (5, 3, 4)], "cpu", moments)
 
 
 def test_sum_squares_kernel_matches_float64():

@@ -105,3 +105,31 @@ def gated_norm_reference(x, z, weight, eps=1e-5, group_size=None):
         rms = torch.sqrt((part * part).sum(-1, keepdim=True) / gs + eps)
         out[..., g0 : g0 + gs] = part / rms
     return out * weight.to(torch.float64)
+
+
+def assert_split_master_step_is_the_fp32_step(shapes, device, moments=torch.float32, steps: int = 3) -> None:
+    """Clipped Triton AdamW steps (bf16 gradients) of split fp32 masters against the same steps of fp32
+    parameters: after each, the halves are split_fp32 of what the fp32 parameter stepped to, which then
+    goes on from their join as the split master does (the join differs at ties that round down)."""
+    from hybrid_train.ops.triton.adamw import adamw_steps, join_fp32, split_fp32
+
+    halves = [split_fp32(torch.randn(s, device=device)) for s in shapes]
+    plain = [join_fp32(*h) for h in halves]
+    states = [[(torch.zeros(s, dtype=moments, device=device), torch.zeros(s, dtype=moments, device=device),
+                torch.zeros((), device=device)) for s in shapes] for _ in range(2)]
+    scale, skip = torch.tensor(3.0, device=device), torch.zeros((), device=device)
+    for _ in range(steps):
+        grads = [torch.randn(s, device=device).bfloat16() for s in shapes]
+        for run, params in enumerate((plain, halves)):
+            items = []
+            for i, (param, grad, (m, v, step)) in enumerate(zip(params, grads, states[run])):
+                step += 1
+                high, low = param if run else (param, None)
+                items.append((high, grad, m, v, step, low, i))
+            adamw_steps(items, scale, skip, lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+        for p, (high, low) in zip(plain, halves):
+            expected_high, expected_low = split_fp32(p)
+            assert torch.equal(high, expected_high) and torch.equal(low, expected_low)
+            p.copy_(join_fp32(high, low))
+    for (m0, v0, _), (m1, v1, _) in zip(*states):
+        assert torch.equal(m0, m1) and torch.equal(v0, v1)

@@ -62,29 +62,13 @@ def test_split_master_step_and_sum_squares_on_gpu():
     """The Triton kernels behind the trainer's step on the GPU (where Triton 3.6 compiles them, unlike the
     CPU interpreter): a split master's step is split_fp32 of the fp32 step, and the one-launch sum of
     squares over mixed-dtype tensors matches float64."""
-    from hybrid_train.ops.triton.adamw import adamw_steps, join_fp32, split_fp32
+    from reference import assert_split_master_step_is_the_fp32_step
+
     from hybrid_train.ops.triton.sum_squares import sum_squares
 
     torch.manual_seed(0)
-    shapes = [(4096, 1000), (3000,), (17, 33)]  # one launch of its own, and two in a batched one
-    halves = [split_fp32(torch.randn(s, device="cuda")) for s in shapes]
-    plain = [join_fp32(*h) for h in halves]
-    states = [[(torch.zeros(s, device="cuda"), torch.zeros(s, device="cuda"), torch.zeros((), device="cuda"))
-               for s in shapes] for _ in range(2)]
-    scale, skip = torch.tensor(3.0, device="cuda"), torch.zeros((), device="cuda")
-    for _ in range(3):
-        grads = [torch.randn(s, device="cuda").bfloat16() for s in shapes]
-        for run, params in enumerate((plain, halves)):
-            items = []
-            for i, (param, grad, (m, v, step)) in enumerate(zip(params, grads, states[run])):
-                step += 1
-                high, low = param if run else (param, None)
-                items.append((high, grad, m, v, step, low, i))
-            adamw_steps(items, scale, skip, lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
-        for p, (high, low) in zip(plain, halves):
-            expected_high, expected_low = split_fp32(p)
-            assert torch.equal(high, expected_high) and torch.equal(low, expected_low)
-            p.copy_(join_fp32(high, low))
+    for moments in (torch.float32, torch.bfloat16):  # one tensor in a launch of its own, two in a batched one
+        assert_split_master_step_is_the_fp32_step([(4096, 1000), (3000,), (17, 33)], "cuda", moments)
     tensors = [torch.randn(s, device="cuda", dtype=d) for s, d in (((4096, 1000), torch.bfloat16), ((5,), torch.float32),
                                                                   ((3, 4097), torch.float32), ((0,), torch.bfloat16))]
     expected = sum(t.double().square().sum() for t in tensors)
