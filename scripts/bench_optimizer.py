@@ -51,7 +51,11 @@ def timed(fn, steps: int, device: torch.device) -> float:
 def time_impl(model: torch.nn.Module, optim_cfg, weights: BF16Weights, steps: int, device: torch.device) -> float:
     optimizer = build_optimizer(model, optim_cfg)
     if weights:
-        weights.attach(optimizer)
+        try:
+            weights.attach(optimizer)
+        except TypeError as err:
+            raise SystemExit(f"--bf16-weights with optim.impl={optim_cfg.impl}: {err} (the Triton step: CUDA, or "
+                             "TRITON_INTERPRET=1 with optim.impl=triton)") from None
     norm = torch.tensor(2.0, device=device)  # above max_norm 1: the clip scale is applied
     seconds = timed(lambda: clip_and_step(optimizer, norm, 1.0), steps, device)  # (first: states allocated)
     del optimizer

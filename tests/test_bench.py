@@ -112,6 +112,12 @@ def test_bench_optimizer_times_each_impl_on_cpu(tmp_path, capsys):
     assert result["bytes_per_step"] == 28 * n  # fp32 parameters, gradients and moments
     assert result["norm_torch"]["ms"] > 0 and "norm_triton" not in result  # (CPU: no Triton sum of squares)
     assert "fused" in capsys.readouterr().out
+    sys.argv = ["bench_optimizer.py", "--device", "cpu", "--steps", "1", "--impls", "fused", "--bf16-weights", "model=tiny"]
+    try:
+        with pytest.raises(SystemExit, match="--bf16-weights with optim.impl=fused: .*Triton AdamW"):
+            module.main()
+    finally:
+        sys.argv = old
 
 
 def test_bench_moe_slice_smoke_on_cpu(monkeypatch):
