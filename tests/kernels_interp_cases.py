@@ -35,7 +35,7 @@ from hybrid_train.ops.cross_entropy import fused_linear_cross_entropy  # noqa: E
 from hybrid_train.ops.dispatch import set_kernels  # noqa: E402
 from hybrid_train.ops.norm import gated_rms_norm_torch, rms_norm, rms_norm_torch  # noqa: E402
 from hybrid_train.ops.ssd import ssd_chunk_scan, ssd_chunk_scan_torch  # noqa: E402
-from hybrid_train.ops.triton.adamw import _rounded, join_fp32, split_fp32  # noqa: E402
+from hybrid_train.ops.triton.adamw import _rounded  # noqa: E402
 from hybrid_train.ops.triton.common import LAUNCH  # noqa: E402
 from reference import assert_split_master_step_is_the_fp32_step  # noqa: E402
 from test_ssd import grads_of, make_inputs, seq_from_starts  # noqa: E402
@@ -667,8 +667,7 @@ def test_triton_adamw_checkpoint_moves_to_torch_adamw_and_back(tmp_path):
 
 def _steps_with_split(cfg, split: bool, grad_accum: int, steps: int = 3):
     """`steps` clipped Triton-AdamW steps of a model under bf16 autocast, with or without bf16 weights on
-    split fp32 masters; (cross entropies, gradient norms, final state dict, BF16Weights (None without),
-    names of the split parameters, whether each step's first backward left bf16 gradients on them)."""
+    split fp32 masters; (cross entropies, gradient norms, final state dict, names of the split parameters)."""
     from hybrid_train.parallel import total_norm
     from hybrid_train.train.config import OptimConfig
     from hybrid_train.train.optim import build_optimizer, clip_and_step
@@ -681,18 +680,15 @@ def _steps_with_split(cfg, split: bool, grad_accum: int, steps: int = 3):
     if split:
         weights.attach(opt)
     torch.manual_seed(1)
-    ces, norms, bf16_grads = [], [], []
+    ces, norms = [], []
     for _ in range(steps):
         for _ in range(grad_accum):
             ids = torch.randint(0, cfg.vocab_size, (2, 33))
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss, ce = model(ids[:, :-1], labels=ids[:, 1:])
             (loss / grad_accum).backward()
-            if split:
-                if len(ces) % grad_accum == 0:  # the step's first micro-batch
-                    bf16_grads.append(all(p.grad.dtype == torch.bfloat16 for p in weights.low))
-                if grad_accum > 1:
-                    weights.fold_grads()
+            if grad_accum > 1:
+                weights.fold_grads()
             ces.append(ce.item())
         norm = total_norm(weights.grads(model.parameters()))
         norms.append(norm.item())
@@ -707,7 +703,7 @@ def _steps_with_split(cfg, split: bool, grad_accum: int, steps: int = 3):
         assert all(torch.equal(p, b[0]) and torch.equal(weights.low[p], b[1]) for p, b in before.items())
         opt.zero_grad(set_to_none=True)
     names = {n for n, p in model.named_parameters() if p in weights.low}
-    return ces, norms, {k: v.detach().clone() for k, v in model.state_dict().items()}, weights, names, bf16_grads
+    return ces, norms, {k: v.detach().clone() for k, v in model.state_dict().items()}, names
 
 
 @pytest.mark.parametrize("grad_accum", [1, 2])
@@ -720,8 +716,8 @@ def test_bf16_weights_on_split_masters_train_as_autocast(grad_accum, monkeypatch
     set_kernels("torch")  # the model's ops in PyTorch (fast here); the AdamW step through the interpreter
     try:
         cfg = mixer_cfg(moe_n_experts=4, moe_top_k=2, moe_hidden=24, moe_every=2, moe_offset=1)
-        ces0, norms0, weights0, _, _, _ = _steps_with_split(cfg, False, grad_accum)
-        ces1, norms1, weights1, split, names, bf16_grads = _steps_with_split(cfg, True, grad_accum)
+        ces0, norms0, weights0, _ = _steps_with_split(cfg, False, grad_accum)
+        ces1, norms1, weights1, names = _steps_with_split(cfg, True, grad_accum)
     finally:
         set_kernels("auto")
     # the linear layers (mixer and attention projections, router, head) and the experts' matrices; not the
@@ -731,14 +727,10 @@ def test_bf16_weights_on_split_masters_train_as_autocast(grad_accum, monkeypatch
                "gate_proj", "up_proj", "down_proj")}
     assert len(linear) == 15  # 6 mixer + 3 MLP projections, 4 attention, router, head
     assert names == linear | {"layers.1.mlp.experts.gate_up_proj", "layers.1.mlp.experts.down_proj"}, names
-    assert len(bf16_grads) == 3 and all(bf16_grads)  # the gradients are the bf16 weights' own
     assert ces1 == ces0 and norms1 == norms0
     ulps = {n: (weights1[n].view(torch.int32) - w.view(torch.int32)).abs() for n, w in weights0.items()}
     assert all(weights1[n].dtype == torch.float32 for n in weights0)  # the state dict: fp32 masters either way
     assert sum(int((u > 0).sum()) for u in ulps.values()) <= 8 and max(int(u.max()) for u in ulps.values()) <= 2
-    for param, low in split.low.items():  # the optimizer wrote both halves as it stepped each master
-        master = join_fp32(param, low)
-        assert param.dtype == torch.bfloat16 and torch.equal(split_fp32(master)[0], param)
 
 
 @pytest.mark.parametrize("batched_below", [1 << 20, 0])
@@ -755,9 +747,16 @@ def test_split_master_step_is_the_fp32_step(batched_below, monkeypatch):
         assert_split_master_step_is_the_fp32_step([(300, 7), (1000,), (5, 3, 4)], "cpu", moments)
 
 
+def test_split_and_join_in_the_kernel_are_fp32_halves_bit_for_bit():
+    from split_kernels import assert_kernel_halves_match_torch
+
+    assert_kernel_halves_match_torch("cpu")
+
+
 def test_sum_squares_kernel_matches_float64():
     """One launch per dtype over tensors of ragged sizes (within a block, several blocks, empty): the fp32
     sum of squares against float64; inf and NaN come through."""
+    from hybrid_train.ops.dispatch import use_triton
     from hybrid_train.ops.reductions import sum_squares
     from hybrid_train.ops.triton import sum_squares as kernel
 
@@ -770,7 +769,9 @@ def test_sum_squares_kernel_matches_float64():
         got = kernel.sum_squares(tensors, block=block)
         assert got.dtype == torch.float32 and got.shape == ()
         torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=0)
-    torch.testing.assert_close(sum_squares(tensors).double(), expected, rtol=1e-6, atol=0)  # dispatched: Triton
+    assert use_triton(*tensors, op="sum_squares")  # (HYBRID_TRAIN_KERNELS=triton here)
+    torch.testing.assert_close(sum_squares(tensors).double(), expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(sum_squares([t.double() for t in tensors]).double(), expected, rtol=1e-6, atol=0)
     tensors[1][5] = float("inf")
     assert torch.isinf(kernel.sum_squares(tensors))
     tensors[3][0, 0] = float("nan")
@@ -797,7 +798,9 @@ def test_trainer_with_bf16_weights_logs_autocast_losses(compose, tmp_path, monke
         run_dir = tmp_path / name
         split = name.split("_")[0]
         head_dtypes.clear()
-        train(compose(common + extra + [f"run.dir={run_dir}", "train.max_steps=4", f"train.bf16_weights={split}"]))
+        result = train(compose(common + extra + [f"run.dir={run_dir}", "train.max_steps=4",
+                                                 f"train.bf16_weights={split}"]))
+        assert all(p.dtype == torch.float32 for p in result.model.parameters())  # the fp32 masters, unsplit
         runs[name] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert ("split fp32 masters" in (run_dir / "train.log").read_text()) == (split == "true")
         assert head_dtypes == [torch.bfloat16 if split == "true" else torch.float32] * 8  # 4 steps x 2
@@ -806,6 +809,7 @@ def test_trainer_with_bf16_weights_logs_autocast_losses(compose, tmp_path, monke
             torch.testing.assert_close([r[key] for r in runs[name]], [r[key] for r in runs["false"]], rtol=1e-6, atol=0)
     saved = dict(iter_model_tensors(tmp_path / "true"))
     assert all(t.dtype == torch.float32 for t in saved.values())
+    assert all(torch.equal(saved[n], p) for n, p in result.model.named_parameters())  # (the last run: true_ac)
     resumed = tmp_path / "resumed"  # train.bf16_weights unset: on, as it applies here
     train(compose(common + [f"run.dir={resumed}", "train.max_steps=2", "checkpoint.final=true"]))
     assert "split fp32 masters" in (resumed / "train.log").read_text()

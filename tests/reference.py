@@ -111,7 +111,8 @@ def assert_split_master_step_is_the_fp32_step(shapes, device, moments=torch.floa
     """Clipped Triton AdamW steps (bf16 gradients) of split fp32 masters against the same steps of fp32
     parameters: after each, the halves are split_fp32 of what the fp32 parameter stepped to, which then
     goes on from their join as the split master does (the join differs at ties that round down)."""
-    from hybrid_train.ops.triton.adamw import adamw_steps, join_fp32, split_fp32
+    from hybrid_train.ops.fp32_halves import join_fp32, split_fp32
+    from hybrid_train.ops.triton.adamw import adamw_steps
 
     halves = [split_fp32(torch.randn(s, device=device)) for s in shapes]
     plain = [join_fp32(*h) for h in halves]

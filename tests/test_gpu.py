@@ -60,13 +60,15 @@ def test_bf16_weights_log_autocast_losses_on_gpu(compose, tmp_path, head_dtypes)
 
 def test_split_master_step_and_sum_squares_on_gpu():
     """The Triton kernels behind the trainer's step on the GPU (where Triton 3.6 compiles them, unlike the
-    CPU interpreter): a split master's step is split_fp32 of the fp32 step, and the one-launch sum of
-    squares over mixed-dtype tensors matches float64."""
+    CPU interpreter): the kernel's split and join are fp32_halves' bit for bit, a split master's step is
+    split_fp32 of the fp32 step, and the one-launch sum of squares over mixed-dtype tensors matches float64."""
     from reference import assert_split_master_step_is_the_fp32_step
+    from split_kernels import assert_kernel_halves_match_torch
 
     from hybrid_train.ops.triton.sum_squares import sum_squares
 
     torch.manual_seed(0)
+    assert_kernel_halves_match_torch("cuda")  # every bf16 high half with the edge low halves, NaN and inf
     for moments in (torch.float32, torch.bfloat16):  # one tensor in a launch of its own, two in a batched one
         assert_split_master_step_is_the_fp32_step([(4096, 1000), (3000,), (17, 33)], "cuda", moments)
     tensors = [torch.randn(s, device="cuda", dtype=d) for s, d in (((4096, 1000), torch.bfloat16), ((5,), torch.float32),

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hybrid_train.model import ModelConfig, build_model
-from hybrid_train.ops.triton.adamw import join_fp32, split_fp32
+from hybrid_train.ops.fp32_halves import join_fp32, split_fp32
 from hybrid_train.parallel import total_norm
 from hybrid_train.train.precision import BF16Weights
 
@@ -124,3 +124,33 @@ def test_trainer_turns_them_on_only_where_they_apply(compose, tmp_path):
         bf16_weights_for(explicit, model, fused, 8, torch.bfloat16)
     with pytest.raises(TypeError, match="Triton AdamW"):
         BF16Weights(model).attach(fused)
+
+
+def test_unsplit_restores_the_fp32_model_and_misuse_is_refused():
+    """unsplit() puts the fp32 masters back (the state dict's values) and drops the hooks; a split model
+    converted in place, loaded with assign=True, or a gradient left unfolded after folded ones, are refused
+    with errors that say what to do instead of losing the masters or a micro-batch."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**CFG).validate())
+    weights = BF16Weights(model)
+    masters = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"load_state_dict\(assign=True\) would replace the split bf16 weight"):
+        model.load_state_dict(masters, assign=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randint(0, 61, (1, 16)), labels=torch.randint(0, 61, (1, 16)))[0].backward()
+    weights.fold_grads()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randint(0, 61, (1, 16)), labels=torch.randint(0, 61, (1, 16)))[0].backward()
+    with pytest.raises(RuntimeError, match=r"fold_grads\(\) after every micro-batch, the last one too"):
+        weights.grads(model.parameters())
+    head = model.lm_head.weight
+    weights.unsplit()
+    assert not weights and head.dtype == torch.float32 and model.lm_head.weight is head
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(torch.equal(v, masters[k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(p, masters[n]) for n, p in model.named_parameters())
+    converted = build_model(ModelConfig(**CFG).validate())
+    BF16Weights(converted)
+    converted.float()  # in place, while split: the low halves no longer belong to these values
+    with pytest.raises(RuntimeError, match=r"became torch.float32 .*after BF16Weights.unsplit\(\)"):
+        converted.state_dict()

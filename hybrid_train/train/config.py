@@ -115,12 +115,12 @@ class TrainConfig:
     precision: str = "auto"
     """Compute precision: auto (bf16 autocast on GPU, fp32 on CPU), bf16 or fp32."""
     bf16_weights: Optional[bool] = None
-    """bf16 autocast on one process: the weights autocast would cast each forward are held in bf16, their
-    fp32 masters kept exactly as those bf16 values plus the 16 bits they drop, which the optimizer
-    updates together (the same numbers, no casts, ~9 ms a step less and 2 bytes a parameter less than
-    fp32 weights with bf16 copies at 9B width; hybrid_train/train/precision.py). None = on where it
-    applies: one process, bf16, optim.impl triton (the CUDA default). Under FSDP its all-gather casts the
-    weights instead."""
+    """bf16 autocast on one process: the weights autocast would cast each forward are held in bf16 (rounded
+    as autocast rounds them), their fp32 masters kept as those bf16 values plus an int16 of the rest, which
+    the optimizer updates together: no casts in forward and backward, the same numbers, and 2 bytes a
+    parameter less to hold and to move than fp32 weights with bf16 copies (hybrid_train/train/precision.py).
+    None = on where it applies: one process, bf16, optim.impl triton (the CUDA default). Under FSDP its
+    all-gather casts the weights instead."""
     device: str = "auto"
     """auto (CUDA when present), cuda or cpu."""
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
 import random
 import time
@@ -302,6 +301,7 @@ def _train(job: JobConfig, run_log: RunLog) -> TrainResult:
                 logger.info(f"stopping at step {state.step} ({stop.reason}); the same command resumes the run")
                 break
         checkpointer.wait()
+        bf16_weights.unsplit()  # the returned model holds its fp32 masters, as the checkpoints do
     finally:
         for line in profiler.close():
             logger.info(line)

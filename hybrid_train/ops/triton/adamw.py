@@ -8,8 +8,8 @@ the step is skipped), as torch's fused AdamW keeps it.
 A split fp32 master (`low` given: hybrid_train/train/precision.py) is a bf16 parameter, the weight that
 forward and backward use (the master rounded to nearest even, as autocast casts it), plus the int16 `low`
 holding what the fp32 value has beyond it: the step rebuilds the fp32 value, updates it, and writes both
-halves back (8 bytes instead of the 10 of an fp32 parameter with a bf16 copy beside it). `split_fp32` / `join_fp32` below are the same
-arithmetic in PyTorch.
+halves back (8 bytes instead of the 10 of an fp32 parameter with a bf16 copy beside it).
+hybrid_train/ops/fp32_halves.py is the same arithmetic in PyTorch.
 
 Moments held in bf16 (`optim.moment_dtype=bfloat16`: 20 bytes per fp32 parameter instead of 28) are
 computed in fp32 and stored stochastically rounded: to the bf16 value above or below with the
@@ -34,14 +34,19 @@ INTERPRETER_BLOCK = 4096
 
 
 @triton.jit
+def _bf16_bits(bits):
+    """The bf16 bits (in a uint32) of fp32 `bits`, rounded to nearest even by bit arithmetic: what the GPU's
+    conversion does, and what Triton's CPU interpreter (which truncates) then does too. NaN stays NaN
+    (quieted)."""
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return tl.where((bits & 0x7FFFFFFF) > 0x7F800000, (bits >> 16) | 0x40, rounded)
+
+
+@triton.jit
 def _rounded(x, dtype: tl.constexpr):
-    """x (fp32) in dtype, bf16 rounded to nearest even by bit arithmetic: what the GPU's conversion
-    does, and what Triton's CPU interpreter (which truncates) then does too. NaN stays NaN (quieted)."""
+    """x (fp32) in dtype, bf16 rounded to nearest even (`_bf16_bits`)."""
     if dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        rounded = tl.where(x != x, (bits >> 16) | 0x40, rounded)
-        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return _bf16_bits(x.to(tl.uint32, bitcast=True)).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(dtype)
 
@@ -68,15 +73,13 @@ def _stochastic_bf16(x, noise):
 @triton.jit
 def _split(bits):
     """(high, low) halves (uint32s holding 16 bits each) of fp32 `bits`: high the bf16 rounding to nearest
-    even (`_rounded`'s, autocast's), low the difference as a signed int16, which `_join` adds back. A value
+    even (`_bf16_bits`, autocast's), low the difference as a signed int16, which `_join` adds back. A value
     exactly halfway that rounds down would need +2^15, one more than int16 holds: it keeps 2^15 - 1, one
     fp32 ulp toward zero (1 in 131,072 values, a 2^-24 relative change, under an fp32 update's own
     rounding). NaN stays NaN (quieted)."""
-    high = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    high = _bf16_bits(bits)
     low = bits & 0xFFFF
-    low = tl.where((low == 0x8000) & (high == bits >> 16), 0x7FFF, low)
-    high = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, (bits >> 16) | 0x40, high)
-    return high, low
+    return high, tl.where((low == 0x8000) & (high == bits >> 16), 0x7FFF, low)
 
 
 @triton.jit
@@ -212,23 +215,3 @@ def adamw_steps(items, grad_scale: torch.Tensor | None, skip: torch.Tensor, *, l
             BLOCK=block, HAS_SCALE=grad_scale is not None, SPLIT=split,
             STOCHASTIC_MOMENTS=m_dtype == torch.bfloat16, num_warps=NUM_WARPS,
         )
-
-
-def split_fp32(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(bf16 high half, int16 low half) of fp32 `value`, as the step splits it (`_split`): the high half is
-    `value` rounded to nearest even, as autocast's cast rounds it; `join_fp32` restores `value` bit for
-    bit, but for a value exactly halfway that rounds down, which comes back one fp32 ulp toward zero."""
-    bits = value.detach().float().contiguous().view(torch.int32)
-    # int32 arithmetic: for negative values the sign-extended shifts keep the same low 16 bits as the
-    # kernel's unsigned ones, and int32 -> int16 keeps the low 16 bits
-    high = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    low = bits & 0xFFFF
-    low = torch.where((low == 0x8000) & (high == bits >> 16), 0x7FFF, low)
-    high = torch.where((bits & 0x7FFFFFFF) > 0x7F800000, (bits >> 16) | 0x40, high)
-    return high.to(torch.int16).view(torch.bfloat16), low.to(torch.int16)
-
-
-def join_fp32(high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
-    """The fp32 value of a split master (`split_fp32`)."""
-    bits = (high.detach().view(torch.int16).to(torch.int32) << 16) + low.to(torch.int32)
-    return bits.view(torch.float32)
