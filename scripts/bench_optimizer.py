@@ -57,9 +57,7 @@ def time_impl(model: torch.nn.Module, optim_cfg, weights: BF16Weights, steps: in
             raise SystemExit(f"--bf16-weights with optim.impl={optim_cfg.impl}: {err} (the Triton step: CUDA, or "
                              "TRITON_INTERPRET=1 with optim.impl=triton)") from None
     norm = torch.tensor(2.0, device=device)  # above max_norm 1: the clip scale is applied
-    seconds = timed(lambda: clip_and_step(optimizer, norm, 1.0), steps, device)  # (first: states allocated)
-    del optimizer
-    return seconds
+    return timed(lambda: clip_and_step(optimizer, norm, 1.0), steps, device)  # (first: states allocated)
 
 
 def step_bytes(model: torch.nn.Module, weights: BF16Weights, moment_bytes: int) -> int:
@@ -79,6 +77,10 @@ def main() -> None:
     parser.add_argument("--bf16-weights", action="store_true", help="split fp32 masters, bf16 gradients (one GPU)")
     parser.add_argument("--json", help="append the result as a JSON line to this file")
     args, overrides = parser.parse_known_args()
+    impls = args.impls.split(",")
+    if args.bf16_weights and set(impls) - {"triton", "auto"}:
+        parser.error(f"--bf16-weights --impls {args.impls}: split fp32 masters are stepped by the Triton AdamW only "
+                     "(--impls triton)")
     job = load_config(overrides)
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -92,7 +94,7 @@ def main() -> None:
     result = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
               else "cpu", "torch": torch.__version__, "params": n, "overrides": overrides,
               "bf16_weights": args.bf16_weights, "bytes_per_step": moved}
-    for impl in args.impls.split(","):
+    for impl in impls:
         seconds = time_impl(model, dataclasses.replace(job.optim, impl=impl), weights, args.steps, device)
         result[impl] = {"ms": seconds * 1e3, "GB_per_s": moved / seconds / 1e9}
         print(f"{impl:8s} {seconds * 1e3:8.2f} ms/step  {moved / seconds / 1e9:7.0f} GB/s  "

@@ -46,6 +46,7 @@ def test_bench_ladder_smoke_on_cpu(tmp_path, monkeypatch):
     results = bench.main(["--device", "cpu", "--tiny", "--ladder", "--layers", "2", "--attn", "1",
                           "--seq-len", "32", "--steps", "1", "--warmup", "0", "--documents", "2", "--json", str(out)])
     assert [r["variant"] for r in results] == ["reference", "+ssd", "+conv1d", "+gated_norm", "+rms_norm", "+mixer"]
+    assert set(bench.MODEL_OPS) == set(OPS) - {"sum_squares"}  # every op of the model, not the gradient norm's
     assert results[0]["torch_ops"] == list(bench.MODEL_OPS) and results[-1]["torch_ops"] == ["cross_entropy"]
     # on CPU without the interpreter every variant runs the reference: the same bytes saved
     assert len({r["act_bytes_per_token"] for r in results}) == 1 and results[0]["act_bytes_per_token"] > 0
@@ -112,12 +113,15 @@ def test_bench_optimizer_times_each_impl_on_cpu(tmp_path, capsys):
     assert result["bytes_per_step"] == 28 * n  # fp32 parameters, gradients and moments
     assert result["norm_torch"]["ms"] > 0 and "norm_triton" not in result  # (CPU: no Triton sum of squares)
     assert "fused" in capsys.readouterr().out
-    sys.argv = ["bench_optimizer.py", "--device", "cpu", "--steps", "1", "--impls", "fused", "--bf16-weights", "model=tiny"]
-    try:
-        with pytest.raises(SystemExit, match="--bf16-weights with optim.impl=fused: .*Triton AdamW"):
-            module.main()
-    finally:
-        sys.argv = old
+    for impls, message in (("triton,fused", None), ("auto", "--bf16-weights with optim.impl=auto: .*Triton AdamW")):
+        sys.argv = ["bench_optimizer.py", "--device", "cpu", "--steps", "1", "--impls", impls, "--bf16-weights",
+                    "model=tiny"]
+        try:  # refused before anything is timed (auto: torch's AdamW on CPU)
+            with pytest.raises(SystemExit, match=message):
+                module.main()
+        finally:
+            sys.argv = old
+    assert "split fp32 masters are stepped by the Triton AdamW only" in capsys.readouterr().err
 
 
 def test_bench_moe_slice_smoke_on_cpu(monkeypatch):

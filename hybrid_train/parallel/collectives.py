@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from typing import Iterable
 
@@ -61,7 +60,10 @@ def total_norm(grads: Iterable[torch.Tensor]) -> torch.Tensor:
     norm would be off by up to 0.4%, and with it the clip."""
     squares = []
     for mesh, group in _by_mesh(list(grads)).items():
-        norm = _fp32_norm(group) if mesh is None else torch.nn.utils.get_total_norm(group, norm_type=2.0)
+        if mesh is None:
+            squares.append(_fp32_sum_squares(group))
+            continue
+        norm = torch.nn.utils.get_total_norm(group, norm_type=2.0)
         squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm).float().square())
     if not squares:
         return torch.zeros(())
@@ -83,14 +85,13 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> floa
     return total
 
 
-def _fp32_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """The L2 norm of plain tensors of any dtypes and devices, each summed in fp32 (as get_total_norm,
-    which keeps a bf16 tensor's norm in bf16)."""
+def _fp32_sum_squares(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The sum of squares of plain tensors of any dtypes and devices, each summed in fp32 (get_total_norm
+    keeps a bf16 tensor's norm in bf16), on the first one's device."""
     by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
     for g in grads:
         by_device[g.device].append(g)
-    squares = [sum_squares(group).to(grads[0].device) for group in by_device.values()]
-    return torch.stack(squares).sum().sqrt()
+    return torch.stack([sum_squares(group).to(grads[0].device) for group in by_device.values()]).sum()
 
 
 def _by_mesh(tensors: list[torch.Tensor]) -> dict[object, list[torch.Tensor]]:
