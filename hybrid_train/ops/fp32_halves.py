@@ -21,7 +21,8 @@ def split_fp32(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     bits = value.detach().float().contiguous().view(torch.int32)
     # int32 arithmetic: for negative values the sign-extended shifts keep the same low 16 bits as the
     # kernel's unsigned ones, and int32 -> int16 keeps the low 16 bits
-    high = torch.where((bits & 0x7FFFFFFF) > 0x7F800000, (bits >> 16) | 0x40, (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    high = torch.where((bits & 0x7FFFFFFF) > 0x7F800000, (bits >> 16) | 0x40, rounded)
     low = bits & 0xFFFF
     low = torch.where((low == 0x8000) & (high == bits >> 16), 0x7FFF, low)
     return high.to(torch.int16).view(torch.bfloat16), low.to(torch.int16)

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hybrid_train.ops.triton.common import block_table, device_rows
+from hybrid_train.ops.triton.common import TL_DTYPE, block_table, device_rows
 
 # 1024 elements over 4 warps: 4.10 TB/s on an H200 at 9B width, against 3.96 for 4096 over 8 (BENCHMARKS.md).
 # Triton's CPU interpreter runs each program in numpy, so there fewer, larger programs are faster.
@@ -175,7 +175,6 @@ def adamw_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, e
 # model has hundreds of norm weights, biases, A_log, D and dt_bias vectors, and stepping each with its
 # own launch took the host longer than the GPU (13 ms a step for hybrid_1b's 291 tensors on an H200).
 BATCHED_BELOW = 1 << 20
-_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 def adamw_steps(items, grad_scale: torch.Tensor | None, skip: torch.Tensor, *, lr: float, beta1: float, beta2: float,
@@ -211,7 +210,7 @@ def adamw_steps(items, grad_scale: torch.Tensor | None, skip: torch.Tensor, *, l
         _adamw_many_kernel[(block_tensor.numel(),)](
             rows, block_tensor, block_index, grad_scale if grad_scale is not None else skip, skip,
             float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
-            P_DT=_TL_DTYPES[p_dtype], G_DT=_TL_DTYPES[g_dtype], M_DT=_TL_DTYPES[m_dtype],
+            P_DT=TL_DTYPE[p_dtype], G_DT=TL_DTYPE[g_dtype], M_DT=TL_DTYPE[m_dtype],
             BLOCK=block, HAS_SCALE=grad_scale is not None, SPLIT=split,
             STOCHASTIC_MOMENTS=m_dtype == torch.bfloat16, num_warps=NUM_WARPS,
         )

@@ -38,7 +38,7 @@ def launch(name: str) -> dict:
     return {k: v for k, v in LAUNCH[name].items() if k in ("num_warps", "num_stages", "maxnreg")}
 
 
-_TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
 def dot_dtype(dtype: torch.dtype):
@@ -49,7 +49,7 @@ def dot_dtype(dtype: torch.dtype):
     """
     if interpreting():
         return tl.float32
-    return _TL_DTYPE[dtype]
+    return TL_DTYPE[dtype]
 
 
 def pow2_at_least_16(v: int) -> int:

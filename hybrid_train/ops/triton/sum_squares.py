@@ -12,11 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from hybrid_train.ops.triton.common import block_table, device_rows
+from hybrid_train.ops.triton.common import TL_DTYPE, block_table, device_rows
 
 BLOCK, NUM_WARPS = 4096, 4
-INTERPRETER_BLOCK = 4096
-_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 @triton.jit
@@ -37,16 +35,16 @@ def sum_squares(tensors: list[torch.Tensor], block: int | None = None, num_warps
     device = tensors[0].device
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for t in tensors:
-        assert t.device == device and t.is_contiguous() and t.dtype in _TL_DTYPES, "contiguous, one device"
+        assert t.device == device and t.is_contiguous() and t.dtype in TL_DTYPE, "contiguous, one device"
         if t.numel():
             by_dtype.setdefault(t.dtype, []).append(t)
-    block = block or (BLOCK if device.type == "cuda" else INTERPRETER_BLOCK)
+    block = block or BLOCK
     partials = []
     for dtype, group in by_dtype.items():
         rows = device_rows([[t.data_ptr(), t.numel()] for t in group], device)
         block_tensor, block_index = block_table(tuple(t.numel() for t in group), block, device)
         out = torch.empty(block_tensor.numel(), dtype=torch.float32, device=device)
-        _sum_squares_kernel[(block_tensor.numel(),)](rows, block_tensor, block_index, out, DT=_TL_DTYPES[dtype],
+        _sum_squares_kernel[(block_tensor.numel(),)](rows, block_tensor, block_index, out, DT=TL_DTYPE[dtype],
                                                      BLOCK=block, num_warps=num_warps)
         partials.append(out)
     return torch.cat(partials).sum() if partials else torch.zeros((), device=device)
