@@ -14,7 +14,10 @@ split of a step (`time_ms` in metrics.jsonl); windows ending after `--warmup` st
 
   forward, backward   device time of the micro-batches' forward (with the head + loss) and backward
   clip                the global gradient norm and the loss all-reduce
-  optimizer           AdamW (clip and non-finite skip folded in), LR schedule, zero_grad
+  optimizer           AdamW (clip and non-finite skip folded in), LR schedule, zero_grad; with the
+                      optimizer beside the next forward (train.overlap_optimizer) only its launch:
+                      `optimizer_beside_forward` is then the step's span on its own stream, and
+                      forward holds what of it the overlap did not hide
   data                host time waiting for the loader
   host                wall time the device was not busy with the above (between steps)
 
@@ -33,6 +36,7 @@ from pathlib import Path
 
 import torch
 from hybrid_train.config import load_config
+from hybrid_train.train.overlap import OptimizerOverlap
 from hybrid_train.train.trainer import train
 
 
@@ -71,6 +75,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--profile", type=int, default=0, metavar="K",
                         help="run the last K steps under torch.profiler (left out of the averages) and print where "
                              "their device time went (<run.dir>/profile/: traces and summary.txt)")
+    parser.add_argument("--same-priority", action="store_true",
+                        help="with the optimizer beside the forward, run the loop at the optimizer stream's priority "
+                             "(by default the forward's kernels are scheduled first)")
     parser.add_argument("--json", help="append the result as a JSON line to this file")
     args, overrides = parser.parse_known_args(argv)
     unknown = [o for o in overrides if o.startswith("-")]
@@ -93,6 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not any(o.startswith("run.dir=") for o in overrides):
         ours.append(f"run.dir={tmp.name}")
     job = load_config(ours + overrides)
+    OptimizerOverlap.forward_first = not args.same_priority
     start = time.perf_counter()
     result = train(job)
     wall = time.perf_counter() - start
@@ -101,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not main_rank or not metrics.exists():
         return {}
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
-    out = {"date": time.strftime("%Y-%m-%d"),
+    out = {"date": time.strftime("%Y-%m-%d"), "same_priority": args.same_priority,
            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
            "overrides": overrides, "steps": result.state.step, "wall_s": wall,
            **steady_state(records, args.warmup, measured_until),

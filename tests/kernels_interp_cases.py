@@ -665,20 +665,25 @@ def test_triton_adamw_checkpoint_moves_to_torch_adamw_and_back(tmp_path):
             assert float(s["step"]) == 3
 
 
-def _steps_with_split(cfg, split: bool, grad_accum: int, steps: int = 3):
+def _steps_with_split(cfg, split: bool, grad_accum: int, steps: int = 3, moment_dtype: str = "float32",
+                      by_module: bool = False):
     """`steps` clipped Triton-AdamW steps of a model under bf16 autocast, with or without bf16 weights on
-    split fp32 masters; (cross entropies, gradient norms, final state dict, names of the split parameters)."""
+    split fp32 masters; (cross entropies, gradient norms, final state dict, names of the split parameters).
+    by_module: each step taken in the model's forward-unit groups, as OptimizerOverlap takes it."""
     from hybrid_train.parallel import total_norm
     from hybrid_train.train.config import OptimConfig
     from hybrid_train.train.optim import build_optimizer, clip_and_step
+    from hybrid_train.train.overlap import step_groups
     from hybrid_train.train.precision import BF16Weights
 
     torch.manual_seed(0)
     model = build_model(cfg)
-    opt = build_optimizer(model, OptimConfig(lr=1e-2, impl="triton"))
+    opt = build_optimizer(model, OptimConfig(lr=1e-2, impl="triton", moment_dtype=moment_dtype))
     weights = BF16Weights(model, enabled=split)
     if split:
         weights.attach(opt)
+    groups = step_groups(model, [p for group in opt.param_groups for p in group["params"]])
+    step = (lambda: [opt.step(only=params) for _, params in groups]) if by_module else None
     torch.manual_seed(1)
     ces, norms = [], []
     for _ in range(steps):
@@ -692,14 +697,14 @@ def _steps_with_split(cfg, split: bool, grad_accum: int, steps: int = 3):
             ces.append(ce.item())
         norm = total_norm(weights.grads(model.parameters()))
         norms.append(norm.item())
-        assert clip_and_step(opt, norm, 0.5).item() == 0.0
+        assert clip_and_step(opt, norm, 0.5, step=step).item() == 0.0
         opt.zero_grad(set_to_none=True)
     if split:  # a non-finite step writes neither half
         before = {p: (p.detach().clone(), low.clone()) for p, low in weights.low.items()}
         with torch.autocast("cpu", dtype=torch.bfloat16):
             model(ids[:, :-1], labels=ids[:, 1:])[0].backward()
         next(iter(weights.low)).grad.view(-1)[0] = float("nan")
-        assert clip_and_step(opt, total_norm(weights.grads(model.parameters())), 0.5).item() == 1.0
+        assert clip_and_step(opt, total_norm(weights.grads(model.parameters())), 0.5, step=step).item() == 1.0
         assert all(torch.equal(p, b[0]) and torch.equal(weights.low[p], b[1]) for p, b in before.items())
         opt.zero_grad(set_to_none=True)
     names = {n for n, p in model.named_parameters() if p in weights.low}
@@ -731,6 +736,36 @@ def test_bf16_weights_on_split_masters_train_as_autocast(grad_accum, monkeypatch
     ulps = {n: (weights1[n].view(torch.int32) - w.view(torch.int32)).abs() for n, w in weights0.items()}
     assert all(weights1[n].dtype == torch.float32 for n in weights0)  # the state dict: fp32 masters either way
     assert sum(int((u > 0).sum()) for u in ulps.values()) <= 8 and max(int(u.max()) for u in ulps.values()) <= 2
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_optimizer_stepped_module_by_module_is_the_whole_step(tied, monkeypatch):
+    """OptimizerOverlap's step: the Triton AdamW taken in groups of the model's modules in forward order is
+    the step taken whole, to the bit: split masters, bf16 moments rounded stochastically (seeded by each
+    tensor's place in the optimizer), 2 micro-batches, a skipped non-finite step. The groups: every
+    parameter once; the embedding first, each block, the head last, a tied head's weight with the embedding."""
+    from hybrid_train.train.overlap import forward_units, step_groups
+
+    monkeypatch.setenv("HYBRID_TRAIN_KERNELS", "auto")
+    set_kernels("torch")  # the model's ops in PyTorch (fast here); the AdamW step through the interpreter
+    cfg = mixer_cfg(moe_n_experts=4, moe_top_k=2, moe_hidden=24, moe_every=2, moe_offset=1, tie_embeddings=tied)
+    try:
+        whole = _steps_with_split(cfg, True, 2, moment_dtype="bfloat16")
+        parts = _steps_with_split(cfg, True, 2, moment_dtype="bfloat16", by_module=True)
+    finally:
+        set_kernels("auto")
+    assert whole[:2] == parts[:2]
+    assert all(torch.equal(parts[2][name], value) for name, value in whole[2].items())
+    model = build_model(cfg)
+    params = list(model.parameters())
+    groups = step_groups(model, params)
+    assert sorted(id(p) for _, own in groups for p in own) == sorted(map(id, params))
+    units = [model.embed, *model.layers.values(), model.norm] + ([] if tied else [model.lm_head])
+    assert forward_units(model) == [model.embed, *model.layers.values(), model.norm, model.lm_head]
+    assert [unit for unit, _ in groups] == units
+    assert model.lm_head.weight in groups[0][1] if tied else groups[-1][1] == {model.lm_head.weight}
+    some = list(model.layers["1"].parameters())[:2]  # a subset: only the units that hold it
+    assert step_groups(model, some) == [(model.layers["1"], set(some))]
 
 
 @pytest.mark.parametrize("batched_below", [1 << 20, 0])

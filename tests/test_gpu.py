@@ -58,6 +58,38 @@ def test_bf16_weights_log_autocast_losses_on_gpu(compose, tmp_path, head_dtypes)
     assert losses["true"] == losses["false"]
 
 
+@pytest.mark.parametrize("extra", [["parallel.compile=false", "train.global_batch_tokens=4096"],  # 2 micro-batches
+                                   ["parallel.compile=true", "parallel.activation_checkpoint=full"]])
+def test_optimizer_beside_the_forward_trains_as_the_plain_step_on_gpu(compose, tmp_path, extra):
+    """train.overlap_optimizer against the step after backward: the same losses,
+    gradient norms and final weights, to the bit, with Mamba-2, attention and MoE blocks and split masters,
+    eager with 2 micro-batches and compiled with activation checkpointing; a run resumed from a checkpoint
+    taken mid-run goes on as the uninterrupted one."""
+    import json
+
+    from hybrid_train.train.trainer import train
+
+    common = ["model=jamba_mamba2_tiny", "train.max_tokens=0", "logging.log_every=1", "logging.progress=false",
+              "schedule.name=constant", "schedule.warmup_steps=0", *extra]  # (resumed: the same LR per step)
+    runs, weights = {}, {}
+    for overlap in ("true", "false"):
+        run_dir = tmp_path / overlap
+        result = train(compose(common + [f"run.dir={run_dir}", "train.max_steps=8", f"train.overlap_optimizer={overlap}"]))
+        weights[overlap] = {n: p.detach().clone() for n, p in result.model.named_parameters()}
+        runs[overlap] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert ("optimizer beside the next forward" in (run_dir / "train.log").read_text()) == (overlap == "true")
+        assert any("optimizer_beside_forward" in r["time_ms"] for r in runs[overlap]) == (overlap == "true")
+    for key in ("loss", "grad_norm"):
+        assert [r[key] for r in runs["true"]] == [r[key] for r in runs["false"]], key
+    assert all(torch.equal(weights["true"][n], w) for n, w in weights["false"].items())
+    resumed = tmp_path / "resumed"
+    for steps in (4, 8):
+        train(compose(common + [f"run.dir={resumed}", f"train.max_steps={steps}", "checkpoint.final=true",
+                                "train.overlap_optimizer=true"]))
+    losses = [json.loads(line)["loss"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-4:] == [r["loss"] for r in runs["true"]][-4:]
+
+
 def test_split_master_step_and_sum_squares_on_gpu():
     """The Triton kernels behind the trainer's step on the GPU (where Triton 3.6 compiles them, unlike the
     CPU interpreter): the kernel's split and join are fp32_halves' bit for bit, a split master's step is

@@ -212,11 +212,14 @@ class StepTimer:
     Device phases (forward, backward, clip = the gradient norm and loss reduction, optimizer) are
     timed by CUDA events, which cost no sync until `split` reads them on a log step; on CPU, where ops
     run synchronously, by the host clock. `data` is host time spent waiting for batches; `host` is the
-    wall time not covered by device work: the device idle between steps (data, syncs, launches)."""
+    wall time not covered by device work: the device idle between steps (data, syncs, launches).
+    Work on another stream is reported beside them (`beside`): the optimizer step that runs beside the
+    next forward (train.overlap_optimizer), whose forward time then holds what the overlap did not hide."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self._steps: list[list[tuple[str, object]]] = []
+        self._beside: list[tuple[str, object, object]] = []
         self._data_s = 0.0
         self._window_start = time.perf_counter()
 
@@ -237,6 +240,12 @@ class StepTimer:
         """The phase that ran since the last mark (or begin) ends here."""
         self._steps[-1].append((phase, self._now()))
 
+    def beside(self, phase: str, start, end) -> None:
+        """Device work of this step on another stream, between two CUDA events: reported under `phase` (a
+        mean per span) once it has finished (a span still running is reported with the next window: waiting
+        for it would stall the overlap), not counted as the loop's device time (it ran beside it)."""
+        self._beside.append((phase, start, end))
+
     def _elapsed_ms(self, start, end) -> float:
         return start.elapsed_time(end) if self.cuda else (end - start) * 1e3
 
@@ -254,14 +263,20 @@ class StepTimer:
             device_ms += self._elapsed_ms(marks[0][1], marks[-1][1])
         n = max(len(steps), 1)
         out = {phase: ms / n for phase, ms in totals.items()}
+        done = [span for span in self._beside if span[2].query()]
+        for phase in dict.fromkeys(phase for phase, _, _ in done):
+            spans = [self._elapsed_ms(start, end) for name, start, end in done if name == phase]
+            out[phase] = sum(spans) / len(spans)
         out["data"] = self._data_s * 1e3 / n
         out["host"] = max(wall_ms - device_ms, 0.0) / n
+        running = [span for span in self._beside if span not in done]
         self.reset()
+        self._beside = running
         return out
 
     def reset(self) -> None:
         """Forget what was timed (e.g. a checkpoint save that should stay out of the split)."""
-        self._steps, self._data_s, self._window_start = [], 0.0, time.perf_counter()
+        self._steps, self._beside, self._data_s, self._window_start = [], [], 0.0, time.perf_counter()
 
 
 def _fmt(key: str, value) -> str:

@@ -98,8 +98,18 @@ class TritonAdamW(torch.optim.AdamW):
                 if isinstance(value, torch.Tensor) and value.dtype != self.state[p][key].dtype:
                     self.state[p][key] = value.to(self.state[p][key].device)
 
+    def grads(self, params=None) -> list[torch.Tensor]:
+        """The gradients a step reads (of `params`, default all): the split masters' where they keep them."""
+        masters = self.split_masters
+        params = params if params is not None else [p for group in self.param_groups for p in group["params"]]
+        grads = (masters.grad(p) if masters is not None else p.grad for p in params)
+        return [g for g in grads if g is not None]
+
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, only=None):
+        """only: step just these parameters (a set; the rest wait for another call in the same step, as
+        OptimizerOverlap steps a model module by module). Each tensor keeps its place in the optimizer, so
+        a step taken in parts is the one taken whole, to the bit."""
         from hybrid_train.ops.triton.adamw import adamw_steps
 
         loss = None
@@ -112,6 +122,8 @@ class TritonAdamW(torch.optim.AdamW):
             work = []
             for p in group["params"]:
                 index += 1
+                if only is not None and p not in only:
+                    continue
                 low = masters.low.get(p) if masters is not None else None
                 grad = masters.grad(p) if masters is not None else p.grad
                 if grad is None:
@@ -152,14 +164,17 @@ FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 @torch.no_grad()
 def clip_and_step(optimizer: torch.optim.Optimizer, norm: torch.Tensor, max_norm: float,
-                  loss: torch.Tensor | None = None) -> torch.Tensor:
+                  loss: torch.Tensor | None = None, step=None) -> torch.Tensor:
     """One optimizer step on gradients clipped to a global norm of max_norm (0 = no clip), skipped
     (no weight or moment written, step count unchanged) when the norm or the loss is not finite.
 
     Returns the skip flag (a device tensor, 1.0 when skipped). With the fused AdamW both ride the one
     kernel as its `grad_scale` (gradients are divided by max(1, norm / max_norm)) and `found_inf`, so
     the step needs neither a host sync nor another pass over the gradients. norm and loss must agree
-    on every rank (global norm, all-reduced loss), so every rank takes or skips the step together."""
+    on every rank (global norm, all-reduced loss), so every rank takes or skips the step together.
+    step: what takes the step once the clip and skip are set (default `optimizer.step`; the trainer's
+    OptimizerOverlap.step takes it on a side stream)."""
+    step = step or optimizer.step
     bad = ~torch.isfinite(norm if loss is None else norm + loss.to(norm.device))
     found_inf = bad.float()
     fused = getattr(optimizer, "takes_grad_scale", False) or all(group.get("fused") for group in optimizer.param_groups)
@@ -169,14 +184,14 @@ def clip_and_step(optimizer: torch.optim.Optimizer, norm: torch.Tensor, max_norm
                 coef = max_norm / (float(norm) + 1e-6)
                 if coef < 1.0:
                     _scale_grads(optimizer, coef)
-            optimizer.step()
+            step()
         return found_inf
     if max_norm > 0:
         # As torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is below 1.
         optimizer.grad_scale = torch.clamp((norm + 1e-6) / max_norm, min=1.0)
     optimizer.found_inf = found_inf
     try:
-        optimizer.step()
+        step()
     finally:
         optimizer.grad_scale = optimizer.found_inf = None
     return found_inf

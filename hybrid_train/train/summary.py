@@ -15,9 +15,11 @@ def count(n: float) -> str:
 
 def run_header(job: JobConfig, total_steps: int, tokens_per_step: int, grad_accum: int, *, n_params: int,
                n_embedding: int, world_size: int, device: str, precision: str, start_total_tokens: int,
-               resumed_from: object = None, resumed_step: int = 0, warmup_steps: int | None = None) -> str:
+               resumed_from: object = None, resumed_step: int = 0, warmup_steps: int | None = None,
+               overlap: bool = False) -> str:
     """Model and size, data mixture and shares, run length, schedule, stage, devices, where outputs go.
-    warmup_steps: the warmup the run takes (after any clamp); None = as the schedule config says."""
+    warmup_steps: the warmup the run takes (after any clamp); None = as the schedule config says.
+    overlap: the optimizer steps beside the next forward (train.overlap_optimizer)."""
     m, t, s, d, c = job.model, job.train, job.schedule, job.data, job.checkpoint
     types = "".join(m.layer_types)
     attn = [i for i, kind in enumerate(m.layer_types) if kind == "A"]
@@ -57,7 +59,8 @@ def run_header(job: JobConfig, total_steps: int, tokens_per_step: int, grad_accu
         f"{job.optim.weight_decay:g}, grad clip {t.grad_clip:g}",
         f"  devices   {world_size} process(es) on {device}, {precision}, "
         f"{'fused head + loss' if job.fused_loss() else 'loss from full logits'}, "
-        f"{'compiled blocks' if job.parallel.compile_on(device) else 'eager'}",
+        f"{'compiled blocks' if job.parallel.compile_on(device) else 'eager'}"
+        f"{', optimizer beside the next forward' if overlap else ''}",
         f"  saves     {''.join(e + ', ' for e in every)}at the end (keep last {c.keep_last or 'all'}); the same "
         "command resumes",
     ]

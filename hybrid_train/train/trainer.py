@@ -23,6 +23,7 @@ from hybrid_train.train.loss import lm_loss
 from hybrid_train.train.metrics import (MetricsLogger, RunLog, StepTimer, device_peak_flops, peak_memory_gb,
                                       router_metrics)
 from hybrid_train.train.optim import build_lr_scheduler, build_optimizer, clip_and_step
+from hybrid_train.train.overlap import overlap_for
 from hybrid_train.train.plan import RunPlan, Saved, plan_run  # noqa: F401 (RunPlan: API)
 from hybrid_train.train.precision import bf16_weights_for
 from hybrid_train.train.profile import StepProfiler
@@ -197,6 +198,8 @@ def _train(job: JobConfig, run_log: RunLog) -> TrainResult:
         state = checkpointer.resume(resume_from, model, optimizer, scheduler, loader, job.model)
     # bf16 weights with split fp32 masters (one GPU), from the masters as loaded (resume, init_from) or initialized
     bf16_weights = bf16_weights_for(job, model, optimizer, env.world_size, autocast_dtype)
+    # The optimizer step beside the next forward (one GPU): after the split, whose gradients it reads
+    overlap = overlap_for(job, model, optimizer, env.world_size, env.device)
 
     # 5. Observability.
     flops_token = flops_per_token(job.model, n_params, n_embedding, job.train.seq_len)
@@ -208,6 +211,7 @@ def _train(job: JobConfig, run_log: RunLog) -> TrainResult:
                            n_embedding=n_embedding, world_size=env.world_size, device=device_type,
                            precision="fp32" if autocast_dtype is None else
                            "bf16 (bf16 weights, split fp32 masters)" if bf16_weights else "bf16",
+                           overlap=bool(overlap.enabled),
                            start_total_tokens=stage_start_total, resumed_from=resume_from, resumed_step=state.step,
                            warmup_steps=plan.warmup_steps))
     for level, message in notes + plan.notes:
@@ -227,6 +231,7 @@ def _train(job: JobConfig, run_log: RunLog) -> TrainResult:
     # are read on log steps; a non-finite step is skipped by the optimizer itself (SkippedStepWatch).
     path, stopped = resume_from, False
     logger.start_window(state.stage_tokens)
+    overlap.begin()
     try:
         while state.step < plan.total_steps:
             waited = time.perf_counter()
@@ -235,6 +240,7 @@ def _train(job: JobConfig, run_log: RunLog) -> TrainResult:
             if exhausted:
                 # Keep what was trained: checkpoint the last whole step, then report the data problem.
                 watch.check()
+                overlap.join()
                 path = checkpointer.save(state, model, optimizer, scheduler, loader, final=True)
                 logger.info(f"data exhausted before step {state.step + 1}; saved checkpoint {path}")
                 raise DataExhausted(exhausted)
@@ -252,10 +258,12 @@ def _train(job: JobConfig, run_log: RunLog) -> TrainResult:
             timer.mark("clip")
             watch.check()  # the previous step's flag, long computed
             lr = scheduler.get_last_lr()[0]
-            skipped = clip_and_step(optimizer, norm, job.train.grad_clip, loss)
+            skipped = clip_and_step(optimizer, norm, job.train.grad_clip, loss, step=lambda: overlap.step(optimizer))
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             timer.mark("optimizer")
+            if overlap.timing is not None:
+                timer.beside("optimizer_beside_forward", *overlap.timing)
             state.step += 1
             watch.push(state.step, skipped, loss, norm)
             state.stage_tokens += plan.tokens_per_step
@@ -284,6 +292,7 @@ def _train(job: JobConfig, run_log: RunLog) -> TrainResult:
             new_window = False  # after a checkpoint or the profiler's start / stop: keep their time out of throughput
             if last or stopped or checkpointer.due(state, plan.tokens_per_step):
                 watch.check()
+                overlap.join()
                 if not last or job.checkpoint.final:
                     state.source_tokens = _global_source_tokens(loader.source_tokens, env)
                     path = checkpointer.save(state, model, optimizer, scheduler, loader, final=last or stopped)
@@ -301,8 +310,10 @@ def _train(job: JobConfig, run_log: RunLog) -> TrainResult:
                 logger.info(f"stopping at step {state.step} ({stop.reason}); the same command resumes the run")
                 break
         checkpointer.wait()
+        overlap.close()
         bf16_weights.unsplit()  # the returned model holds its fp32 masters, as the checkpoints do
     finally:
+        overlap.close()
         for line in profiler.close():
             logger.info(line)
         stop.restore()
