@@ -61,10 +61,12 @@ def test_bf16_weights_log_autocast_losses_on_gpu(compose, tmp_path, head_dtypes)
 @pytest.mark.parametrize("extra", [["parallel.compile=false", "train.global_batch_tokens=4096"],  # 2 micro-batches
                                    ["parallel.compile=true", "parallel.activation_checkpoint=full"]])
 def test_optimizer_beside_the_forward_trains_as_the_plain_step_on_gpu(compose, tmp_path, extra):
-    """train.overlap_optimizer against the step after backward: the same losses,
-    gradient norms and final weights, to the bit, with Mamba-2, attention and MoE blocks and split masters,
-    eager with 2 micro-batches and compiled with activation checkpointing; a run resumed from a checkpoint
-    taken mid-run goes on as the uninterrupted one."""
+    """train.overlap_optimizer against the step after backward, with Mamba-2, attention and MoE blocks and
+    split masters: eager with 2 micro-batches the same losses, gradient norms and final weights to the bit,
+    and a run resumed from a checkpoint taken mid-run goes on as the uninterrupted one; compiled with
+    activation checkpointing the same to 1e-5 (each run compiles afresh: here the first losses, before any
+    step, differed by 1.5e-6; at 9B width scripts/bench_train.py's compiled runs logged equal losses). A
+    weight read before its update would move the loss by about the update, 1e-3 here."""
     import json
 
     from hybrid_train.train.trainer import train
@@ -79,6 +81,10 @@ def test_optimizer_beside_the_forward_trains_as_the_plain_step_on_gpu(compose, t
         runs[overlap] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert ("optimizer beside the next forward" in (run_dir / "train.log").read_text()) == (overlap == "true")
         assert any("optimizer_beside_forward" in r["time_ms"] for r in runs[overlap]) == (overlap == "true")
+    if "parallel.compile=true" in extra:
+        for key in ("loss", "grad_norm"):
+            torch.testing.assert_close([r[key] for r in runs["true"]], [r[key] for r in runs["false"]], rtol=1e-5, atol=0)
+        return
     for key in ("loss", "grad_norm"):
         assert [r[key] for r in runs["true"]] == [r[key] for r in runs["false"]], key
     assert all(torch.equal(weights["true"][n], w) for n, w in weights["false"].items())

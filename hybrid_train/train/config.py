@@ -121,11 +121,11 @@ class TrainConfig:
     parameter less to hold and to move than fp32 weights with bf16 copies (hybrid_train/train/precision.py).
     None = on where it applies: one process, bf16, optim.impl triton (the CUDA default). Under FSDP its
     all-gather casts the weights instead."""
-    overlap_optimizer: Optional[bool] = False
+    overlap_optimizer: Optional[bool] = None
     """Run the optimizer step on a side stream, module by module, beside the next forward, each module of
-    which waits for its own weights: the same numbers, with AdamW's memory traffic beside the forward's
-    matrix products instead of after backward (hybrid_train/train/overlap.py). It applies to one CUDA
-    process with optim.impl triton (the default there); None = on where it applies."""
+    which waits for its own weights: the same numbers, and 1-2% more tokens/s at 9B width on an H100
+    (hybrid_train/train/overlap.py, BENCHMARKS.md). None = on where it applies: one CUDA process with
+    optim.impl triton (the default there)."""
     device: str = "auto"
     """auto (CUDA when present), cuda or cpu."""
 

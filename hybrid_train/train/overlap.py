@@ -4,10 +4,14 @@ Once backward is done the whole step is decided (the gradient norm gives the cli
 skip), but the next forward needs the new weights one module at a time: the embedding's first, then
 block 0's, the head's last. So the step is launched on a side stream in that order, one group of launches
 per module, each group followed by an event, and each module of the next forward first waits for its own
-event (a forward pre-hook). AdamW is memory-bound (26 bytes a split parameter with fp32 moments: 28 of
-the 147 ms of a step at 9B width, 8 blocks, 4096 tokens, on an H100): beside the forward's matrix
-products it uses bandwidth they leave idle, where after backward it had the GPU to itself. The loop runs on a stream of
-higher priority than the optimizer's, so the forward's thread blocks are scheduled first.
+event (a forward pre-hook). The loop runs on a stream of higher priority than the optimizer's, so the
+forward's thread blocks are scheduled first.
+
+What it buys is less than the optimizer's time. At 9B width (8 blocks, 4096 tokens a step, an H100) AdamW
+takes 28 ms after backward; beside the forward it is hidden, but the forward takes 27 ms longer: the two
+share the SMs and the memory, and the forward loses about as much time as AdamW gains. The step is 1.2-1.9%
+faster (BENCHMARKS.md); at the same stream priority 0.6%, and with AdamW's loads and stores marked to leave
+L2 first no faster than without.
 
 The numbers do not change: every weight is written before anything reads it, by the same kernels with
 the same arguments (`TritonAdamW.step(only=...)` keeps each tensor's place, hence its rounding seed).
@@ -69,6 +73,9 @@ class OptimizerOverlap:
         if not enabled:
             return
         wanted = [p for group in optimizer.param_groups for p in group["params"]]
+        if not wanted:  # nothing to step (every parameter frozen)
+            self.enabled = False
+            return
         device = wanted[0].device
         self.stream = torch.cuda.Stream(device)  # priority 0, the lowest
         self.compute = torch.cuda.Stream(device, priority=-1) if self.forward_first else None
