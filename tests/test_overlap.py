@@ -49,3 +49,42 @@ def test_a_disabled_overlap_steps_the_optimizer_itself(compose, tmp_path):
     overlap = OptimizerOverlap(model, opt, enabled=False)
     clip_and_step(opt, torch.tensor(1.0), 1.0, step=lambda: overlap.step(opt))
     assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+class _Event(float):
+    """A time in seconds that answers `query` as a CUDA event does (done or still running)."""
+    running = False
+
+    def query(self) -> bool:
+        return not self.running
+
+
+def test_step_timer_reports_spans_beside_the_loop_once_done():
+    """StepTimer.beside: a finished span is reported under its phase (a mean per span) and not counted as the
+    loop's device time; one still running waits for the next window; reset drops it."""
+    from hybrid_train.train.metrics import StepTimer
+
+    timer = StepTimer(torch.device("cpu"))
+    later = _Event(1.0)
+    later.running = True
+    for start, end in ((0.0, 0.010), (0.5, 0.530)):
+        timer.begin()
+        timer.mark("forward")
+        timer.beside("optimizer_beside_forward", _Event(start), _Event(end))
+    timer.begin()
+    timer.mark("forward")
+    timer.beside("optimizer_beside_forward", _Event(0.9), later)
+    first = timer.split()
+    assert first["optimizer_beside_forward"] == pytest.approx(20.0)  # (10 + 30) / 2, the running one left out
+    assert first["host"] >= 0 and set(first) == {"forward", "optimizer_beside_forward", "data", "host"}
+    later.running = False
+    timer.begin()
+    timer.mark("forward")
+    assert timer.split()["optimizer_beside_forward"] == pytest.approx(100.0)  # carried: 1.0 - 0.9 s
+    timer.begin()
+    timer.mark("forward")
+    timer.beside("optimizer_beside_forward", _Event(0.0), later)
+    timer.reset()
+    timer.begin()
+    timer.mark("forward")
+    assert "optimizer_beside_forward" not in timer.split()

@@ -242,8 +242,8 @@ class StepTimer:
 
     def beside(self, phase: str, start, end) -> None:
         """Device work of this step on another stream, between two CUDA events: reported under `phase` (a
-        mean per span) once it has finished (a span still running is reported with the next window: waiting
-        for it would stall the overlap), not counted as the loop's device time (it ran beside it)."""
+        mean per span) once it has finished (a span still running is reported with the next window, as waiting
+        for it would stall the overlap; `reset` drops it), not counted as the loop's device time."""
         self._beside.append((phase, start, end))
 
     def _elapsed_ms(self, start, end) -> float:

@@ -83,10 +83,19 @@ def process_dt(raw, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LI
     return v
 
 
-@functools.lru_cache(maxsize=64)
 def block_table(sizes: tuple[int, ...], block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(row, block within the tensor) of every block of tensors of these sizes, as int32 tensors on device,
-    for a kernel that walks many tensors in one launch: the same every step, so built once."""
+    for a kernel that walks many tensors in one launch: the same every step, so built once per stream (a
+    table is then only read on the stream whose allocator holds it: the optimizer may step on a side stream,
+    hybrid_train/train/overlap.py)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    return _block_table(sizes, block, device, stream)
+
+
+# Room for every group of a step: a model's small tensors, stepped per module (32 blocks) and per kind.
+@functools.lru_cache(maxsize=512)
+def _block_table(sizes: tuple[int, ...], block: int, device: torch.device,
+                 stream: int) -> tuple[torch.Tensor, torch.Tensor]:
     counts = torch.tensor([triton.cdiv(n, block) for n in sizes])
     tensor = torch.repeat_interleave(torch.arange(len(sizes)), counts)
     first = torch.cumsum(counts, 0) - counts
