@@ -100,10 +100,10 @@ class TritonAdamW(torch.optim.AdamW):
 
     def grads(self, params=None) -> list[torch.Tensor]:
         """The gradients a step reads (of `params`, default all): the split masters' where they keep them."""
-        masters = self.split_masters
         params = params if params is not None else [p for group in self.param_groups for p in group["params"]]
-        grads = (masters.grad(p) if masters is not None else p.grad for p in params)
-        return [g for g in grads if g is not None]
+        if self.split_masters is not None:
+            return self.split_masters.grads(params)
+        return [p.grad for p in params if p.grad is not None]
 
     @torch.no_grad()
     def step(self, closure=None, only=None):
