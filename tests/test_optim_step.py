@@ -85,11 +85,11 @@ def test_fused_adamw_is_used_on_cpu_and_cuda_parameters():
 
 
 def test_default_lr_scales_with_width(compose):
-    assert default_lr(4096) == pytest.approx(3e-4)  # Bamba-9B's own peak
-    assert default_lr(2048) == pytest.approx(6e-4)
+    assert default_lr(4096) == pytest.approx(1e-4)
+    assert default_lr(2048) == pytest.approx(2e-4)
     assert default_lr(128) == 3e-3  # the tiny models' LR, unchanged
-    assert compose(["model=bamba_9b"]).optim.lr == pytest.approx(3e-4)
-    assert compose(["model=hybrid_1b"]).optim.lr == pytest.approx(6e-4)
+    assert compose(["model=bamba_9b"]).optim.lr == pytest.approx(1e-4)
+    assert compose(["model=hybrid_1b"]).optim.lr == pytest.approx(2e-4)
     assert compose([]).optim.lr == pytest.approx(3e-3)
     assert compose(["model=bamba_9b", "optim.lr=1e-3"]).optim.lr == pytest.approx(1e-3)  # the user's value wins
 

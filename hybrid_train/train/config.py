@@ -12,8 +12,8 @@ LOSS_IMPLS = ("auto", "fused", "logits")
 @dataclass
 class OptimConfig:
     lr: Optional[float] = None
-    """Peak learning rate; None = scaled for the model width (`default_lr`): 3e-4 at d_model 4096 (Bamba-9B's
-    own peak), inversely with the width, at most 3e-3 (the tiny models)."""
+    """Peak learning rate; None = scaled for the model width (`default_lr`): 1e-4 at d_model 4096, inversely
+    with the width, at most 3e-3 (the tiny models). The stage files set Bamba's own LRs."""
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     """AdamW (beta1, beta2)."""
     eps: float = 1e-8
@@ -50,10 +50,12 @@ MOMENT_DTYPES = ("float32", "bfloat16")
 
 
 def default_lr(d_model: int) -> float:
-    """Peak LR for a width, as Adam's LR scales (about 1/width): 3e-4 at 4096 (Bamba v1's peak for
-    Bamba-9B), 6e-4 at 2048, capped at 3e-3, which the tiny CPU models train well with. A 9B-width
-    model at 3e-3 diverges in its first steps."""
-    return min(3e-3, 3e-4 * 4096 / d_model)
+    """Peak LR for a width, as Adam's LR scales (about 1/width): 1e-4 at 4096, 2e-4 at 2048, capped at 3e-3,
+    which the tiny CPU models train well with. Bamba v1's 3e-4 peak was for 1.5M-token steps after 2000
+    warmup steps (the `pretrain` stage keeps it); at one GPU's 4096 tokens a step it sent a fresh
+    9B-width model's loss from 3.5 back up to 11 in its first 15 steps, where 1e-4 fell steadily
+    (BENCHMARKS.md), and 3e-3 diverged."""
+    return min(3e-3, 1e-4 * 4096 / d_model)
 
 
 @dataclass
