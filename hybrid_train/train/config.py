@@ -125,7 +125,7 @@ class TrainConfig:
     all-gather casts the weights instead."""
     overlap_optimizer: Optional[bool] = None
     """Run the optimizer step on a side stream, module by module, beside the next forward, each module of
-    which waits for its own weights: the same numbers, and 1.4% more tokens/s at 9B width on an H100
+    which waits for its own weights: the same numbers, and 1.4-1.6% more tokens/s at 9B width on an H100
     (hybrid_train/train/overlap.py, BENCHMARKS.md). None = on where it applies: one CUDA process with
     optim.impl triton (the default there)."""
     device: str = "auto"

@@ -9,9 +9,9 @@ forward's thread blocks are scheduled first.
 
 What it buys is less than the optimizer's time. At 9B width (8 blocks, 4096 tokens a step, an H100) AdamW
 takes 28 ms after backward; beside the forward it is hidden, but the forward takes 27 ms longer: the two
-share the SMs and the memory, and the forward loses about as much time as AdamW gains. The step is 1.4%
-faster compiled (BENCHMARKS.md); at the same stream priority 0.6%. With AdamW's loads and stores marked to
-leave L2 first, 1.2% compiled and 1.9% eager.
+share the SMs and the memory, and the forward loses about as much time as AdamW gains. The step is
+1.4-1.6% faster compiled and 1.5% eager (BENCHMARKS.md); at the same stream priority 0.6%. Marking AdamW's
+loads and stores to leave L2 first did not help.
 
 The numbers do not change: every weight is written before anything reads it, by the same kernels with
 the same arguments (`TritonAdamW.step(only=...)` keeps each tensor's place, hence its rounding seed).
