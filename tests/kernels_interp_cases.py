@@ -782,6 +782,39 @@ def test_split_master_step_is_the_fp32_step(batched_below, monkeypatch):
         assert_split_master_step_is_the_fp32_step([(300, 7), (1000,), (5, 3, 4)], "cpu", moments)
 
 
+def test_planned_memory_of_split_masters_is_a_measured_step(compose):
+    """scripts/plan.py at world size 1 counts split masters as the trainer holds them: a bf16 weight and its
+    int16 low half for each weight autocast casts, bf16 gradients for those, fp32 for the rest, fp32 moments;
+    against a real step of the tiny model through the Triton AdamW. No autocast copies of the weights."""
+    from test_plan import one_step
+
+    from hybrid_train.model import build_model
+    from hybrid_train.ops.dispatch import OPS
+    from hybrid_train.parallel.plan import Layout, memory_per_gpu, split_masters
+    from hybrid_train.train.optim import build_optimizer
+    from hybrid_train.train.precision import BF16Weights
+
+    job = compose(["optim.impl=triton"])
+    assert split_masters(job) and not split_masters(compose(["train.precision=fp32"]))
+    model = build_model(job.model)
+    optimizer = build_optimizer(model, job.optim)
+    weights = BF16Weights(model)
+    weights.attach(optimizer)
+    set_kernels("auto", torch_ops=tuple(OPS))  # the model's ops in PyTorch (faster here); the step in Triton
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # (as the trainer runs the split weights)
+            one_step(model, optimizer, job.model.vocab_size)
+    finally:
+        set_kernels("auto")
+    assert {p.grad.dtype for p in weights.low} == {torch.bfloat16} and weights.low
+    measured = {"parameters": sum(p.nbytes for p in model.parameters()) + sum(t.nbytes for t in weights.low.values()),
+                "gradients": sum(p.grad.nbytes for p in model.parameters()),
+                "optimizer": sum(v.nbytes for state in optimizer.state.values() for v in state.values())}
+    planned = memory_per_gpu(job, Layout(1, 1, 1, 1))
+    assert {k: getattr(planned, k) for k in measured} == measured
+    assert planned.gathered == 0
+
+
 def test_split_and_join_in_the_kernel_are_fp32_halves_bit_for_bit():
     from split_kernels import assert_kernel_halves_match_torch
 

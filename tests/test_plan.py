@@ -143,7 +143,9 @@ def test_links_overlap_and_stage_window(compose):
 # ---- memory against real runs --------------------------------------------------------------------
 
 def test_state_bytes_match_a_single_process_run(compose):
-    job = compose([])  # the tiny model, as `python train.py` trains it
+    """fp32 parameters and gradients (a CPU run; on a GPU without split masters). With split masters:
+    tests/kernels_interp_cases.py, through the Triton AdamW that steps them."""
+    job = compose(["train.bf16_weights=false"])  # the tiny model, as `python train.py` trains it
     model = build_model(job.model)
     optimizer = build_optimizer(model, job.optim)
     one_step(model, optimizer, job.model.vocab_size)

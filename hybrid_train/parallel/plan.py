@@ -154,9 +154,14 @@ def _local_numel(name: str, shape: torch.Size, tp: int, dp_shard: int) -> int:
 
 def fsdp_units(job: JobConfig, tp: int, dp_shard: int, model: torch.nn.Module | None = None) -> list[dict]:
     """The FSDP units in forward order (embedding, blocks, [norm + head]; fsdp.py), each with its
-    parameters: elements per rank, elements of the TP slice (what an all-gather rebuilds), tensors.
+    parameters: elements per rank, elements of the TP slice (what an all-gather rebuilds), elements per
+    rank of the weights autocast casts to bf16 (linear layers, experts), tensors.
     model: the job's model built on meta (built here when not given)."""
+    from hybrid_train.train.precision import CAST_BY_AUTOCAST  # (the trainer's rule for what autocast casts)
+
     model = model if model is not None else build_model(job.model, device="meta")
+    cast = {f"{m}.{n}" for m, module in model.named_modules() if isinstance(module, CAST_BY_AUTOCAST)
+            for n, p in module.named_parameters(recurse=False)}
     groups = [("embed", ["embed."])] + [(f"block {i}", [f"layers.{i}."]) for i in model.layers]
     groups.append(("norm + head", ["norm.", "lm_head."]))
     if job.model.tie_embeddings:  # a tied matrix lives in the root unit (fsdp.py)
@@ -168,6 +173,7 @@ def fsdp_units(job: JobConfig, tp: int, dp_shard: int, model: torch.nn.Module | 
         units.append({"name": label,
                       "numel": sum(_local_numel(n, p.shape, tp, dp_shard) for n, p in params),
                       "gathered_numel": sum(_local_numel(n, p.shape, tp, 1) for n, p in params),
+                      "cast_numel": sum(_local_numel(n, p.shape, tp, dp_shard) for n, p in params if n in cast),
                       "tensors": len(params)})
     return units
 
@@ -223,15 +229,19 @@ def activation_bytes(job: JobConfig, tp: int) -> float:
 
 
 def memory_per_gpu(job: JobConfig, layout: Layout, units: list[dict] | None = None) -> Memory:
-    """Peak memory of one rank. World size 1 is the single-process trainer with fp32 parameters, no FSDP,
-    bf16 autocast copies of the weights held through forward and backward (counted as `gathered`); on one
-    GPU its bf16 weights on split fp32 masters hold less (no copies, bf16 gradients for those weights)."""
+    """Peak memory of one rank. World size 1 is the single-process trainer on a GPU, no FSDP: with bf16
+    weights on split fp32 masters where they apply (`split_masters`: the same 4 bytes a weight, bf16
+    gradients for the weights autocast casts, no copies), else fp32 parameters with the bf16 autocast copies
+    of those weights held through forward and backward (counted as `gathered`)."""
     units = units if units is not None else fsdp_units(job, layout.tp, layout.dp_shard)
     par, p = job.parallel, job.plan
     local = sum(u["numel"] for u in units)
     tensors = sum(u["tensors"] for u in units)
-    parameters = FP32 * local
-    gradients = FP32 * local  # sharded gradients keep the parameters' dtype (fp32)
+    cast = sum(u["cast_numel"] for u in units)
+    parameters = FP32 * local  # (a split master: a bf16 weight and its int16 low half)
+    split = layout.world_size == 1 and split_masters(job)
+    # sharded gradients keep the parameters' dtype (fp32); a split master's is its bf16 weight's
+    gradients = FP32 * local - (FP32 - BF16) * cast if split else FP32 * local
     if layout.tp > 1 and layout.dp_size == 1 and not job.model.tie_embeddings:
         # DTensor's embedding backward returns the vocabulary-sharded table's gradient whole (Replicate)
         # on every TP rank; FSDP, when present, reduce-scatters it back to the shard.
@@ -239,7 +249,10 @@ def memory_per_gpu(job: JobConfig, layout: Layout, units: list[dict] | None = No
     moment = BF16 if job.optim.moment_dtype == "bfloat16" else FP32
     optimizer = ADAMW_STATES * moment * local + ADAMW_STEP_BYTES * tensors
     gathered_sizes = [BF16 * u["gathered_numel"] for u in units]
-    if layout.dp_size == 1:
+    if layout.world_size == 1:
+        autocast = job.train.precision != "fp32" and not split
+        gathered, grad_buffers = float(BF16 * cast) if autocast else 0.0, 0.0
+    elif layout.dp_size == 1:
         gathered, grad_buffers = float(sum(gathered_sizes)), 0.0
     else:
         k = min(p.units_in_flight, len(units))
@@ -254,6 +267,14 @@ def memory_per_gpu(job: JobConfig, layout: Layout, units: list[dict] | None = No
     tensors_total = parameters + gradients + optimizer + gathered + grad_buffers + activations
     overhead = p.overhead_gib * GIB + p.fragmentation * tensors_total
     return Memory(parameters, gradients, optimizer, gathered, grad_buffers, activations, overhead)
+
+
+def split_masters(job: JobConfig) -> bool:
+    """Whether a one-GPU run of `job` keeps bf16 weights on split fp32 masters (train.bf16_weights; None =
+    where they apply: bf16 autocast and the Triton AdamW, the CUDA default)."""
+    if job.train.bf16_weights is not None:
+        return job.train.bf16_weights
+    return job.train.precision != "fp32" and job.optim.impl in ("auto", "triton")
 
 
 # ---- time ----------------------------------------------------------------------------------------
