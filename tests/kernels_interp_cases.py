@@ -782,6 +782,37 @@ def test_split_master_step_is_the_fp32_step(batched_below, monkeypatch):
         assert_split_master_step_is_the_fp32_step([(300, 7), (1000,), (5, 3, 4)], "cpu", moments)
 
 
+@pytest.mark.parametrize("programs", [1, 2])
+@pytest.mark.parametrize("batched_below", [1 << 20, 0])
+def test_adamw_on_a_capped_grid_is_the_step_bit_for_bit(programs, batched_below, monkeypatch):
+    """programs=k (each program looping over blocks k apart) writes what one program per block writes, to
+    the bit: split masters with bf16 moments (whose rounding draws on each element's index) and fp32
+    parameters, tensors of several blocks with a partial last one; all in batched launches, or each in its own."""
+    from hybrid_train.ops.fp32_halves import split_fp32
+    from hybrid_train.ops.triton import adamw
+    from hybrid_train.ops.triton.adamw import INTERPRETER_BLOCK, adamw_steps
+
+    monkeypatch.setattr(adamw, "BATCHED_BELOW", batched_below)
+    shapes = [(3 * INTERPRETER_BLOCK + 5,), (7, 3), (2 * INTERPRETER_BLOCK,), (300,)]
+    runs = []
+    for cap in (None, programs):
+        torch.manual_seed(1)
+        items = []
+        for i, s in enumerate(shapes):
+            m, v = torch.randn(s).abs().bfloat16(), torch.randn(s).abs().bfloat16()
+            high, low = split_fp32(torch.randn(s)) if i % 2 == 0 else (torch.randn(s), None)
+            items.append((high, torch.randn(s).bfloat16(), m, v, torch.tensor(4.0), low, i + 1))
+        adamw_steps(items, torch.tensor(2.0), torch.zeros(()), lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8,
+                    weight_decay=0.1, programs=cap)
+        runs.append(items)
+    for before, capped in zip(*runs):
+        for a, b in zip(before[:6], capped[:6]):  # parameter, gradient, moments, step count, low half
+            assert a is None or torch.equal(a, b)
+    with pytest.raises(ValueError, match="programs=0"):
+        adamw_steps(runs[0], None, torch.zeros(()), lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1,
+                    programs=0)
+
+
 def test_planned_memory_of_split_masters_is_a_measured_step(compose):
     """scripts/plan.py at world size 1 counts split masters as the trainer holds them: a bf16 weight and its
     int16 low half for each weight autocast casts, bf16 gradients for those, fp32 for the rest, fp32 moments;
