@@ -37,7 +37,7 @@ from hybrid_train.ops.norm import gated_rms_norm_torch, rms_norm, rms_norm_torch
 from hybrid_train.ops.ssd import ssd_chunk_scan, ssd_chunk_scan_torch  # noqa: E402
 from hybrid_train.ops.triton.adamw import _rounded  # noqa: E402
 from hybrid_train.ops.triton.common import LAUNCH  # noqa: E402
-from reference import assert_split_master_step_is_the_fp32_step  # noqa: E402
+from reference import assert_capped_step_is_the_step, assert_split_master_step_is_the_fp32_step  # noqa: E402
 from test_ssd import grads_of, make_inputs, seq_from_starts  # noqa: E402
 
 F64 = torch.float64
@@ -786,37 +786,23 @@ def test_split_master_step_is_the_fp32_step(batched_below, monkeypatch):
 @pytest.mark.parametrize("batched_below", [1 << 20, 0])
 def test_adamw_on_a_capped_grid_is_the_step_bit_for_bit(programs, batched_below, monkeypatch):
     """programs=k (each program looping over blocks k apart) writes what one program per block writes, to
-    the bit: split masters with bf16 moments (whose rounding draws on each element's index) and fp32
-    parameters, tensors of several blocks with a partial last one; all in batched launches, or each in its own."""
-    from hybrid_train.ops.fp32_halves import split_fp32
+    the bit (reference.assert_capped_step_is_the_step); all in batched launches, or each in its own."""
     from hybrid_train.ops.triton import adamw
-    from hybrid_train.ops.triton.adamw import INTERPRETER_BLOCK, adamw_steps
+    from hybrid_train.ops.triton.adamw import INTERPRETER_BLOCK
 
     monkeypatch.setattr(adamw, "BATCHED_BELOW", batched_below)
-    shapes = [(3 * INTERPRETER_BLOCK + 5,), (7, 3), (2 * INTERPRETER_BLOCK,), (300,)]
-    runs = []
-    for cap in (None, programs):
-        torch.manual_seed(1)
-        items = []
-        for i, s in enumerate(shapes):
-            m, v = torch.randn(s).abs().bfloat16(), torch.randn(s).abs().bfloat16()
-            high, low = split_fp32(torch.randn(s)) if i % 2 == 0 else (torch.randn(s), None)
-            items.append((high, torch.randn(s).bfloat16(), m, v, torch.tensor(4.0), low, i + 1))
-        adamw_steps(items, torch.tensor(2.0), torch.zeros(()), lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8,
-                    weight_decay=0.1, programs=cap)
-        runs.append(items)
-    for before, capped in zip(*runs):
-        for a, b in zip(before[:6], capped[:6]):  # parameter, gradient, moments, step count, low half
-            assert a is None or torch.equal(a, b)
+    assert_capped_step_is_the_step([(3 * INTERPRETER_BLOCK + 5,), (7, 3), (2 * INTERPRETER_BLOCK,), (300,)], "cpu",
+                                   programs)
     with pytest.raises(ValueError, match="programs=0"):
-        adamw_steps(runs[0], None, torch.zeros(()), lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1,
-                    programs=0)
+        assert_capped_step_is_the_step([(5,)], "cpu", 0)
 
 
-def test_planned_memory_of_split_masters_is_a_measured_step(compose):
+@pytest.mark.parametrize("tied", [False, True])
+def test_planned_memory_of_split_masters_is_a_measured_step(compose, tied):
     """scripts/plan.py at world size 1 counts split masters as the trainer holds them: a bf16 weight and its
-    int16 low half for each weight autocast casts, bf16 gradients for those, fp32 for the rest, fp32 moments;
-    against a real step of the tiny model through the Triton AdamW. No autocast copies of the weights."""
+    int16 low half for each weight autocast casts, bf16 gradients for those (beside their fp32 sum when
+    micro-batches accumulate), fp32 for the rest, fp32 moments; against real steps of the tiny model through
+    the Triton AdamW. No autocast copies of the weights, but of a tied head's matrix (which stays fp32)."""
     from test_plan import one_step
 
     from hybrid_train.model import build_model
@@ -825,8 +811,9 @@ def test_planned_memory_of_split_masters_is_a_measured_step(compose):
     from hybrid_train.train.optim import build_optimizer
     from hybrid_train.train.precision import BF16Weights
 
-    job = compose(["optim.impl=triton"])
+    job = compose(["optim.impl=triton", f"model.tie_embeddings={str(tied).lower()}"])
     assert split_masters(job) and not split_masters(compose(["train.precision=fp32"]))
+    assert not split_masters(compose(["model.kernels=torch"]))  # (optim.impl auto: torch's AdamW, no split)
     model = build_model(job.model)
     optimizer = build_optimizer(model, job.optim)
     weights = BF16Weights(model)
@@ -835,15 +822,24 @@ def test_planned_memory_of_split_masters_is_a_measured_step(compose):
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16):  # (as the trainer runs the split weights)
             one_step(model, optimizer, job.model.vocab_size)
+            measured = {"parameters": sum(p.nbytes for p in model.parameters()) + sum(t.nbytes for t in weights.low.values()),
+                        "gradients": sum(p.grad.nbytes for p in model.parameters()),
+                        "optimizer": sum(v.nbytes for state in optimizer.state.values() for v in state.values())}
+            planned = memory_per_gpu(job, Layout(1, 1, 1, 1))
+            assert {k: getattr(planned, k) for k in measured} == measured
+            head = job.model.vocab_size * job.model.d_model
+            assert planned.gathered == (2 * head if tied else 0)
+            assert weights.low and {p.grad.dtype for p in weights.low} == {torch.bfloat16}
+            assert (model.lm_head.weight in weights.low) != tied
+            # two accumulated micro-batches: after the second backward, before its fold, both kinds are held
+            optimizer.zero_grad()
+            one_step(model, optimizer, job.model.vocab_size)  # (its step is beside the point here)
+            weights.fold_grads()
+            model(torch.randint(0, job.model.vocab_size, (2, 16))).float().logsumexp(-1).mean().backward()
+            held = sum(p.grad.nbytes for p in model.parameters()) + sum(g.nbytes for g in weights._fp32_grads.values())
+            assert memory_per_gpu(job, Layout(1, 1, 1, 1), grad_accum=2).gradients == held
     finally:
         set_kernels("auto")
-    assert {p.grad.dtype for p in weights.low} == {torch.bfloat16} and weights.low
-    measured = {"parameters": sum(p.nbytes for p in model.parameters()) + sum(t.nbytes for t in weights.low.values()),
-                "gradients": sum(p.grad.nbytes for p in model.parameters()),
-                "optimizer": sum(v.nbytes for state in optimizer.state.values() for v in state.values())}
-    planned = memory_per_gpu(job, Layout(1, 1, 1, 1))
-    assert {k: getattr(planned, k) for k in measured} == measured
-    assert planned.gathered == 0
 
 
 def test_split_and_join_in_the_kernel_are_fp32_halves_bit_for_bit():

@@ -148,6 +148,17 @@ def test_split_master_step_and_sum_squares_on_gpu():
     torch.testing.assert_close(sum_squares(tensors).double(), expected, rtol=1e-6, atol=0)
 
 
+def test_adamw_on_a_capped_grid_is_the_step_on_gpu():
+    """train.overlap_optimizer_sms's step, compiled for the GPU with its own block and warps: on a grid of at
+    most 3 or 132 programs a launch, bit for bit the step of one program a block; a tensor of more than 2^20
+    elements in a launch of its own, small ones batched."""
+    from reference import assert_capped_step_is_the_step
+
+    for programs in (3, 132):
+        assert_capped_step_is_the_step([((1 << 20) + 8192 * 5 + 3,), (7, 300), (4096, 300), (5000,)], "cuda",
+                                       programs)
+
+
 @pytest.mark.parametrize("impl", ["triton", "fused"])
 def test_clip_and_step_on_cuda_matches_torch_clip_then_adamw(reference_adamw, impl):
     """The Triton and torch's fused CUDA AdamW with the clip as grad_scale and found_inf: three steps

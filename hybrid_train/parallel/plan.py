@@ -155,13 +155,16 @@ def _local_numel(name: str, shape: torch.Size, tp: int, dp_shard: int) -> int:
 def fsdp_units(job: JobConfig, tp: int, dp_shard: int, model: torch.nn.Module | None = None) -> list[dict]:
     """The FSDP units in forward order (embedding, blocks, [norm + head]; fsdp.py), each with its
     parameters: elements per rank, elements of the TP slice (what an all-gather rebuilds), elements per
-    rank of the weights autocast casts to bf16 (linear layers, experts), tensors.
+    rank of the weights autocast casts to bf16 in every module holding them (linear layers, experts: what
+    one GPU splits) and in any (a tied head's matrix too), tensors.
     model: the job's model built on meta (built here when not given)."""
     from hybrid_train.train.precision import CAST_BY_AUTOCAST  # (the trainer's rule for what autocast casts)
 
     model = model if model is not None else build_model(job.model, device="meta")
-    cast = {f"{m}.{n}" for m, module in model.named_modules() if isinstance(module, CAST_BY_AUTOCAST)
-            for n, p in module.named_parameters(recurse=False)}
+    casts: dict[int, list[bool]] = {}  # per parameter, whether each module holding it is one autocast casts
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            casts.setdefault(id(p), []).append(isinstance(module, CAST_BY_AUTOCAST))
     groups = [("embed", ["embed."])] + [(f"block {i}", [f"layers.{i}."]) for i in model.layers]
     groups.append(("norm + head", ["norm.", "lm_head."]))
     if job.model.tie_embeddings:  # a tied matrix lives in the root unit (fsdp.py)
@@ -173,7 +176,10 @@ def fsdp_units(job: JobConfig, tp: int, dp_shard: int, model: torch.nn.Module | 
         units.append({"name": label,
                       "numel": sum(_local_numel(n, p.shape, tp, dp_shard) for n, p in params),
                       "gathered_numel": sum(_local_numel(n, p.shape, tp, 1) for n, p in params),
-                      "cast_numel": sum(_local_numel(n, p.shape, tp, dp_shard) for n, p in params if n in cast),
+                      # split on one GPU (every holder casts it; BF16Weights), and cast by some holder
+                      "cast_numel": sum(_local_numel(n, p.shape, tp, dp_shard) for n, p in params if all(casts[id(p)])),
+                      "copied_numel": sum(_local_numel(n, p.shape, tp, dp_shard) for n, p in params
+                                          if any(casts[id(p)])),
                       "tensors": len(params)})
     return units
 
@@ -228,20 +234,24 @@ def activation_bytes(job: JobConfig, tp: int) -> float:
     return (blocks + max(head, recompute)) * tokens / tp
 
 
-def memory_per_gpu(job: JobConfig, layout: Layout, units: list[dict] | None = None) -> Memory:
+def memory_per_gpu(job: JobConfig, layout: Layout, units: list[dict] | None = None, grad_accum: int = 1) -> Memory:
     """Peak memory of one rank. World size 1 is the single-process trainer on a GPU, no FSDP: with bf16
     weights on split fp32 masters where they apply (`split_masters`: the same 4 bytes a weight, bf16
-    gradients for the weights autocast casts, no copies), else fp32 parameters with the bf16 autocast copies
-    of those weights held through forward and backward (counted as `gathered`)."""
+    gradients for the weights autocast casts, summed into fp32 ones beside them over accumulated
+    micro-batches, no copies), else fp32 parameters with the bf16 autocast copies of the weights autocast
+    casts held through forward and backward (counted as `gathered`; a tied head's matrix is copied either way)."""
     units = units if units is not None else fsdp_units(job, layout.tp, layout.dp_shard)
     par, p = job.parallel, job.plan
     local = sum(u["numel"] for u in units)
     tensors = sum(u["tensors"] for u in units)
-    cast = sum(u["cast_numel"] for u in units)
+    cast, copied = sum(u["cast_numel"] for u in units), sum(u["copied_numel"] for u in units)
     parameters = FP32 * local  # (a split master: a bf16 weight and its int16 low half)
     split = layout.world_size == 1 and split_masters(job)
-    # sharded gradients keep the parameters' dtype (fp32); a split master's is its bf16 weight's
-    gradients = FP32 * local - (FP32 - BF16) * cast if split else FP32 * local
+    # sharded gradients keep the parameters' dtype (fp32); a split master's is its bf16 weight's, beside the
+    # fp32 sum of the micro-batches before it when they accumulate
+    gradients = FP32 * local
+    if split:
+        gradients += -(FP32 - BF16) * cast + (FP32 * cast if grad_accum > 1 else 0)
     if layout.tp > 1 and layout.dp_size == 1 and not job.model.tie_embeddings:
         # DTensor's embedding backward returns the vocabulary-sharded table's gradient whole (Replicate)
         # on every TP rank; FSDP, when present, reduce-scatters it back to the shard.
@@ -250,8 +260,8 @@ def memory_per_gpu(job: JobConfig, layout: Layout, units: list[dict] | None = No
     optimizer = ADAMW_STATES * moment * local + ADAMW_STEP_BYTES * tensors
     gathered_sizes = [BF16 * u["gathered_numel"] for u in units]
     if layout.world_size == 1:
-        autocast = job.train.precision != "fp32" and not split
-        gathered, grad_buffers = float(BF16 * cast) if autocast else 0.0, 0.0
+        copies = 0 if job.train.precision == "fp32" else copied - cast if split else copied
+        gathered, grad_buffers = float(BF16 * copies), 0.0
     elif layout.dp_size == 1:
         gathered, grad_buffers = float(sum(gathered_sizes)), 0.0
     else:
@@ -274,7 +284,8 @@ def split_masters(job: JobConfig) -> bool:
     where they apply: bf16 autocast and the Triton AdamW, the CUDA default)."""
     if job.train.bf16_weights is not None:
         return job.train.bf16_weights
-    return job.train.precision != "fp32" and job.optim.impl in ("auto", "triton")
+    triton_step = job.optim.impl == "triton" or (job.optim.impl == "auto" and job.model.kernels != "torch")
+    return job.train.precision != "fp32" and triton_step
 
 
 # ---- time ----------------------------------------------------------------------------------------
@@ -387,6 +398,17 @@ def overflow_message(memory: Memory, cluster: ClusterConfig, job: JobConfig) -> 
             f"{cluster.gpu} ({cluster.name}): {fix}")
 
 
+def _run_geometry(job: JobConfig, layout: Layout):
+    """(the trainer's batch geometry of `job` on `layout`: RunPlan, the run window's label)."""
+    from hybrid_train.train.trainer import plan_run
+
+    try:
+        window, label = run_window(job)
+        return plan_run(job, layout.dp_size, window), label
+    except ValueError as e:
+        raise PlanError(str(e)) from e
+
+
 def make_plan(job: JobConfig, cluster: ClusterConfig | None = None, world_size: int | None = None,
               check_memory: bool = True) -> Plan:
     """Plan `job` on `cluster` (default job.cluster) over world_size GPUs (default all of them).
@@ -399,17 +421,12 @@ def make_plan(job: JobConfig, cluster: ClusterConfig | None = None, world_size: 
     if world_size is None and job.parallel.tp > cluster.gpus_per_node:
         raise PlanError(f"parallel.tp={job.parallel.tp} spans nodes of cluster.gpus_per_node={cluster.gpus_per_node}")
     layout = resolve_layout(job, world)
-    from hybrid_train.train.trainer import plan_run  # the trainer's own batch geometry
-    try:
-        window, label = run_window(job)
-        run = plan_run(job, layout.dp_size, window)
-    except ValueError as e:
-        raise PlanError(str(e)) from e
+    run, label = _run_geometry(job, layout)
     model = build_model(job.model, device="meta")
     units = fsdp_units(job, layout.tp, layout.dp_shard, model)
     n_params, n_embedding = count_params(model)
     flops = flops_per_token(job.model, n_params, n_embedding, job.train.seq_len)
-    memory = memory_per_gpu(job, layout, units)
+    memory = memory_per_gpu(job, layout, units, run.grad_accum)
     if check_memory and memory.total > cluster.memory_gib * GIB:
         raise PlanError(overflow_message(memory, cluster, job))
     time, links = step_time(job, cluster, layout, units, flops, run.grad_accum)
@@ -499,7 +516,8 @@ def memory_table(job: JobConfig, world_sizes: list[int]) -> list[dict]:
         for mode in TABLE_AC_MODES:
             variant = _with_ac(job, mode)
             layout = resolve_layout(variant, world)
-            memory = memory_per_gpu(variant, layout, fsdp_units(variant, layout.tp, layout.dp_shard, model))
+            memory = memory_per_gpu(variant, layout, fsdp_units(variant, layout.tp, layout.dp_shard, model),
+                                    _run_geometry(variant, layout)[0].grad_accum)
             rows.append({"world_size": world, "layout": asdict(layout), "activation_checkpoint": mode,
                          **{k: v / GIB for k, v in memory.parts().items()}, "total": memory.total / GIB})
     return rows

@@ -130,7 +130,7 @@ class TrainConfig:
     optim.impl triton (the default there)."""
     overlap_optimizer_sms: int = 0
     """With the optimizer beside the forward: the SMs its step takes there. The step's kernels after the
-    embedding's run on at most this many programs, one an SM, each looping over blocks, and the forward's
+    embedding's run on at most this many programs of 32 warps, each looping over blocks, and the forward's
     matmuls leave that many SMs free (torch's SM carveout, through cuBLASLt), so the two run side by side;
     otherwise Hopper's persistent matmul kernels wait for SMs the step holds. cuBLASLt's kernels may round
     otherwise than cuBLAS's (hybrid_train/train/overlap.py). 0 = off: the step's blocks take SMs as they

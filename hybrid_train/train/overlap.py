@@ -16,12 +16,15 @@ loads and stores to leave L2 first did not help.
 Why the forward loses that much: on Hopper cuBLAS runs a matmul as a persistent kernel, one thread block
 an SM, and a block of AdamW holding an SM delays that SM's share of the matmul until it leaves. With
 `train.overlap_optimizer_sms=K` the two split the GPU instead: AdamW's launches after the embedding's (which
-runs while the forward waits for it, nothing beside it) take at most K programs of 32 warps, one an SM, each
-looping over blocks, and during the forward the matmuls target the other SMs (torch's SM carveout, read at
-each matmul's launch; only cuBLASLt takes it, so the forward's matmuls go through cuBLASLt; the backward's
-through the library they used before, on every SM). cuBLASLt's kernels for fewer SMs may round otherwise
-than cuBLAS's: the same model, not the same bits as without K. Not yet measured on a GPU: the right K, if
-any, is what the step's bandwidth needs beside the forward's matmuls.
+runs while the forward waits for it, nothing beside it) take at most K programs of 32 warps (large, so that
+few share an SM), each looping over blocks, and during the forward the matmuls target the other SMs
+(torch's SM carveout, read at each matmul's launch). Plain cuBLAS ignores the carveout and cuBLASLt takes
+it (as do torch's grouped GEMMs for the experts), so meanwhile the matmuls go through cuBLASLt; the
+backward's through the library they used before, on every SM. The forward's other kernels still take
+whichever SMs are free. cuBLASLt's kernels for fewer SMs may round otherwise than cuBLAS's: the same model,
+not the same bits as without K; and what the backward recomputes (activations under checkpointing, the
+fused loss's logits) runs cuBLAS's kernels, so it may round otherwise than the forward it repeats. Not yet
+measured on a GPU: the right K, if any, is what the step's bandwidth needs beside the forward's matmuls.
 
 Otherwise the numbers do not change: every weight is written before anything reads it, by the same kernels with
 the same arguments (`TritonAdamW.step(only=...)` keeps each tensor's place, hence its rounding seed).
@@ -76,7 +79,7 @@ class OptimizerOverlap:
         self.enabled = enabled
         self.sms = 0
         """SMs the step takes beside the forward (train.overlap_optimizer_sms; 0 = as its blocks come)."""
-        self._blas = None  # the BLAS library matmuls used before the carveout, while it holds
+        self._before = None  # (carveout, BLAS library) before the forward's, while it holds
         self.groups: list[tuple[nn.Module, set[nn.Parameter]]] = []
         self._events: dict[nn.Module, torch.cuda.Event] = {}
         self._hooks = []
@@ -102,22 +105,24 @@ class OptimizerOverlap:
         if sms:
             self._hooks.append(forward_units(model)[-1].register_forward_hook(self._forward_done))
 
-    def _carve(self, sms: int | None) -> None:
-        """Have matmuls leave `sms` SMs free from now on (None: use them all, through the BLAS library they
-        used before). Only cuBLASLt takes an SM target, so meanwhile matmuls go through it."""
+    def _carve(self, on: bool) -> None:
+        """From now on have matmuls leave self.sms SMs free (on), or as they were before (the carveout and
+        BLAS library then in force). Plain cuBLAS takes no SM target, so meanwhile matmuls go through cuBLASLt."""
         if not self.sms:
             return
-        torch._C._set_sm_carveout_experimental(sms)
-        if sms and self._blas is None:
-            self._blas = torch.backends.cuda.preferred_blas_library()
+        if on and self._before is None:
+            self._before = (torch._C._get_sm_carveout_experimental(), torch.backends.cuda.preferred_blas_library())
+            torch._C._set_sm_carveout_experimental(self.sms)
             torch.backends.cuda.preferred_blas_library("cublaslt")
-        elif not sms and self._blas is not None:
-            torch.backends.cuda.preferred_blas_library(self._blas)
-            self._blas = None
+        elif not on and self._before is not None:
+            carveout, blas = self._before
+            torch._C._set_sm_carveout_experimental(carveout)
+            torch.backends.cuda.preferred_blas_library(blas)
+            self._before = None
 
     @torch.compiler.disable  # (the carveout is read when a matmul launches, outside any graph)
     def _forward_done(self, module, args, output) -> None:
-        self._carve(None)  # the backward has nothing beside it
+        self._carve(False)  # the backward has nothing beside it
 
     def _waiter(self, unit: nn.Module):
         @torch.compiler.disable  # a block's hooks run inside its compiled call: keep the wait out of the graph
@@ -130,7 +135,7 @@ class OptimizerOverlap:
     def begin(self) -> None:
         """Run from here on the loop's stream (after what the current one has queued)."""
         if self.enabled:
-            self._carve(self.sms)  # every forward runs as it will beside a step (the first has none)
+            self._carve(True)  # every forward runs as it will beside a step (the first has none)
         if self.enabled and self.compute is not None:
             self._outer = torch.cuda.current_stream()
             self.compute.wait_stream(self._outer)
@@ -149,7 +154,7 @@ class OptimizerOverlap:
             if tensor is not None:
                 tensor.record_stream(side)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        self._carve(self.sms)
+        self._carve(True)
         with torch.cuda.stream(side):
             start.record()
             for i, (unit, params) in enumerate(self.groups):
@@ -172,15 +177,17 @@ class OptimizerOverlap:
     def close(self) -> None:
         if not self.enabled:
             return
-        self.join()
-        self._carve(None)
-        if self._outer is not None:
-            torch.cuda.set_stream(self._outer)
-            self._outer.wait_stream(self.compute)
-            self._outer = None
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
+        try:
+            self.join()
+        finally:
+            self._carve(False)
+            if self._outer is not None:
+                torch.cuda.set_stream(self._outer)
+                self._outer.wait_stream(self.compute)
+                self._outer = None
+            for hook in self._hooks:
+                hook.remove()
+            self._hooks = []
 
 
 def overlap_for(job, model: nn.Module, optimizer, world_size: int, device: torch.device) -> OptimizerOverlap:

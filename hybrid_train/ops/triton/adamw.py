@@ -128,15 +128,16 @@ def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, low_ptr, offs, mask, step_ptr, scal
 
 @triton.jit(do_not_specialize=["tensor_index"])  # one build for every tensor's index
 def _adamw_kernel(
-    p_ptr, g_ptr, m_ptr, v_ptr, step_ptr, scale_ptr, skip_ptr, low_ptr, n, tensor_index,
+    p_ptr, g_ptr, m_ptr, v_ptr, step_ptr, scale_ptr, skip_ptr, low_ptr, n, n_blocks, tensor_index,
     lr, beta1, beta2, eps, weight_decay,
     BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr, SPLIT: tl.constexpr, STOCHASTIC_MOMENTS: tl.constexpr,
     CAPPED: tl.constexpr,
 ):
-    """One tensor, a block of it per program; CAPPED: program i steps blocks i, i + programs, ..."""
+    """One tensor, a block of it per program; CAPPED: program i steps blocks i, i + programs, ... of the
+    n_blocks (counted on the host: n + BLOCK - 1 would wrap in int32 just below 2^31 elements)."""
     if tl.load(skip_ptr) == 0:
         if CAPPED:
-            for block in range(tl.program_id(0), tl.cdiv(n, BLOCK), tl.num_programs(0)):
+            for block in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
                 offs = tl.cast(block, tl.int64) * BLOCK + tl.arange(0, BLOCK)
                 _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, low_ptr, offs, offs < n, step_ptr, scale_ptr,
                              tensor_index, lr, beta1, beta2, eps, weight_decay, HAS_SCALE, SPLIT, STOCHASTIC_MOMENTS)
@@ -222,9 +223,10 @@ def adamw_steps(items, grad_scale: torch.Tensor | None, skip: torch.Tensor, *, l
             small.setdefault(kind, []).append(item)
             continue
         block, warps = _launch(param.device, capped)
-        _adamw_kernel[(_grid(triton.cdiv(param.numel(), block), programs),)](
+        n_blocks = triton.cdiv(param.numel(), block)
+        _adamw_kernel[(_grid(n_blocks, programs),)](
             param, grad, exp_avg, exp_avg_sq, step, grad_scale if grad_scale is not None else skip, skip,
-            low if low is not None else param, param.numel(), tensor_index,
+            low if low is not None else param, param.numel(), n_blocks, tensor_index,
             float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
             BLOCK=block, HAS_SCALE=grad_scale is not None, SPLIT=low is not None,
             STOCHASTIC_MOMENTS=exp_avg.dtype == torch.bfloat16, CAPPED=capped, num_warps=warps,
