@@ -513,11 +513,11 @@ def memory_table(job: JobConfig, world_sizes: list[int]) -> list[dict]:
     rows = []
     model = build_model(job.model, device="meta")
     for world in world_sizes:
+        layout = resolve_layout(job, world)  # (the checkpointing mode changes neither layout, units nor batch)
+        units = fsdp_units(job, layout.tp, layout.dp_shard, model)
+        grad_accum = _run_geometry(job, layout)[0].grad_accum
         for mode in TABLE_AC_MODES:
-            variant = _with_ac(job, mode)
-            layout = resolve_layout(variant, world)
-            memory = memory_per_gpu(variant, layout, fsdp_units(variant, layout.tp, layout.dp_shard, model),
-                                    _run_geometry(variant, layout)[0].grad_accum)
+            memory = memory_per_gpu(_with_ac(job, mode), layout, units, grad_accum)
             rows.append({"world_size": world, "layout": asdict(layout), "activation_checkpoint": mode,
                          **{k: v / GIB for k, v in memory.parts().items()}, "total": memory.total / GIB})
     return rows
