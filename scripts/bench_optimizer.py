@@ -32,7 +32,6 @@ from hybrid_train.config import load_config  # noqa: E402
 from hybrid_train.model import build_model  # noqa: E402
 from hybrid_train.ops.reductions import sum_squares, sum_squares_torch  # noqa: E402
 from hybrid_train.ops.dispatch import use_triton  # noqa: E402
-from hybrid_train.ops.triton.common import LAUNCH  # noqa: E402
 from hybrid_train.train.optim import build_optimizer, clip_and_step  # noqa: E402
 from hybrid_train.train.precision import BF16Weights  # noqa: E402
 
@@ -49,10 +48,8 @@ def timed(fn, steps: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def time_impl(model: torch.nn.Module, optim_cfg, weights: BF16Weights, steps: int, device: torch.device,
-              programs: int | None = None) -> float:
+def time_impl(model: torch.nn.Module, optim_cfg, weights: BF16Weights, steps: int, device: torch.device) -> float:
     optimizer = build_optimizer(model, optim_cfg)
-    optimizer.programs = programs  # (the Triton step's grid cap; torch's AdamW ignores it)
     if weights:
         try:
             weights.attach(optimizer)
@@ -78,12 +75,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--impls", default="triton,fused", help="comma-separated optim.impl values, in order")
     parser.add_argument("--bf16-weights", action="store_true", help="split fp32 masters, bf16 gradients (one GPU)")
-    parser.add_argument("--programs", default="", metavar="K,K,...",
-                        help="also time the Triton step on a grid of at most K programs a launch, each looping over "
-                             "blocks (as beside the forward; train.overlap_optimizer_sms)")
-    parser.add_argument("--capped-launch", default="", metavar="BLOCKxWARPS,...",
-                        help="with --programs: the capped launches' block sizes and warps to try (default: "
-                             "LAUNCH['adamw_capped'])")
     parser.add_argument("--json", help="append the result as a JSON line to this file")
     args, overrides = parser.parse_known_args()
     impls = args.impls.split(",")
@@ -103,17 +94,10 @@ def main() -> None:
     result = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
               else "cpu", "torch": torch.__version__, "params": n, "overrides": overrides,
               "bf16_weights": args.bf16_weights, "bytes_per_step": moved}
-    runs = [(impl, None, None) for impl in impls]
-    if args.programs:
-        launches = [tuple(map(int, x.split("x"))) for x in args.capped_launch.split(",") if x] or [None]
-        runs += [("triton", int(k), launch) for k in args.programs.split(",") for launch in launches]
-    for impl, programs, launch in runs:
-        name = impl if programs is None else f"triton_{programs}" + (f"_{launch[0]}x{launch[1]}" if launch else "")
-        if launch:
-            LAUNCH["adamw_capped"] = dict(BLOCK=launch[0], num_warps=launch[1])
-        seconds = time_impl(model, dataclasses.replace(job.optim, impl=impl), weights, args.steps, device, programs)
-        result[name] = {"ms": seconds * 1e3, "GB_per_s": moved / seconds / 1e9}
-        print(f"{name:8s} {seconds * 1e3:8.2f} ms/step  {moved / seconds / 1e9:7.0f} GB/s  "
+    for impl in impls:
+        seconds = time_impl(model, dataclasses.replace(job.optim, impl=impl), weights, args.steps, device)
+        result[impl] = {"ms": seconds * 1e3, "GB_per_s": moved / seconds / 1e9}
+        print(f"{impl:8s} {seconds * 1e3:8.2f} ms/step  {moved / seconds / 1e9:7.0f} GB/s  "
               f"({n / 1e9:.2f}B parameters, {moved / n:.1f} bytes each)")
     grads = weights.grads(model.parameters())
     read = sum(g.numel() * g.element_size() for g in grads)

@@ -5,7 +5,6 @@
     torchrun --nproc_per_node=8 scripts/bench_train.py model=bamba_9b train.seq_len=4096
     python scripts/bench_train.py --steps 6 --warmup 2 train.seq_len=64      # CPU smoke run
     python scripts/bench_train.py --profile 3 model=bamba_9b ...             # + where the last 3 steps go
-    python scripts/bench_train.py model=bamba_9b ... train.overlap_optimizer_sms=32   # AdamW on 32 SMs
 
 Arguments after the options are the same Hydra overrides `train.py` takes. The run is the trainer
 itself (`hybrid_train.train.trainer.train`): data, model, optimizer, clipping, logging, everything a

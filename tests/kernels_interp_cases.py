@@ -37,7 +37,7 @@ from hybrid_train.ops.norm import gated_rms_norm_torch, rms_norm, rms_norm_torch
 from hybrid_train.ops.ssd import ssd_chunk_scan, ssd_chunk_scan_torch  # noqa: E402
 from hybrid_train.ops.triton.adamw import _rounded  # noqa: E402
 from hybrid_train.ops.triton.common import LAUNCH  # noqa: E402
-from reference import assert_capped_step_is_the_step, assert_split_master_step_is_the_fp32_step  # noqa: E402
+from reference import assert_split_master_step_is_the_fp32_step  # noqa: E402
 from test_ssd import grads_of, make_inputs, seq_from_starts  # noqa: E402
 
 F64 = torch.float64
@@ -780,21 +780,6 @@ def test_split_master_step_is_the_fp32_step(batched_below, monkeypatch):
     torch.manual_seed(0)
     for moments in (torch.float32, torch.bfloat16):
         assert_split_master_step_is_the_fp32_step([(300, 7), (1000,), (5, 3, 4)], "cpu", moments)
-
-
-@pytest.mark.parametrize("programs", [1, 2])
-@pytest.mark.parametrize("batched_below", [1 << 20, 0])
-def test_adamw_on_a_capped_grid_is_the_step_bit_for_bit(programs, batched_below, monkeypatch):
-    """programs=k (each program looping over blocks k apart) writes what one program per block writes, to
-    the bit (reference.assert_capped_step_is_the_step); all in batched launches, or each in its own."""
-    from hybrid_train.ops.triton import adamw
-    from hybrid_train.ops.triton.adamw import INTERPRETER_BLOCK
-
-    monkeypatch.setattr(adamw, "BATCHED_BELOW", batched_below)
-    assert_capped_step_is_the_step([(3 * INTERPRETER_BLOCK + 5,), (7, 3), (2 * INTERPRETER_BLOCK,), (300,)], "cpu",
-                                   programs)
-    with pytest.raises(ValueError, match="programs=0"):
-        assert_capped_step_is_the_step([(5,)], "cpu", 0)
 
 
 @pytest.mark.parametrize("tied", [False, True])

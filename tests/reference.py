@@ -134,27 +134,3 @@ def assert_split_master_step_is_the_fp32_step(shapes, device, moments=torch.floa
             p.copy_(join_fp32(high, low))
     for (m0, v0, _), (m1, v1, _) in zip(*states):
         assert torch.equal(m0, m1) and torch.equal(v0, v1)
-
-
-def assert_capped_step_is_the_step(shapes, device, programs: int) -> None:
-    """adamw_steps on a grid of at most `programs` programs a launch against one program a block, bit for bit:
-    split masters (even places) and plain fp32 parameters (odd), bf16 moments (whose stochastic rounding
-    draws on each element's index), clipped."""
-    from hybrid_train.ops.fp32_halves import split_fp32
-    from hybrid_train.ops.triton.adamw import adamw_steps
-
-    runs = []
-    for cap in (None, programs):
-        torch.manual_seed(1)
-        items = []
-        for i, s in enumerate(shapes):
-            m, v = (torch.randn(s, device=device).abs().bfloat16() for _ in range(2))
-            high, low = split_fp32(torch.randn(s, device=device)) if i % 2 == 0 else (torch.randn(s, device=device), None)
-            items.append((high, torch.randn(s, device=device).bfloat16(), m, v, torch.tensor(4.0, device=device), low,
-                          i + 1))
-        adamw_steps(items, torch.tensor(2.0, device=device), torch.zeros((), device=device), lr=1e-2, beta1=0.9,
-                    beta2=0.95, eps=1e-8, weight_decay=0.1, programs=cap)
-        runs.append(items)
-    for plain, capped in zip(*runs):
-        for a, b in zip(plain[:6], capped[:6]):  # parameter, gradient, moments, step count, low half
-            assert a is None or torch.equal(a, b)

@@ -78,7 +78,6 @@ def lagging_optimizer(monkeypatch):
 
 
 @pytest.mark.parametrize("extra", [["parallel.compile=false", "train.global_batch_tokens=4096"],  # 2 micro-batches
-                                   ["parallel.compile=false", "train.overlap_optimizer_sms=16"],
                                    ["parallel.compile=true", "parallel.activation_checkpoint=full"]])
 def test_optimizer_beside_the_forward_trains_as_the_plain_step_on_gpu(compose, tmp_path, extra, lagging_optimizer):
     """train.overlap_optimizer, its side stream held back, against the step after backward, with Mamba-2,
@@ -86,9 +85,7 @@ def test_optimizer_beside_the_forward_trains_as_the_plain_step_on_gpu(compose, t
     and final weights to the bit, and a run resumed from a checkpoint taken mid-run goes on as the
     uninterrupted one; without the waits the losses differ. Compiled with activation checkpointing, where each
     run compiles afresh and so rounds differently (on an H100 the first losses, before any step, differed by
-    up to 1.5e-6 and the second by 6.6e-5), close, and much closer than the same run without the waits.
-    On 16 SMs beside a forward whose matmuls leave them free (train.overlap_optimizer_sms), where those
-    matmuls' kernels differ, close likewise; and after each run the matmuls have every SM and their library back."""
+    up to 1.5e-6 and the second by 6.6e-5), close, and much closer than the same run without the waits."""
     import json
 
     from hybrid_train.train.trainer import train
@@ -98,25 +95,25 @@ def test_optimizer_beside_the_forward_trains_as_the_plain_step_on_gpu(compose, t
 
     def run(name: str, overlap: str, steps: int = 8, *more: str) -> list[dict]:
         run_dir = tmp_path / name
-        beside = [o for o in common if overlap == "true" or not o.startswith("train.overlap_optimizer_sms=")]
-        result = train(compose(beside + [f"run.dir={run_dir}", f"train.max_steps={steps}",
+        result = train(compose(common + [f"run.dir={run_dir}", f"train.max_steps={steps}",
                                          f"train.overlap_optimizer={overlap}", *more]))
-        assert torch._C._get_sm_carveout_experimental() is None and blas == torch.backends.cuda.preferred_blas_library()
         weights[name] = {n: p.detach().clone() for n, p in result.model.named_parameters()}
         assert ("optimizer beside the next forward" in (run_dir / "train.log").read_text()) == (overlap == "true")
         return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
-    weights, blas = {}, torch.backends.cuda.preferred_blas_library()
+    weights = {}
     runs = {overlap: run(overlap, overlap) for overlap in ("true", "false")}
     assert any("optimizer_beside_forward" in r["time_ms"] for r in runs["true"])
     assert not any("optimizer_beside_forward" in r["time_ms"] for r in runs["false"])
-    if "parallel.compile=true" in extra or any(o.startswith("train.overlap_optimizer_sms=") for o in extra):
+    if "parallel.compile=true" in extra:
         def apart(records: list[dict]) -> float:  # the largest relative difference of the losses from the plain step's
             return max(abs(r["loss"] - p["loss"]) / abs(p["loss"]) for r, p in zip(records, runs["false"]))
 
         lagging_optimizer()
         beside, unordered = apart(runs["true"]), apart(run("unordered", "true"))
-        assert beside < 1e-3 and unordered > 10 * beside, (beside, unordered)
+        # (two compilations' rounding grows over the 8 steps: 1.3e-3 apart by the last on an H100, where the
+        # optimizer racing the forward put them 0.31 apart)
+        assert beside < 1e-2 and unordered > 10 * beside, (beside, unordered)
         return
     for key in ("loss", "grad_norm"):
         assert [r[key] for r in runs["true"]] == [r[key] for r in runs["false"]], key
@@ -146,17 +143,6 @@ def test_split_master_step_and_sum_squares_on_gpu():
                                                                   ((3, 4097), torch.float32), ((0,), torch.bfloat16))]
     expected = sum(t.double().square().sum() for t in tensors)
     torch.testing.assert_close(sum_squares(tensors).double(), expected, rtol=1e-6, atol=0)
-
-
-def test_adamw_on_a_capped_grid_is_the_step_on_gpu():
-    """train.overlap_optimizer_sms's step, compiled for the GPU with its own block and warps: on a grid of at
-    most 3 or 132 programs a launch, bit for bit the step of one program a block; a tensor of more than 2^20
-    elements in a launch of its own, small ones batched."""
-    from reference import assert_capped_step_is_the_step
-
-    for programs in (3, 132):
-        assert_capped_step_is_the_step([((1 << 20) + 8192 * 5 + 3,), (7, 300), (4096, 300), (5000,)], "cuda",
-                                       programs)
 
 
 @pytest.mark.parametrize("impl", ["triton", "fused"])

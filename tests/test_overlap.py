@@ -27,14 +27,6 @@ def test_trainer_turns_it_on_only_where_it_applies(compose, tmp_path):
                                ("cuda", 1, "optim.impl=auto resolved to torch's AdamW")):
         with pytest.raises(ValueError, match=f"train.overlap_optimizer=true: .*{why}"):
             overlap_for(explicit, model, fused, world, torch.device(device))
-    sms = compose(["model=tiny", f"run.dir={tmp_path}", "train.max_steps=1", "train.overlap_optimizer_sms=32"])
-    with pytest.raises(ValueError, match="train.overlap_optimizer_sms=32 sets the SMs of the optimizer beside the "
-                                         "forward, which does not apply here: it overlaps CUDA streams"):
-        overlap_for(sms, model, fused, 1, torch.device("cpu"))
-    for given, why in ((["train.overlap_optimizer_sms=-1"], "must be >= 0"),
-                       (["train.overlap_optimizer_sms=8", "train.overlap_optimizer=false"], "turns that off")):
-        with pytest.raises(ValueError, match=f"train.overlap_optimizer_sms=.*{why}"):
-            compose(["model=tiny", f"run.dir={tmp_path}", *given])
 
 
 def test_trainer_refuses_it_on_the_cpu_before_training(compose, tmp_path):

@@ -128,13 +128,6 @@ class TrainConfig:
     which waits for its own weights: the same numbers, and 1.4-1.6% more tokens/s at 9B width on an H100
     (hybrid_train/train/overlap.py, BENCHMARKS.md). None = on where it applies: one CUDA process with
     optim.impl triton (the default there)."""
-    overlap_optimizer_sms: int = 0
-    """With the optimizer beside the forward: the SMs its step takes there. The step's kernels after the
-    embedding's run on at most this many programs of 32 warps, each looping over blocks, and the forward's
-    matmuls leave that many SMs free (torch's SM carveout, through cuBLASLt), so the two run side by side;
-    otherwise Hopper's persistent matmul kernels wait for SMs the step holds. cuBLASLt's kernels may round
-    otherwise than cuBLAS's (hybrid_train/train/overlap.py). 0 = off: the step's blocks take SMs as they
-    free up. Not measured on a GPU yet (scripts/bench_train.py compares: `train.overlap_optimizer_sms=32`)."""
     device: str = "auto"
     """auto (CUDA when present), cuda or cpu."""
 
@@ -152,11 +145,6 @@ class TrainConfig:
             raise ValueError(f"train.loss_impl={self.loss_impl!r} must be one of {', '.join(LOSS_IMPLS)}")
         if self.global_batch_tokens < 0 or self.grad_clip < 0 or self.z_loss < 0:
             raise ValueError("train.global_batch_tokens, train.grad_clip and train.z_loss must be >= 0")
-        if self.overlap_optimizer_sms < 0:
-            raise ValueError(f"train.overlap_optimizer_sms={self.overlap_optimizer_sms} must be >= 0 (0 = off)")
-        if self.overlap_optimizer_sms and self.overlap_optimizer is False:
-            raise ValueError(f"train.overlap_optimizer_sms={self.overlap_optimizer_sms} sets the SMs of the optimizer "
-                             "beside the forward, and train.overlap_optimizer=false turns that off")
 
 
 @dataclass

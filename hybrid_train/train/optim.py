@@ -77,8 +77,6 @@ class TritonAdamW(torch.optim.AdamW):
         self.moment_dtype = moment_dtype
         self.grad_scale = self.found_inf = None
         self.split_masters = None
-        self.programs: int | None = None
-        """At most this many programs per kernel launch (None: as many as blocks); see adamw_steps."""
 
     def keep_split_masters(self, weights) -> None:
         """Step these split masters (a BF16Weights) from now on."""
@@ -155,7 +153,7 @@ class TritonAdamW(torch.optim.AdamW):
             torch._foreach_add_(steps, 1.0)
             beta1, beta2 = group["betas"]
             adamw_steps(work, scale, skip, lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
-                        weight_decay=group["weight_decay"], programs=self.programs)
+                        weight_decay=group["weight_decay"])
             if self.found_inf is not None:
                 torch._foreach_sub_(steps, [skip] * len(steps))
         return loss

@@ -11,22 +11,13 @@ What it buys is less than the optimizer's time. At 9B width (8 blocks, 4096 toke
 takes 28 ms after backward; beside the forward it is hidden, but the forward takes 27 ms longer: the two
 share the SMs and the memory, and the forward loses about as much time as AdamW gains. The step is
 1.4-1.6% faster compiled and 1.5% eager (BENCHMARKS.md); at the same stream priority 0.6%. Marking AdamW's
-loads and stores to leave L2 first did not help.
+loads and stores to leave L2 first did not help. Nor did splitting the GPU between the two (measured on
+an H100, BENCHMARKS.md): AdamW on a grid of K programs looping over blocks, with the forward's matmuls told
+to leave K SMs free (torch's SM carveout, which plain cuBLAS ignores: so through cuBLASLt), made the step
+3-9% slower than the plain overlap at K = 32, 48 and 66. cuBLASLt alone ran a 4096 x 14336 bf16 matmul 12%
+slower than cuBLAS, and the forward's memory-bound kernels contend with AdamW for bandwidth whatever the SMs.
 
-Why the forward loses that much: on Hopper cuBLAS runs a matmul as a persistent kernel, one thread block
-an SM, and a block of AdamW holding an SM delays that SM's share of the matmul until it leaves. With
-`train.overlap_optimizer_sms=K` the two split the GPU instead: AdamW's launches after the embedding's (which
-runs while the forward waits for it, nothing beside it) take at most K programs of 32 warps (large, so that
-few share an SM), each looping over blocks, and during the forward the matmuls target the other SMs
-(torch's SM carveout, read at each matmul's launch). Plain cuBLAS ignores the carveout and cuBLASLt takes
-it (as do torch's grouped GEMMs for the experts), so meanwhile the matmuls go through cuBLASLt; the
-backward's through the library they used before, on every SM. The forward's other kernels still take
-whichever SMs are free. cuBLASLt's kernels for fewer SMs may round otherwise than cuBLAS's: the same model,
-not the same bits as without K; and what the backward recomputes (activations under checkpointing, the
-fused loss's logits) runs cuBLAS's kernels, so it may round otherwise than the forward it repeats. Not yet
-measured on a GPU: the right K, if any, is what the step's bandwidth needs beside the forward's matmuls.
-
-Otherwise the numbers do not change: every weight is written before anything reads it, by the same kernels with
+The numbers do not change: every weight is written before anything reads it, by the same kernels with
 the same arguments (`TritonAdamW.step(only=...)` keeps each tensor's place, hence its rounding seed).
 Outside the forward, whatever reads weights or optimizer state (a checkpoint, the end of the run) calls
 `join` first.
@@ -75,11 +66,8 @@ class OptimizerOverlap:
     forward_first = True
     """Run the loop on a stream of higher priority than the optimizer's (scripts/bench_train.py compares)."""
 
-    def __init__(self, model: nn.Module, optimizer, enabled: bool, sms: int = 0):
+    def __init__(self, model: nn.Module, optimizer, enabled: bool):
         self.enabled = enabled
-        self.sms = 0
-        """SMs the step takes beside the forward (train.overlap_optimizer_sms; 0 = as its blocks come)."""
-        self._before = None  # (carveout, BLAS library) before the forward's, while it holds
         self.groups: list[tuple[nn.Module, set[nn.Parameter]]] = []
         self._events: dict[nn.Module, torch.cuda.Event] = {}
         self._hooks = []
@@ -95,34 +83,8 @@ class OptimizerOverlap:
         device = wanted[0].device
         self.stream = torch.cuda.Stream(device)  # priority 0, the lowest
         self.compute = torch.cuda.Stream(device, priority=-1) if self.forward_first else None
-        available = torch.cuda.get_device_properties(device).multi_processor_count
-        if sms >= available:
-            raise ValueError(f"train.overlap_optimizer_sms={sms}: this GPU has {available} SMs, and the forward "
-                             "needs some of them")
-        self.sms = sms
         self.groups = step_groups(model, wanted)
         self._hooks = [unit.register_forward_pre_hook(self._waiter(unit)) for unit, _ in self.groups]
-        if sms:
-            self._hooks.append(forward_units(model)[-1].register_forward_hook(self._forward_done))
-
-    def _carve(self, on: bool) -> None:
-        """From now on have matmuls leave self.sms SMs free (on), or as they were before (the carveout and
-        BLAS library then in force). Plain cuBLAS takes no SM target, so meanwhile matmuls go through cuBLASLt."""
-        if not self.sms:
-            return
-        if on and self._before is None:
-            self._before = (torch._C._get_sm_carveout_experimental(), torch.backends.cuda.preferred_blas_library())
-            torch._C._set_sm_carveout_experimental(self.sms)
-            torch.backends.cuda.preferred_blas_library("cublaslt")
-        elif not on and self._before is not None:
-            carveout, blas = self._before
-            torch._C._set_sm_carveout_experimental(carveout)
-            torch.backends.cuda.preferred_blas_library(blas)
-            self._before = None
-
-    @torch.compiler.disable  # (the carveout is read when a matmul launches, outside any graph)
-    def _forward_done(self, module, args, output) -> None:
-        self._carve(False)  # the backward has nothing beside it
 
     def _waiter(self, unit: nn.Module):
         @torch.compiler.disable  # a block's hooks run inside its compiled call: keep the wait out of the graph
@@ -134,8 +96,6 @@ class OptimizerOverlap:
 
     def begin(self) -> None:
         """Run from here on the loop's stream (after what the current one has queued)."""
-        if self.enabled:
-            self._carve(True)  # every forward runs as it will beside a step (the first has none)
         if self.enabled and self.compute is not None:
             self._outer = torch.cuda.current_stream()
             self.compute.wait_stream(self._outer)
@@ -154,18 +114,14 @@ class OptimizerOverlap:
             if tensor is not None:
                 tensor.record_stream(side)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        self._carve(True)
         with torch.cuda.stream(side):
             start.record()
-            for i, (unit, params) in enumerate(self.groups):
-                # the first group (the embedding's) runs while the forward waits for it: on every SM
-                optimizer.programs = self.sms if i and self.sms else None
+            for unit, params in self.groups:
                 optimizer.step(only=params)
                 event = torch.cuda.Event()
                 event.record()
                 self._events[unit] = event
             end.record()
-        optimizer.programs = None
         self.timing = (start, end)
 
     def join(self) -> None:
@@ -177,24 +133,21 @@ class OptimizerOverlap:
     def close(self) -> None:
         if not self.enabled:
             return
-        try:
-            self.join()
-        finally:
-            self._carve(False)
-            if self._outer is not None:
-                torch.cuda.set_stream(self._outer)
-                self._outer.wait_stream(self.compute)
-                self._outer = None
-            for hook in self._hooks:
-                hook.remove()
-            self._hooks = []
+        self.join()
+        if self._outer is not None:
+            torch.cuda.set_stream(self._outer)
+            self._outer.wait_stream(self.compute)
+            self._outer = None
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
 
 def overlap_for(job, model: nn.Module, optimizer, world_size: int, device: torch.device) -> OptimizerOverlap:
     """The run's OptimizerOverlap (`train.overlap_optimizer`; None = where it applies)."""
     from hybrid_train.train.optim import TritonAdamW
 
-    wanted, sms = job.train.overlap_optimizer, job.train.overlap_optimizer_sms
+    wanted = job.train.overlap_optimizer
     why_not = ("it overlaps CUDA streams; this run is on the CPU" if device.type != "cuda"
                else f"it applies to one process; under FSDP (world size {world_size}) the all-gathers read the "
                     "weights on their own streams" if world_size > 1
@@ -202,7 +155,4 @@ def overlap_for(job, model: nn.Module, optimizer, world_size: int, device: torch
                     "torch's AdamW" if not isinstance(optimizer, TritonAdamW) else None)
     if wanted and why_not is not None:
         raise ValueError(f"train.overlap_optimizer=true: {why_not}")
-    if sms and why_not is not None:
-        raise ValueError(f"train.overlap_optimizer_sms={sms} sets the SMs of the optimizer beside the forward, which "
-                         f"does not apply here: {why_not}")
-    return OptimizerOverlap(model, optimizer, enabled=wanted is not False and why_not is None, sms=sms)
+    return OptimizerOverlap(model, optimizer, enabled=wanted is not False and why_not is None)

@@ -60,8 +60,7 @@ def run_header(job: JobConfig, total_steps: int, tokens_per_step: int, grad_accu
         f"  devices   {world_size} process(es) on {device}, {precision}, "
         f"{'fused head + loss' if job.fused_loss() else 'loss from full logits'}, "
         f"{'compiled blocks' if job.parallel.compile_on(device) else 'eager'}"
-        f"{', optimizer beside the next forward' if overlap else ''}"
-        f"{f' on {t.overlap_optimizer_sms} SMs' if overlap and t.overlap_optimizer_sms else ''}",
+        f"{', optimizer beside the next forward' if overlap else ''}",
         f"  saves     {''.join(e + ', ' for e in every)}at the end (keep last {c.keep_last or 'all'}); the same "
         "command resumes",
     ]

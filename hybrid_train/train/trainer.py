@@ -313,15 +313,13 @@ def _train(job: JobConfig, run_log: RunLog) -> TrainResult:
         overlap.close()
         bf16_weights.unsplit()  # the returned model holds its fp32 masters, as the checkpoints do
     finally:
-        try:
-            overlap.close()  # first: the matmuls get their SMs and library back whatever fails below
-        finally:
-            for line in profiler.close():
-                logger.info(line)
-            stop.restore()
-            loader.close()
-            logger.close()
-            destroy()
+        for line in profiler.close():
+            logger.info(line)
+        stop.restore()
+        loader.close()
+        logger.close()
+        destroy()
+        overlap.close()
     return TrainResult(path, model, state, stopped)
 
 

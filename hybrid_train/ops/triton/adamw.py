@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hybrid_train.ops.triton.common import LAUNCH, TL_DTYPE, block_table, device_rows
+from hybrid_train.ops.triton.common import TL_DTYPE, block_table, device_rows
 
 # 1024 elements over 4 warps: 4.10 TB/s on an H200 at 9B width, against 3.96 for 4096 over 8 (BENCHMARKS.md).
 # Triton's CPU interpreter runs each program in numpy, so there fewer, larger programs are faster.
@@ -128,58 +128,35 @@ def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, low_ptr, offs, mask, step_ptr, scal
 
 @triton.jit(do_not_specialize=["tensor_index"])  # one build for every tensor's index
 def _adamw_kernel(
-    p_ptr, g_ptr, m_ptr, v_ptr, step_ptr, scale_ptr, skip_ptr, low_ptr, n, n_blocks, tensor_index,
+    p_ptr, g_ptr, m_ptr, v_ptr, step_ptr, scale_ptr, skip_ptr, low_ptr, n, tensor_index,
     lr, beta1, beta2, eps, weight_decay,
     BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr, SPLIT: tl.constexpr, STOCHASTIC_MOMENTS: tl.constexpr,
-    CAPPED: tl.constexpr,
 ):
-    """One tensor, a block of it per program; CAPPED: program i steps blocks i, i + programs, ... of the
-    n_blocks (counted on the host: n + BLOCK - 1 would wrap in int32 just below 2^31 elements)."""
+    """One tensor, a block of it per program."""
     if tl.load(skip_ptr) == 0:
-        if CAPPED:
-            for block in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
-                offs = tl.cast(block, tl.int64) * BLOCK + tl.arange(0, BLOCK)
-                _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, low_ptr, offs, offs < n, step_ptr, scale_ptr,
-                             tensor_index, lr, beta1, beta2, eps, weight_decay, HAS_SCALE, SPLIT, STOCHASTIC_MOMENTS)
-        else:
-            offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-            _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, low_ptr, offs, offs < n, step_ptr, scale_ptr, tensor_index,
-                         lr, beta1, beta2, eps, weight_decay, HAS_SCALE, SPLIT, STOCHASTIC_MOMENTS)
-
-
-@triton.jit
-def _adamw_entry(rows_ptr, block_tensor_ptr, block_index_ptr, entry, scale_ptr, lr, beta1, beta2, eps, weight_decay,
-                 P_DT: tl.constexpr, G_DT: tl.constexpr, M_DT: tl.constexpr, BLOCK: tl.constexpr,
-                 HAS_SCALE: tl.constexpr, SPLIT: tl.constexpr, STOCHASTIC_MOMENTS: tl.constexpr):
-    """Entry `entry` of the block table: block block_index[entry] of tensor block_tensor[entry], whose addresses,
-    size and index are row block_tensor[entry] of `rows` (8 int64s each)."""
-    row = rows_ptr + tl.load(block_tensor_ptr + entry).to(tl.int64) * 8
-    offs = tl.load(block_index_ptr + entry).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    _adamw_block(tl.load(row).to(tl.pointer_type(P_DT)), tl.load(row + 1).to(tl.pointer_type(G_DT)),
-                 tl.load(row + 2).to(tl.pointer_type(M_DT)), tl.load(row + 3).to(tl.pointer_type(M_DT)),
-                 tl.load(row + 5).to(tl.pointer_type(tl.int16)), offs, offs < tl.load(row + 6),
-                 tl.load(row + 4).to(tl.pointer_type(tl.float32)), scale_ptr, tl.load(row + 7),
-                 lr, beta1, beta2, eps, weight_decay, HAS_SCALE, SPLIT, STOCHASTIC_MOMENTS)
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, low_ptr, offs, offs < n, step_ptr, scale_ptr, tensor_index,
+                     lr, beta1, beta2, eps, weight_decay, HAS_SCALE, SPLIT, STOCHASTIC_MOMENTS)
 
 
 @triton.jit
 def _adamw_many_kernel(
-    rows_ptr, block_tensor_ptr, block_index_ptr, n_entries, scale_ptr, skip_ptr,
+    rows_ptr, block_tensor_ptr, block_index_ptr, scale_ptr, skip_ptr,
     lr, beta1, beta2, eps, weight_decay,
     P_DT: tl.constexpr, G_DT: tl.constexpr, M_DT: tl.constexpr,
     BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr, SPLIT: tl.constexpr, STOCHASTIC_MOMENTS: tl.constexpr,
-    CAPPED: tl.constexpr,
 ):
-    """Many tensors in one launch: program i steps entry i of the block table (`_adamw_entry`); CAPPED:
-    entries i, i + programs, ..."""
+    """Many tensors in one launch: program i steps block block_index[i] of tensor block_tensor[i], whose
+    addresses, size and index are row block_tensor[i] of `rows` (ROW int64s each)."""
     if tl.load(skip_ptr) == 0:
-        if CAPPED:
-            for entry in range(tl.program_id(0), n_entries, tl.num_programs(0)):
-                _adamw_entry(rows_ptr, block_tensor_ptr, block_index_ptr, entry, scale_ptr, lr, beta1, beta2, eps,
-                             weight_decay, P_DT, G_DT, M_DT, BLOCK, HAS_SCALE, SPLIT, STOCHASTIC_MOMENTS)
-        else:
-            _adamw_entry(rows_ptr, block_tensor_ptr, block_index_ptr, tl.program_id(0), scale_ptr, lr, beta1, beta2,
-                         eps, weight_decay, P_DT, G_DT, M_DT, BLOCK, HAS_SCALE, SPLIT, STOCHASTIC_MOMENTS)
+        pid = tl.program_id(0)
+        row = rows_ptr + tl.load(block_tensor_ptr + pid).to(tl.int64) * 8
+        offs = tl.load(block_index_ptr + pid).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        _adamw_block(tl.load(row).to(tl.pointer_type(P_DT)), tl.load(row + 1).to(tl.pointer_type(G_DT)),
+                     tl.load(row + 2).to(tl.pointer_type(M_DT)), tl.load(row + 3).to(tl.pointer_type(M_DT)),
+                     tl.load(row + 5).to(tl.pointer_type(tl.int16)), offs, offs < tl.load(row + 6),
+                     tl.load(row + 4).to(tl.pointer_type(tl.float32)), scale_ptr, tl.load(row + 7),
+                     lr, beta1, beta2, eps, weight_decay, HAS_SCALE, SPLIT, STOCHASTIC_MOMENTS)
 
 
 def adamw_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
@@ -201,15 +178,9 @@ BATCHED_BELOW = 1 << 20
 
 
 def adamw_steps(items, grad_scale: torch.Tensor | None, skip: torch.Tensor, *, lr: float, beta1: float, beta2: float,
-                eps: float, weight_decay: float, programs: int | None = None) -> None:
+                eps: float, weight_decay: float) -> None:
     """adamw_step for each (param, grad, exp_avg, exp_avg_sq, step, low or None, tensor_index) of `items`,
-    all with these hyperparameters: a launch each for large tensors, one per kind for the small ones.
-
-    programs: at most this many programs per launch, each looping over blocks (LAUNCH["adamw_capped"]'s
-    size), so that the step occupies a few SMs beside other work instead of every SM in turn."""
-    capped = programs is not None
-    if capped and programs < 1:
-        raise ValueError(f"programs={programs}: at least one program per launch")
+    all with these hyperparameters: a launch each for large tensors, one per kind for the small ones."""
     small: dict[tuple, list] = {}
     for item in items:
         param, grad, exp_avg, exp_avg_sq, step, low, tensor_index = item
@@ -222,38 +193,24 @@ def adamw_steps(items, grad_scale: torch.Tensor | None, skip: torch.Tensor, *, l
             kind = (param.device, param.dtype, grad.dtype, exp_avg.dtype, low is not None)
             small.setdefault(kind, []).append(item)
             continue
-        block, warps = _launch(param.device, capped)
-        n_blocks = triton.cdiv(param.numel(), block)
-        _adamw_kernel[(_grid(n_blocks, programs),)](
+        block = BLOCK if param.is_cuda else INTERPRETER_BLOCK
+        _adamw_kernel[(triton.cdiv(param.numel(), block),)](
             param, grad, exp_avg, exp_avg_sq, step, grad_scale if grad_scale is not None else skip, skip,
-            low if low is not None else param, param.numel(), n_blocks, tensor_index,
+            low if low is not None else param, param.numel(), tensor_index,
             float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
             BLOCK=block, HAS_SCALE=grad_scale is not None, SPLIT=low is not None,
-            STOCHASTIC_MOMENTS=exp_avg.dtype == torch.bfloat16, CAPPED=capped, num_warps=warps,
+            STOCHASTIC_MOMENTS=exp_avg.dtype == torch.bfloat16, num_warps=NUM_WARPS,
         )
     for (device, p_dtype, g_dtype, m_dtype, split), group in small.items():
-        block, warps = _launch(device, capped)
+        block = BLOCK if device.type == "cuda" else INTERPRETER_BLOCK
         rows = device_rows([[p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), s.data_ptr(),
                              (low if low is not None else p).data_ptr(), p.numel(), i]
                             for p, g, m, v, s, low, i in group], device)
         block_tensor, block_index = block_table(tuple(p.numel() for p, *_ in group), block, device)
-        _adamw_many_kernel[(_grid(block_tensor.numel(), programs),)](
-            rows, block_tensor, block_index, block_tensor.numel(), grad_scale if grad_scale is not None else skip, skip,
+        _adamw_many_kernel[(block_tensor.numel(),)](
+            rows, block_tensor, block_index, grad_scale if grad_scale is not None else skip, skip,
             float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
             P_DT=TL_DTYPE[p_dtype], G_DT=TL_DTYPE[g_dtype], M_DT=TL_DTYPE[m_dtype],
             BLOCK=block, HAS_SCALE=grad_scale is not None, SPLIT=split,
-            STOCHASTIC_MOMENTS=m_dtype == torch.bfloat16, CAPPED=capped, num_warps=warps,
+            STOCHASTIC_MOMENTS=m_dtype == torch.bfloat16, num_warps=NUM_WARPS,
         )
-
-
-def _launch(device: torch.device, capped: bool) -> tuple[int, int]:
-    """(elements per block, warps per program) of a launch."""
-    if device.type != "cuda":
-        return INTERPRETER_BLOCK, NUM_WARPS
-    if capped:
-        return LAUNCH["adamw_capped"]["BLOCK"], LAUNCH["adamw_capped"]["num_warps"]
-    return BLOCK, NUM_WARPS
-
-
-def _grid(blocks: int, programs: int | None) -> int:
-    return blocks if programs is None else min(blocks, programs)

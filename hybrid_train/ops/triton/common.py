@@ -30,9 +30,6 @@ LAUNCH: dict = {
     "dt_bwd": dict(num_warps=1),  # one warp per (batch, chunk, head): many resident programs
     "state_blocks": dict(bp=64, bn=128),  # forward
     "state_bwd_blocks": dict(bp=64, bn=64),
-    # AdamW on a capped grid (beside the forward): programs of 32 warps, so that few share an SM, each
-    # looping over blocks wide enough to keep its SM's loads in flight
-    "adamw_capped": dict(BLOCK=8192, num_warps=32),
 }
 
 
