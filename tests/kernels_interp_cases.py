@@ -226,6 +226,65 @@ def test_block_rms_norm_kernel_matches_float64(dtypes):
         assert rel(a.double(), r) < tol
 
 
+def test_block_rms_norm_under_autocast_writes_the_autocast_dtype():
+    """Under bf16 autocast the kernel's fp32 result on the fp32 residual stream comes out in bf16 (what every
+    consumer would cast it to): the fp32 result rounded (the interpreter truncates where a GPU rounds to
+    nearest: within one bf16 ulp), float64's values; and from a bf16 output gradient the fp32 x and weight
+    gradients the fp32 output gives, to the bit. Outside autocast, and for bf16 inputs, nothing changes."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 19, 160, generator=gen).requires_grad_(True)
+    w = (1 + 0.1 * torch.randn(160, generator=gen)).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = rms_norm(x, w, 1e-5)
+        assert rms_norm(x.detach().bfloat16(), w.detach().bfloat16(), 1e-5).dtype == torch.bfloat16
+    y32 = rms_norm(x, w, 1e-5)
+    assert (y.dtype, y32.dtype) == (torch.bfloat16, torch.float32)
+    assert ((y.float() - y32).abs() <= y32.abs() * 2**-7).all()
+    x64, w64 = (v.detach().double().requires_grad_(True) for v in (x, w))
+    y64 = rms_norm_torch(x64, w64, 1e-5)
+    assert rel(y.double(), y64) < 1e-2
+    dy = torch.randn(y.shape, generator=gen).bfloat16()
+    grads, grads32 = torch.autograd.grad(y, (x, w), dy), torch.autograd.grad(y32, (x, w), dy.float())
+    assert all(g.dtype == torch.float32 and torch.equal(g, g32) for g, g32 in zip(grads, grads32))
+    for a, r in zip(grads, torch.autograd.grad(y64, (x64, w64), dy.double())):
+        assert rel(a.double(), r) < 1e-5
+
+
+def test_model_gradients_with_bf16_norm_outputs_are_as_close_to_float64(monkeypatch):
+    """The blocks' norms writing bf16 under autocast, their consumers' gradients summed in bf16, against the
+    same Triton model with fp32 norm outputs (each consumer casting them, the gradients cast back and summed
+    in fp32): a Mamba-2 + attention model with MLPs, one forward and backward under bf16 autocast; every
+    parameter's gradient about as close to float64's (the PyTorch ops on a float64 copy)."""
+    from hybrid_train.ops import norm
+
+    cfg = mixer_cfg(d_model=64, mlp_hidden=96)
+    torch.manual_seed(6)
+    model = build_model(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 33))
+
+    def grads(m, autocast: bool) -> dict[str, torch.Tensor]:
+        m.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss, _ = m(ids[:, :-1], labels=ids[:, 1:])
+        loss.backward()
+        return {n: p.grad.double() for n, p in m.named_parameters()}
+
+    bf16_out = grads(model, True)
+    monkeypatch.setattr(norm, "AUTOCAST_OUTPUT", False)
+    fp32_out = grads(model, True)
+    monkeypatch.setenv("HYBRID_TRAIN_KERNELS", "auto")
+    set_kernels("torch")
+    try:
+        exact = grads(copy.deepcopy(model).double(), False)
+    finally:
+        set_kernels("auto")
+    errors = {n: (rel(bf16_out[n], g), rel(fp32_out[n], g)) for n, g in exact.items() if g.norm() > 0}
+    # (the interpreter truncates the bf16 it writes, where a GPU rounds to nearest: within 1.8x here; the
+    # same bound on the GPU, tests/test_gpu.py)
+    assert all(b < 2 * f + 1e-3 for b, f in errors.values()), errors
+    assert bf16_out.keys() == fp32_out.keys() and any(not torch.equal(bf16_out[n], fp32_out[n]) for n in bf16_out)
+
+
 def test_block_rms_norm_of_tensor_parallel_dtensors_keeps_pytorch_ops(tmp_path):
     """Under tensor parallelism the blocks' norms see DTensors (a custom op has no sharding rule for
     them): rms_norm keeps the PyTorch form there, on a real one-rank gloo mesh."""

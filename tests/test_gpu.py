@@ -58,6 +58,43 @@ def test_bf16_weights_log_autocast_losses_on_gpu(compose, tmp_path, head_dtypes)
     assert losses["true"] == losses["false"]
 
 
+def test_bf16_norm_outputs_keep_the_loss_and_gradients_on_gpu(compose, monkeypatch):
+    """Under bf16 autocast the blocks' norms write bf16 (rounded to nearest even, as autocast's own casts):
+    the loss to the bit as with fp32 norm outputs that each consumer casts, and every parameter's gradient,
+    whose sums over a norm's consumers are now bf16, about as close to float64's (PyTorch ops, CPU)."""
+    import copy
+
+    from hybrid_train.model import build_model
+    from hybrid_train.ops import norm
+    from hybrid_train.ops.dispatch import set_kernels
+
+    cfg = compose(["model=tiny"]).model
+    torch.manual_seed(0)
+    model = build_model(cfg).cuda()
+    ids = torch.randint(0, cfg.vocab_size, (2, 257), device="cuda")
+
+    def run(m, autocast: bool):
+        m.zero_grad(set_to_none=True)
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss, _ = m(ids[:, :-1].to(m.embed.weight.device), labels=ids[:, 1:].to(m.embed.weight.device))
+        loss.backward()
+        return loss.detach().cpu(), {n: p.grad.double().cpu() for n, p in m.named_parameters()}
+
+    loss16, bf16_out = run(model, True)
+    monkeypatch.setattr(norm, "AUTOCAST_OUTPUT", False)
+    loss32, fp32_out = run(model, True)
+    assert torch.equal(loss16, loss32)
+    set_kernels("torch")
+    try:
+        _, exact = run(copy.deepcopy(model).cpu().double(), False)
+    finally:
+        set_kernels("auto")
+    rel = {n: ((bf16_out[n] - g).norm() / g.norm(), (fp32_out[n] - g).norm() / g.norm()) for n, g in exact.items()
+           if g.norm() > 0}
+    assert all(b < 2 * f + 1e-3 for b, f in rel.values()), rel
+    assert any(not torch.equal(bf16_out[n], fp32_out[n]) for n in bf16_out)
+
+
 @pytest.fixture
 def lagging_optimizer(monkeypatch):
     """The optimizer's side stream held back about 0.2 s before each step: a module of the next forward that

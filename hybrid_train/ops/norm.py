@@ -19,20 +19,34 @@ from hybrid_train.ops.library import kernel_op
 
 __all__ = ["gated_rms_norm", "gated_rms_norm_torch", "rms_norm", "rms_norm_torch"]
 
+AUTOCAST_OUTPUT = True  # rms_norm's kernel writes the autocast dtype under autocast (False: its fp32 result)
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * x / rms(x) over the last dim, computed in fp32; the result in x's dtype promoted with
     weight's (fp32 weight on bf16 activations gives fp32, as ``rms_norm_torch``). The kernel rounds once,
     at the end; the reference (and so a compiled run) rounds the normalized value to x's dtype before
     scaling, as transformers does: for bf16 activations the two differ by that rounding, for fp32 ones
-    (the trainer's residual stream) by float order only."""
+    (the trainer's residual stream) by float order only.
+
+    The kernel's fp32 result under autocast comes out in the autocast dtype instead. Whatever reads a
+    norm's output under autocast (a block's Linears, the experts, the fused head) casts it to that dtype,
+    each a copy of its own, and in backward casts each of their gradients back to fp32 and sums them, a
+    kernel apiece: at 9B width about 15 GB of memory traffic a step of 8 blocks. Here the output is
+    written once in that dtype (the values the casts give) and its consumers' gradients are summed by autograd in
+    it, as they are wherever the weights themselves are bf16 (FSDP's mixed precision). A compiled run
+    keeps the fp32 output and the casts, which inductor fuses into its kernels."""
     # A tensor-parallel norm runs on DTensors (sequence-sharded or replicated): those keep PyTorch ops.
     sharded = hasattr(x, "to_local") or hasattr(weight, "to_local")
     if (x.dtype in KERNEL_DTYPES and x.shape[-1] <= 65536 and not sharded and not torch.compiler.is_compiling()
             and use_triton(x, weight, op="rms_norm")):
         d = x.shape[-1]
-        out_dtype = torch.promote_types(x.dtype, weight.dtype)
-        out, _ = _gated_norm_op(x.reshape(-1, d).to(out_dtype).contiguous(), None, weight.contiguous(), float(eps), d)
+        in_dtype = torch.promote_types(x.dtype, weight.dtype)
+        autocast = torch.is_autocast_enabled(x.device.type)
+        out_dtype = (torch.get_autocast_dtype(x.device.type) if AUTOCAST_OUTPUT and autocast and in_dtype == torch.float32
+                     else None)
+        out, _ = _gated_norm_op(x.reshape(-1, d).to(in_dtype).contiguous(), None, weight.contiguous(), float(eps), d,
+                                out_dtype)
         return out.view(x.shape)
     return rms_norm_torch(x, weight, eps)
 
@@ -64,8 +78,9 @@ def gated_rms_norm(
     return gated_rms_norm_torch(x, z, weight, eps, group_size)
 
 
-def _gated_norm_fake(x, z, weight, eps, group_size):
-    return x.new_empty(x.shape), x.new_empty(x.shape[0], x.shape[1] // group_size, dtype=torch.float32)
+def _gated_norm_fake(x, z, weight, eps, group_size, out_dtype=None):
+    return (x.new_empty(x.shape, dtype=out_dtype or x.dtype),
+            x.new_empty(x.shape[0], x.shape[1] // group_size, dtype=torch.float32))
 
 
 def _gated_norm_bwd_fake(dout, x, z, weight, rstd, eps, group_size):
@@ -73,7 +88,7 @@ def _gated_norm_bwd_fake(dout, x, z, weight, rstd, eps, group_size):
 
 
 def _gated_norm_setup(ctx, inputs, output):
-    x, z, weight, eps, group_size = inputs
+    x, z, weight, eps, group_size = inputs[:5]
     ctx.save_for_backward(x, z, weight, output[1])
     ctx.eps, ctx.group_size = eps, group_size
 
@@ -81,16 +96,16 @@ def _gated_norm_setup(ctx, inputs, output):
 def _gated_norm_backward(ctx, dout, _drstd):
     x, z, weight, rstd = ctx.saved_tensors
     dx, dz, dw = _gated_norm_bwd_op(dout, x, z, weight, rstd, ctx.eps, ctx.group_size)
-    return dx, (dz if z is not None else None), dw, None, None
+    return dx, (dz if z is not None else None), dw, None, None, None
 
 
 @kernel_op("hybrid_train::gated_rms_norm_fwd", _gated_norm_fake, _gated_norm_setup, _gated_norm_backward)
 def _gated_norm_op(x: torch.Tensor, z: Optional[torch.Tensor], weight: torch.Tensor, eps: float,
-                   group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out (m, d), 1/rms (m, groups) fp32)."""
+                   group_size: int, out_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (m, d) in out_dtype (None: x's), 1/rms (m, groups) fp32); the input gradients in the inputs' dtypes."""
     from hybrid_train.ops.triton.norm import gated_norm_fwd
 
-    return gated_norm_fwd(x, z, weight, eps, group_size)
+    return gated_norm_fwd(x, z, weight, eps, group_size, out_dtype)
 
 
 @kernel_op("hybrid_train::gated_rms_norm_bwd", _gated_norm_bwd_fake)

@@ -83,13 +83,13 @@ def _warps(block: int) -> int:
     return 4 if block <= 1024 else (8 if block <= 4096 else 16)
 
 
-def gated_norm_fwd(x, z, weight, eps, group_size):
-    """x, z (m, d) contiguous; returns (out (m, d) x.dtype, rstd (m, groups) fp32)."""
+def gated_norm_fwd(x, z, weight, eps, group_size, out_dtype=None):
+    """x, z (m, d) contiguous; returns (out (m, d) in out_dtype (None: x.dtype), rstd (m, groups) fp32)."""
     m, d = x.shape
     ng = d // group_size
     block = triton.next_power_of_2(group_size)
     rows = _rows(m)
-    out = torch.empty_like(x)
+    out = torch.empty_like(x, dtype=out_dtype or x.dtype)
     rstd = torch.empty(m, ng, device=x.device, dtype=torch.float32)
     _gated_norm_fwd_kernel[(triton.cdiv(m, rows), ng)](
         x, z if z is not None else x, weight, out, rstd, m, d, group_size, ng, eps,
