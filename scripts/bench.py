@@ -23,7 +23,7 @@ where this build and GPU run it) and once as a loop over experts (the baseline).
 active parameters (top-2 of 16 experts).
 
 ``--ladder`` runs the same model once per variant: all PyTorch reference; +ssd; +conv1d; +gated_norm; +rms_norm;
-+mixer (conv1d + SSD fused, conv outputs recomputed in backward); with --fused-loss also
++mixer (conv1d + SSD fused, conv outputs recomputed in backward); +swiglu; with --fused-loss also
 +cross_entropy (its Triton row kernels); each keeps the kernels before it on (the per-op switches of
 hybrid_train.ops.dispatch). Activation memory per token is measured on one extra
 forward (+ loss) per variant: ``act_bytes_per_token`` sums the bytes autograd saves for backward
@@ -67,7 +67,7 @@ JAMBA_MOE = dict(name="jamba_slice", vocab_size=65536, moe_n_experts=16, moe_top
 TINY_MOE = dict(name="tiny_moe_slice", moe_n_experts=8, moe_top_k=2, moe_hidden=64, moe_every=2, moe_offset=1)
 MOE_VARIANTS = ("grouped", "loop")
 # --ladder switches these on in this order, each variant keeping the ones before it.
-LADDER = ("ssd", "conv1d", "gated_norm", "rms_norm", "mixer")
+LADDER = ("ssd", "conv1d", "gated_norm", "rms_norm", "mixer", "swiglu")
 MODEL_OPS = tuple(op for op in OPS if op != "sum_squares")  # (the sum of squares is the gradient norm's, not the model's)
 
 

@@ -227,17 +227,19 @@ def test_block_rms_norm_kernel_matches_float64(dtypes):
 
 
 def test_block_rms_norm_under_autocast_writes_the_autocast_dtype():
-    """Under bf16 autocast the kernel's fp32 result on the fp32 residual stream comes out in bf16 (what every
-    consumer would cast it to): the fp32 result rounded (the interpreter truncates where a GPU rounds to
-    nearest: within one bf16 ulp), float64's values; and from a bf16 output gradient the fp32 x and weight
-    gradients the fp32 output gives, to the bit. Outside autocast, and for bf16 inputs, nothing changes."""
+    """autocast_output, under bf16 autocast: the kernel's fp32 result on the fp32 residual stream comes out in
+    bf16 (what every reader would cast it to): the fp32 result rounded (the interpreter truncates where a GPU
+    rounds to nearest: within one bf16 ulp), float64's values; and from a bf16 output gradient the fp32 x and
+    weight gradients the fp32 output gives, to the bit. Without the flag, outside autocast and for bf16
+    inputs, nothing changes."""
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(3, 19, 160, generator=gen).requires_grad_(True)
     w = (1 + 0.1 * torch.randn(160, generator=gen)).requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = rms_norm(x, w, 1e-5)
-        assert rms_norm(x.detach().bfloat16(), w.detach().bfloat16(), 1e-5).dtype == torch.bfloat16
-    y32 = rms_norm(x, w, 1e-5)
+        y = rms_norm(x, w, 1e-5, autocast_output=True)
+        assert rms_norm(x, w, 1e-5).dtype == torch.float32
+        assert rms_norm(x.detach().bfloat16(), w.detach().bfloat16(), 1e-5, autocast_output=True).dtype == torch.bfloat16
+    y32 = rms_norm(x, w, 1e-5, autocast_output=True)
     assert (y.dtype, y32.dtype) == (torch.bfloat16, torch.float32)
     assert ((y.float() - y32).abs() <= y32.abs() * 2**-7).all()
     x64, w64 = (v.detach().double().requires_grad_(True) for v in (x, w))
@@ -251,13 +253,14 @@ def test_block_rms_norm_under_autocast_writes_the_autocast_dtype():
 
 
 def test_model_gradients_with_bf16_norm_outputs_are_as_close_to_float64(monkeypatch):
-    """The blocks' norms writing bf16 under autocast, their consumers' gradients summed in bf16, against the
-    same Triton model with fp32 norm outputs (each consumer casting them, the gradients cast back and summed
-    in fp32): a Mamba-2 + attention model with MLPs, one forward and backward under bf16 autocast; every
-    parameter's gradient about as close to float64's (the PyTorch ops on a float64 copy)."""
-    from hybrid_train.ops import norm
+    """The blocks' norms writing bf16 under autocast (not the final norm's), their readers' gradients summed
+    in bf16, against the same Triton model with fp32 norm outputs (each reader casting them, the gradients
+    cast back and summed in fp32): a Mamba-2 + attention model with MLPs and logits_scaling, one forward and
+    backward under bf16 autocast; every parameter's gradient about as close to float64's (the PyTorch ops on
+    a float64 copy)."""
+    from hybrid_train.model.hybrid import RMSNorm
 
-    cfg = mixer_cfg(d_model=64, mlp_hidden=96)
+    cfg = mixer_cfg(d_model=64, mlp_hidden=96, logits_scaling=4.0)
     torch.manual_seed(6)
     model = build_model(cfg)
     ids = torch.randint(0, cfg.vocab_size, (2, 33))
@@ -269,9 +272,15 @@ def test_model_gradients_with_bf16_norm_outputs_are_as_close_to_float64(monkeypa
         loss.backward()
         return {n: p.grad.double() for n, p in m.named_parameters()}
 
+    norms = [m for m in model.modules() if isinstance(m, RMSNorm) and m.autocast_output]
+    assert len(norms) == 2 * cfg.n_layers and not model.norm.autocast_output
+    dtypes = []
+    model.norm.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
     bf16_out = grads(model, True)
-    monkeypatch.setattr(norm, "AUTOCAST_OUTPUT", False)
+    for m in norms:
+        m.autocast_output = False
     fp32_out = grads(model, True)
+    assert dtypes == [torch.float32, torch.float32]  # the final norm's reader divides first: fp32 either way
     monkeypatch.setenv("HYBRID_TRAIN_KERNELS", "auto")
     set_kernels("torch")
     try:
@@ -283,6 +292,49 @@ def test_model_gradients_with_bf16_norm_outputs_are_as_close_to_float64(monkeypa
     # same bound on the GPU, tests/test_gpu.py)
     assert all(b < 2 * f + 1e-3 for b, f in errors.values()), errors
     assert bf16_out.keys() == fp32_out.keys() and any(not torch.equal(bf16_out[n], fp32_out[n]) for n in bf16_out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_kernel_matches_float64(dtype):
+    """silu(gate) * up on the Triton kernels (eager): float64's product and input gradients, across a block
+    boundary and a partial last block; only gate and up kept for backward (PyTorch also keeps the SiLU)."""
+    from hybrid_train.ops.swiglu import silu_mul, silu_mul_torch
+    from hybrid_train.ops.triton.swiglu import BLOCK
+
+    gen = torch.Generator().manual_seed(7)
+    gate, up, dout = (torch.randn(3, BLOCK // 4 + 7, 5, generator=gen).to(dtype) for _ in range(3))
+    leaves = [gate.requires_grad_(True), up.requires_grad_(True)]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = silu_mul(gate, up)
+    assert type(out.grad_fn).__name__ == "_SiluMulBackward" and out.dtype == dtype
+    assert len(saved) == 2 and {t.data_ptr() for t in saved} == {gate.data_ptr(), up.data_ptr()}
+    grads = torch.autograd.grad(out, leaves, dout)
+    l64 = [t.detach().double().requires_grad_(True) for t in leaves]
+    out64 = silu_mul_torch(*l64)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert rel(out, out64) < tol
+    for a, r in zip(grads, torch.autograd.grad(out64, l64, dout.double())):
+        assert a.dtype == dtype and rel(a, r) < tol
+
+
+def test_swiglu_keeps_pytorch_ops_under_compile_and_for_broadcasts():
+    """Compiled, silu_mul is left to inductor (no kernel in the traced graph); inputs of two shapes take
+    PyTorch's broadcasting ops."""
+    from hybrid_train.ops.swiglu import silu_mul, silu_mul_torch
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    gate, up = torch.randn(8, 64), torch.randn(8, 64)
+    compiled = torch.compile(lambda a, b: silu_mul(a, b), backend=capture, fullgraph=True)(gate, up)
+    assert graphs and "silu" in graphs[0] and "SiluMul" not in graphs[0]
+    torch.testing.assert_close(compiled, silu_mul_torch(gate, up))
+    out = silu_mul(gate, up[:1])
+    assert out.grad_fn is None and torch.equal(out, silu_mul_torch(gate, up[:1]))
 
 
 def test_block_rms_norm_of_tensor_parallel_dtensors_keeps_pytorch_ops(tmp_path):

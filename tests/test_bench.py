@@ -45,7 +45,8 @@ def test_bench_ladder_smoke_on_cpu(tmp_path, monkeypatch):
     bench = load_bench()
     results = bench.main(["--device", "cpu", "--tiny", "--ladder", "--layers", "2", "--attn", "1",
                           "--seq-len", "32", "--steps", "1", "--warmup", "0", "--documents", "2", "--json", str(out)])
-    assert [r["variant"] for r in results] == ["reference", "+ssd", "+conv1d", "+gated_norm", "+rms_norm", "+mixer"]
+    assert [r["variant"] for r in results] == ["reference", "+ssd", "+conv1d", "+gated_norm", "+rms_norm", "+mixer",
+                                              "+swiglu"]
     assert set(bench.MODEL_OPS) == set(OPS) - {"sum_squares"}  # every op of the model, not the gradient norm's
     assert results[0]["torch_ops"] == list(bench.MODEL_OPS) and results[-1]["torch_ops"] == ["cross_entropy"]
     # on CPU without the interpreter every variant runs the reference: the same bytes saved
@@ -57,7 +58,7 @@ def test_bench_ladder_smoke_on_cpu(tmp_path, monkeypatch):
 def test_bench_fused_loss_adds_the_cross_entropy_step(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     bench = load_bench()
-    assert [name for name, _ in bench.variants(True, True)][-2:] == ["+mixer", "+cross_entropy"]
+    assert [name for name, _ in bench.variants(True, True)][-2:] == ["+swiglu", "+cross_entropy"]
     assert bench.variants(True, True)[-1][1] == ()
     results = bench.main(["--device", "cpu", "--tiny", "--layers", "1", "--attn", "--seq-len", "16",
                           "--steps", "1", "--warmup", "0", "--fused-loss"])

@@ -25,13 +25,15 @@ def _local(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, autocast_output: bool = False):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.autocast_output = autocast_output
+        """Every reader casts the output under autocast: written in its dtype once (ops/norm.py, rms_norm)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps, self.autocast_output)
 
     def init_weights(self) -> None:
         nn.init.ones_(self.weight)
@@ -166,10 +168,12 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_type: str, moe: bool = False):
         super().__init__()
         self.layer_type = layer_type
-        self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        # (their readers are Linears and experts, which autocast casts to; not so the final norm's, divided
+        # by logits_scaling first)
+        self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps, autocast_output=True)
         self.mixer = Attention(cfg) if layer_type == ATTENTION else Mamba2Mixer(cfg)
         self.mlp = MoE(cfg) if moe else SwiGLU(cfg.d_model, cfg.mlp_hidden) if cfg.mlp_hidden else None
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if self.mlp is not None else None
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, autocast_output=True) if self.mlp is not None else None
         self.residual_multiplier = cfg.residual_multiplier
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 
 MODES = ("auto", "triton", "torch")
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what the Triton kernels take (fp32 math)
-OPS = ("ssd", "conv1d", "gated_norm", "rms_norm", "mixer", "cross_entropy", "sum_squares")
+OPS = ("ssd", "conv1d", "gated_norm", "rms_norm", "mixer", "swiglu", "cross_entropy", "sum_squares")
 ENV_VAR = "HYBRID_TRAIN_KERNELS"
 TORCH_OPS_ENV_VAR = "HYBRID_TRAIN_TORCH_OPS"
 

@@ -19,23 +19,21 @@ from hybrid_train.ops.library import kernel_op
 
 __all__ = ["gated_rms_norm", "gated_rms_norm_torch", "rms_norm", "rms_norm_torch"]
 
-AUTOCAST_OUTPUT = True  # rms_norm's kernel writes the autocast dtype under autocast (False: its fp32 result)
 
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, autocast_output: bool = False) -> torch.Tensor:
     """weight * x / rms(x) over the last dim, computed in fp32; the result in x's dtype promoted with
     weight's (fp32 weight on bf16 activations gives fp32, as ``rms_norm_torch``). The kernel rounds once,
     at the end; the reference (and so a compiled run) rounds the normalized value to x's dtype before
     scaling, as transformers does: for bf16 activations the two differ by that rounding, for fp32 ones
     (the trainer's residual stream) by float order only.
 
-    The kernel's fp32 result under autocast comes out in the autocast dtype instead. Whatever reads a
-    norm's output under autocast (a block's Linears, the experts, the fused head) casts it to that dtype,
-    each a copy of its own, and in backward casts each of their gradients back to fp32 and sums them, a
-    kernel apiece: at 9B width about 15 GB of memory traffic a step of 8 blocks. Here the output is
-    written once in that dtype (the values the casts give) and its consumers' gradients are summed by autograd in
-    it, as they are wherever the weights themselves are bf16 (FSDP's mixed precision). A compiled run
-    keeps the fp32 output and the casts, which inductor fuses into its kernels."""
+    autocast_output: for a norm whose every reader casts its output to the autocast dtype (a block's
+    Linears and experts): under autocast the kernel writes its fp32 result in that dtype (the values the
+    casts give), one tensor the readers share, instead of a copy per reader, each kept for backward and
+    its gradient cast back to fp32 and summed, a kernel apiece (at 9B width about 15 GB of memory traffic
+    a step of 8 blocks). The readers' gradients are then summed by autograd in that dtype, as wherever
+    the weights themselves are bf16 (FSDP's mixed precision). The PyTorch form (compiled blocks, where
+    inductor fuses those casts; the CPU) keeps the fp32 result."""
     # A tensor-parallel norm runs on DTensors (sequence-sharded or replicated): those keep PyTorch ops.
     sharded = hasattr(x, "to_local") or hasattr(weight, "to_local")
     if (x.dtype in KERNEL_DTYPES and x.shape[-1] <= 65536 and not sharded and not torch.compiler.is_compiling()
@@ -43,7 +41,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         d = x.shape[-1]
         in_dtype = torch.promote_types(x.dtype, weight.dtype)
         autocast = torch.is_autocast_enabled(x.device.type)
-        out_dtype = (torch.get_autocast_dtype(x.device.type) if AUTOCAST_OUTPUT and autocast and in_dtype == torch.float32
+        out_dtype = (torch.get_autocast_dtype(x.device.type) if autocast_output and autocast and in_dtype == torch.float32
                      else None)
         out, _ = _gated_norm_op(x.reshape(-1, d).to(in_dtype).contiguous(), None, weight.contiguous(), float(eps), d,
                                 out_dtype)

@@ -1,0 +1,48 @@
+"""silu(gate) * up, the SwiGLU MLP's elementwise middle.
+
+``silu_mul`` runs the Triton kernels (hybrid_train/ops/triton/swiglu.py) in eager mode: one kernel each
+way instead of PyTorch's two forward and three backward, and only gate and up kept for backward (PyTorch
+also keeps the SiLU output: at 9B width and 4096 tokens 117 MB a block). Under torch.compile it stays in
+PyTorch ops, which inductor fuses itself; on DTensors (tensor parallel) likewise.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from hybrid_train.ops.dispatch import KERNEL_DTYPES, use_triton
+
+__all__ = ["silu_mul", "silu_mul_torch"]
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, computed in fp32 and rounded once to the inputs' dtype (PyTorch's eager ops round
+    the SiLU output first; inductor, like the kernel, does not)."""
+    sharded = hasattr(gate, "to_local") or hasattr(up, "to_local")
+    if (not sharded and not torch.compiler.is_compiling() and gate.shape == up.shape and gate.dtype == up.dtype
+            and gate.dtype in KERNEL_DTYPES and use_triton(gate, up, op="swiglu")):
+        return _SiluMul.apply(gate, up)
+    return silu_mul_torch(gate, up)
+
+
+def silu_mul_torch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The reference: PyTorch's own ops."""
+    return F.silu(gate) * up
+
+
+class _SiluMul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        from hybrid_train.ops.triton.swiglu import swiglu_fwd
+
+        gate, up = gate.contiguous(), up.contiguous()
+        ctx.save_for_backward(gate, up)
+        return swiglu_fwd(gate, up)
+
+    @staticmethod
+    def backward(ctx, dout):
+        from hybrid_train.ops.triton.swiglu import swiglu_bwd
+
+        gate, up = ctx.saved_tensors
+        return swiglu_bwd(dout.contiguous(), gate, up)
