@@ -319,9 +319,19 @@ def test_swiglu_kernel_matches_float64(dtype):
 
 
 def test_swiglu_keeps_pytorch_ops_under_compile_and_for_broadcasts():
-    """Compiled, silu_mul is left to inductor (no kernel in the traced graph); inputs of two shapes take
-    PyTorch's broadcasting ops."""
+    """Compiled, silu_mul is left to inductor (no kernel in the traced graph), and fake tensors get
+    PyTorch's ops too; inputs of two shapes take PyTorch's broadcasting ops. A second derivative through
+    the kernel raises rather than coming out as zero."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     from hybrid_train.ops.swiglu import silu_mul, silu_mul_torch
+
+    with FakeTensorMode():
+        assert silu_mul(torch.randn(4, 8), torch.randn(4, 8)).shape == (4, 8)
+    gate = torch.randn(4, 8, requires_grad=True)
+    (dgate,) = torch.autograd.grad(silu_mul(gate, torch.randn(4, 8)).sum(), gate, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(dgate.sum(), gate)
 
     graphs = []
 

@@ -2,16 +2,20 @@
 
 ``silu_mul`` runs the Triton kernels (hybrid_train/ops/triton/swiglu.py) in eager mode: one kernel each
 way instead of PyTorch's two forward and three backward, and only gate and up kept for backward (PyTorch
-also keeps the SiLU output: at 9B width and 4096 tokens 117 MB a block). Under torch.compile it stays in
-PyTorch ops, which inductor fuses itself; on DTensors (tensor parallel) likewise.
+also keeps the SiLU output: at 9B width and 4096 tokens 117 MB a block). While traced (torch.compile,
+fake tensors) it stays in PyTorch ops, which inductor fuses itself; on DTensors likewise. Under tensor
+parallelism the column-parallel gate and up projections hand it local tensors, so each rank runs the
+kernel on its own columns.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from hybrid_train.ops.dispatch import KERNEL_DTYPES, use_triton
+from hybrid_train.ops.library import _tracing
 
 __all__ = ["silu_mul", "silu_mul_torch"]
 
@@ -20,7 +24,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, computed in fp32 and rounded once to the inputs' dtype (PyTorch's eager ops round
     the SiLU output first; inductor, like the kernel, does not)."""
     sharded = hasattr(gate, "to_local") or hasattr(up, "to_local")
-    if (not sharded and not torch.compiler.is_compiling() and gate.shape == up.shape and gate.dtype == up.dtype
+    if (not sharded and not _tracing((gate, up)) and gate.shape == up.shape and gate.dtype == up.dtype
             and gate.dtype in KERNEL_DTYPES and use_triton(gate, up, op="swiglu")):
         return _SiluMul.apply(gate, up)
     return silu_mul_torch(gate, up)
@@ -41,6 +45,7 @@ class _SiluMul(torch.autograd.Function):
         return swiglu_fwd(gate, up)
 
     @staticmethod
+    @once_differentiable  # (a second derivative raises instead of coming out as zero)
     def backward(ctx, dout):
         from hybrid_train.ops.triton.swiglu import swiglu_bwd
 
