@@ -40,9 +40,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, autocast_output:
             and use_triton(x, weight, op="rms_norm")):
         d = x.shape[-1]
         in_dtype = torch.promote_types(x.dtype, weight.dtype)
-        autocast = torch.is_autocast_enabled(x.device.type)
-        out_dtype = (torch.get_autocast_dtype(x.device.type) if autocast_output and autocast and in_dtype == torch.float32
-                     else None)
+        out_dtype = None
+        if autocast_output and in_dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
+            out_dtype = torch.get_autocast_dtype(x.device.type)
         out, _ = _gated_norm_op(x.reshape(-1, d).to(in_dtype).contiguous(), None, weight.contiguous(), float(eps), d,
                                 out_dtype)
         return out.view(x.shape)
