@@ -104,15 +104,15 @@ def test_kernel_ops_take_the_custom_op_only_when_traced():
     """Eager calls skip the dispatcher; anything traced (fake tensors, dispatch modes) gets the custom op."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from hybrid_train.ops.library import _tracing
+    from hybrid_train.ops.library import is_tracing
 
     plain = torch.ones(2)
-    assert not _tracing((plain, torch.nn.Parameter(torch.ones(1)), None, 3, 0.5))
+    assert not is_tracing((plain, torch.nn.Parameter(torch.ones(1)), None, 3, 0.5))
     with FakeTensorMode() as mode:
         fake = torch.ones(2)
-    assert _tracing((plain, fake))
+    assert is_tracing((plain, fake))
     with mode:  # a dispatch mode is active: tracing even with no tensor argument
-        assert _tracing((3,))
+        assert is_tracing((3,))
 
 
 @pytest.mark.parametrize("user_precision", ["highest", "medium"])

@@ -36,7 +36,7 @@ def kernel_op(name: str, fake: Callable, setup_context: Callable | None = None,
             eager = _autograd_function(name, fn, setup_context, backward)
 
         def call(*args):
-            if _tracing(args):
+            if is_tracing(args):
                 return op(*args)
             return eager(*args)
 
@@ -51,7 +51,7 @@ def kernel_op(name: str, fake: Callable, setup_context: Callable | None = None,
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def _tracing(args: tuple) -> bool:
+def is_tracing(args: tuple) -> bool:
     """Whether this call is being traced (dynamo, AOTAutograd, make_fx, a dispatch mode).
 
     ``torch.compiler.is_compiling()`` alone is not enough: seen on torch 2.11, AOTAutograd traced

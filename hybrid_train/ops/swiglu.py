@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from hybrid_train.ops.dispatch import KERNEL_DTYPES, use_triton
-from hybrid_train.ops.library import _tracing
+from hybrid_train.ops.library import is_tracing
 
 __all__ = ["silu_mul", "silu_mul_torch"]
 
@@ -24,7 +24,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, computed in fp32 and rounded once to the inputs' dtype (PyTorch's eager ops round
     the SiLU output first; inductor, like the kernel, does not)."""
     sharded = hasattr(gate, "to_local") or hasattr(up, "to_local")
-    if (not sharded and not _tracing((gate, up)) and gate.shape == up.shape and gate.dtype == up.dtype
+    if (not sharded and not is_tracing((gate, up)) and gate.shape == up.shape and gate.dtype == up.dtype
             and gate.dtype in KERNEL_DTYPES and use_triton(gate, up, op="swiglu")):
         return _SiluMul.apply(gate, up)
     return silu_mul_torch(gate, up)
