@@ -318,6 +318,17 @@ def test_swiglu_kernel_matches_float64(dtype):
         assert a.dtype == dtype and rel(a, r) < tol
 
 
+def _compiled_with_graphs(fn, *args):
+    """fn(*args) under torch.compile (fullgraph), with the FX graphs dynamo hands its backend, as text."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    return torch.compile(fn, backend=capture, fullgraph=True)(*args), graphs
+
+
 def test_swiglu_keeps_pytorch_ops_under_compile_and_for_broadcasts():
     """Compiled, silu_mul is left to inductor (no kernel in the traced graph), and fake tensors get
     PyTorch's ops too; inputs of two shapes take PyTorch's broadcasting ops. A second derivative through
@@ -333,14 +344,8 @@ def test_swiglu_keeps_pytorch_ops_under_compile_and_for_broadcasts():
     with pytest.raises(RuntimeError):
         torch.autograd.grad(dgate.sum(), gate)
 
-    graphs = []
-
-    def capture(gm, example_inputs):
-        graphs.append(str(gm.graph))
-        return gm.forward
-
     gate, up = torch.randn(8, 64), torch.randn(8, 64)
-    compiled = torch.compile(lambda a, b: silu_mul(a, b), backend=capture, fullgraph=True)(gate, up)
+    compiled, graphs = _compiled_with_graphs(lambda a, b: silu_mul(a, b), gate, up)
     assert graphs and "silu" in graphs[0] and "SiluMul" not in graphs[0]
     torch.testing.assert_close(compiled, silu_mul_torch(gate, up))
     out = silu_mul(gate, up[:1])
@@ -369,15 +374,9 @@ def test_block_rms_norm_of_tensor_parallel_dtensors_keeps_pytorch_ops(tmp_path):
 def test_block_rms_norm_stays_in_pytorch_ops_under_compile():
     """Compiled, the norm is left to inductor (which fuses it with the residual add): no custom op in
     the traced graph; eager runs the kernel."""
-    graphs = []
-
-    def capture(gm, example_inputs):
-        graphs.append(str(gm.graph))
-        return gm.forward
-
     x, w = torch.randn(8, 64), torch.ones(64)
     eager = rms_norm(x, w, 1e-5)
-    compiled = torch.compile(lambda a, b: rms_norm(a + 1.0, b, 1e-5), backend=capture, fullgraph=True)(x - 1.0, w)
+    compiled, graphs = _compiled_with_graphs(lambda a, b: rms_norm(a + 1.0, b, 1e-5), x - 1.0, w)
     assert graphs and not any("hybrid_train" in g for g in graphs)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
     assert torch.equal(eager, torch.ops.hybrid_train.gated_rms_norm_fwd(x, None, w, 1e-5, 64)[0])

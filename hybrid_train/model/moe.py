@@ -105,6 +105,11 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.down_proj, std=out_std)
 
 
+# The modules whose weights autocast casts to its dtype for their matmuls (GroupedExperts by following
+# autocast itself, above): the weights the one-GPU trainer holds in bf16 and the planner counts.
+CAST_BY_AUTOCAST = (nn.Linear, GroupedExperts)
+
+
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)): the dense MLP of a block, and the shared expert of an MoE block."""
 

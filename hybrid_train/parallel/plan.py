@@ -16,6 +16,7 @@ import torch
 from hybrid_train.config import JobConfig
 from hybrid_train.model import build_model, count_params, flops_per_token
 from hybrid_train.model.config import ATTENTION, MAMBA
+from hybrid_train.model.moe import CAST_BY_AUTOCAST
 from hybrid_train.ops.cross_entropy import keeps_logits
 from hybrid_train.parallel.config import ClusterConfig, PlanConfig
 
@@ -158,8 +159,6 @@ def fsdp_units(job: JobConfig, tp: int, dp_shard: int, model: torch.nn.Module | 
     rank of the weights autocast casts to bf16 in every module holding them (linear layers, experts: what
     one GPU splits) and in any (a tied head's matrix too), tensors.
     model: the job's model built on meta (built here when not given)."""
-    from hybrid_train.train.precision import CAST_BY_AUTOCAST  # (the trainer's rule for what autocast casts)
-
     model = model if model is not None else build_model(job.model, device="meta")
     casts: dict[int, list[bool]] = {}  # per parameter, whether each module holding it is one autocast casts
     for module in model.modules():

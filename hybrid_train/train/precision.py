@@ -27,12 +27,8 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from hybrid_train.model.moe import GroupedExperts
+from hybrid_train.model.moe import CAST_BY_AUTOCAST
 from hybrid_train.ops.fp32_halves import join_fp32, split_fp32
-
-# Modules whose parameters autocast (or the model, following autocast: GroupedExperts) casts to bf16.
-CAST_BY_AUTOCAST = (nn.Linear, GroupedExperts)
-
 
 class BF16Weights:
     """Splits a model's autocast-cast fp32 parameters, in place, into bf16 parameters (the same Parameter
