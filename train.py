@@ -1,5 +1,6 @@
 """Entry point: `python train.py [overrides]`, or `torchrun --nproc_per_node=N train.py ...`."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -9,7 +10,8 @@ from omegaconf import DictConfig
 
 from hybrid_train.config import job_config_from_hydra, register_configs
 from hybrid_train.overrides import check_command_line
-from hybrid_train.train.trainer import train
+from hybrid_train.data import DataExhausted
+from hybrid_train.train.trainer import NonFiniteLossError, train
 
 register_configs()
 
@@ -20,7 +22,14 @@ def main(cfg: DictConfig) -> None:
         job = job_config_from_hydra(cfg, HydraConfig.get().overrides.task)
     except ValueError as err:  # a config error names its fields and values: no traceback needed
         sys.exit(f"error: {err}")
-    train(job)
+    try:
+        train(job)
+    except (ValueError, FileNotFoundError, DataExhausted, NonFiniteLossError) as err:
+        # Bad input found at run time (a data path, a checkpoint, a record) names its file, field or value;
+        # whatever was trained is already saved. The traceback stays one variable away, for a real bug.
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        sys.exit(f"error: {err}\n(HYDRA_FULL_ERROR=1 shows the traceback)")
 
 
 if __name__ == "__main__":

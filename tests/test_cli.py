@@ -79,6 +79,20 @@ def test_two_lengths_on_train_py_are_refused_in_one_line():
     assert proc.stderr.strip() == "error: set one of train.max_tokens (100) and train.max_steps (3)"
 
 
+def test_bad_input_found_at_run_time_is_one_error_with_the_traceback_on_request(tmp_path):
+    """A data path that matches nothing is found once the run starts: the error names the source, the
+    pattern and where it looked, without a traceback unless HYDRA_FULL_ERROR=1 asks for it."""
+    args = ("train.max_steps=2", *TINY, f"data.root={tmp_path / 'nowhere'}", f"run.dir={tmp_path / 'run'}")
+    proc = train_py(*args)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    first = proc.stderr.strip().splitlines()[-2]
+    assert first.startswith("error: source ") and "matches no files" in first and "nowhere" in first, proc.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
+    full = subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert full.returncode == 1 and "Traceback" in full.stderr and "resolve_paths" in full.stderr, full.stderr[-3000:]
+
+
 @pytest.mark.parametrize("arg, suggestion", [
     ("+checkpoint.interval=5", "checkpoint.interval_steps"),
     ("seed=1", "train.seed"),
