@@ -318,6 +318,65 @@ def test_swiglu_kernel_matches_float64(dtype):
         assert a.dtype == dtype and rel(a, r) < tol
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_swiglu_kernel_matches_float64(dtype):
+    """silu(gate) * up of h = [gate | up] (the experts' layout) on the kernel: float64's product, and its
+    gradient written packed as h is; rows of 2 * 37 straddle the kernel's blocks. Only h is kept."""
+    from hybrid_train.ops.swiglu import silu_mul_packed, silu_mul_packed_torch
+    from hybrid_train.ops.triton.swiglu import BLOCK
+
+    gen = torch.Generator().manual_seed(8)
+    h = torch.randn(2, BLOCK // 16 + 3, 2 * 37, generator=gen).to(dtype).requires_grad_(True)
+    dout = torch.randn(2, BLOCK // 16 + 3, 37, generator=gen).to(dtype)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = silu_mul_packed(h)
+    assert type(out.grad_fn).__name__ == "_SiluMulPackedBackward" and out.dtype == dtype and out.shape[-1] == 37
+    assert len(saved) == 1 and saved[0].data_ptr() == h.data_ptr()
+    (dh,) = torch.autograd.grad(out, h, dout)
+    h64 = h.detach().double().requires_grad_(True)
+    out64 = silu_mul_packed_torch(h64)
+    (dh64,) = torch.autograd.grad(out64, h64, dout.double())
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert rel(out, out64) < tol and dh.dtype == dtype and dh.is_contiguous() and rel(dh, dh64) < tol
+
+
+def test_grouped_experts_with_the_packed_kernel_match_the_loop():
+    """The experts' grouped path (one gate-and-up matmul, the packed kernel, one down matmul) against the
+    per-expert loop of PyTorch ops, in fp32: outputs and every gradient."""
+    from hybrid_train.model.moe import experts_grouped, experts_loop, grouped_mm_supported
+
+    gen = torch.Generator().manual_seed(10)
+    n_experts, d, hidden = 3, 16, 24
+    x = torch.randn(11, d, generator=gen, requires_grad=True)
+    gate_up = (0.3 * torch.randn(n_experts, 2 * hidden, d, generator=gen)).requires_grad_(True)
+    down = (0.3 * torch.randn(n_experts, d, hidden, generator=gen)).requires_grad_(True)
+    counts = torch.tensor([4, 0, 7])
+    assert grouped_mm_supported(x, gate_up, down)
+    dout = torch.randn(11, d, generator=gen)
+    out = experts_grouped(x, gate_up, down, counts)
+    assert "_SiluMulPackedBackward" in _graph_nodes(out)
+    ref = experts_loop(x, gate_up, down, counts)
+    grads = torch.autograd.grad(out, (x, gate_up, down), dout)
+    refs = torch.autograd.grad(ref, (x, gate_up, down), dout)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, r in zip(grads, refs):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+
+def _graph_nodes(out: torch.Tensor) -> set[str]:
+    """The names of the autograd nodes behind out."""
+    names, todo, seen = set(), [out.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo.extend(next_fn for next_fn, _ in node.next_functions)
+    return names
+
+
 def _compiled_with_graphs(fn, *args):
     """fn(*args) under torch.compile (fullgraph), with the FX graphs dynamo hands its backend, as text."""
     graphs = []

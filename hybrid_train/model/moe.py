@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hybrid_train.model.config import ModelConfig
-from hybrid_train.ops import silu_mul
+from hybrid_train.ops import silu_mul, silu_mul_packed
 
 
 def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
@@ -60,9 +60,8 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 def experts_grouped(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """x (n, d) sorted by expert, counts (E,) rows per expert -> (n, d): one grouped GEMM per projection."""
     offs = counts.cumsum(0).to(torch.int32)  # end row of each expert's block
-    h = torch._grouped_mm(x, gate_up.transpose(-2, -1), offs=offs)  # (n, 2*hidden)
-    gate, up = h.chunk(2, dim=-1)
-    return torch._grouped_mm(F.silu(gate) * up, down.transpose(-2, -1), offs=offs)  # (n, d)
+    h = torch._grouped_mm(x, gate_up.transpose(-2, -1), offs=offs)  # (n, 2*hidden): [gate | up]
+    return torch._grouped_mm(silu_mul_packed(h), down.transpose(-2, -1), offs=offs)  # (n, d)
 
 
 def experts_loop(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -13,10 +13,10 @@ from hybrid_train.ops.cross_entropy import fused_linear_cross_entropy
 from hybrid_train.ops.dispatch import deterministic, kernels_mode, set_kernels
 from hybrid_train.ops.norm import gated_rms_norm, rms_norm
 from hybrid_train.ops.ssd import ssd_chunk_scan
-from hybrid_train.ops.swiglu import silu_mul
+from hybrid_train.ops.swiglu import silu_mul, silu_mul_packed
 
 __all__ = [
     "ssd_chunk_scan", "causal_conv1d", "conv_ssd_scan", "gated_rms_norm", "rms_norm", "causal_attention",
-    "fused_linear_cross_entropy", "silu_mul",
+    "fused_linear_cross_entropy", "silu_mul", "silu_mul_packed",
     "set_kernels", "kernels_mode", "deterministic",
 ]

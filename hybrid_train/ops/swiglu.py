@@ -1,6 +1,7 @@
 """silu(gate) * up, the SwiGLU MLP's elementwise middle.
 
-``silu_mul`` runs the Triton kernels (hybrid_train/ops/triton/swiglu.py) in eager mode: one kernel each
+``silu_mul`` (gate and up as two tensors: the dense MLP) and ``silu_mul_packed`` (side by side in one:
+the experts' one gate-and-up matmul) run the Triton kernels (hybrid_train/ops/triton/swiglu.py) in eager mode: one kernel each
 way instead of PyTorch's two forward and three backward, and only gate and up kept for backward (PyTorch
 also keeps the SiLU output: at 9B width and 4096 tokens 117 MB a block). While traced (torch.compile,
 fake tensors) it stays in PyTorch ops, which inductor fuses itself; on DTensors likewise. Under tensor
@@ -17,7 +18,7 @@ from torch.autograd.function import once_differentiable
 from hybrid_train.ops.dispatch import KERNEL_DTYPES, use_triton
 from hybrid_train.ops.library import is_tracing
 
-__all__ = ["silu_mul", "silu_mul_torch"]
+__all__ = ["silu_mul", "silu_mul_packed", "silu_mul_packed_torch", "silu_mul_torch"]
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -32,6 +33,21 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def silu_mul_torch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """The reference: PyTorch's own ops."""
+    return F.silu(gate) * up
+
+
+def silu_mul_packed(h: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of h = [gate | up] along its last dim, as ``silu_mul``; its gradient comes back
+    packed as h is, with no copy to assemble it."""
+    if (not hasattr(h, "to_local") and not is_tracing((h,)) and h.shape[-1] % 2 == 0 and h.dtype in KERNEL_DTYPES
+            and use_triton(h, op="swiglu")):
+        return _SiluMulPacked.apply(h)
+    return silu_mul_packed_torch(h)
+
+
+def silu_mul_packed_torch(h: torch.Tensor) -> torch.Tensor:
+    """The reference: PyTorch's own ops."""
+    gate, up = h.chunk(2, dim=-1)
     return F.silu(gate) * up
 
 
@@ -51,3 +67,21 @@ class _SiluMul(torch.autograd.Function):
 
         gate, up = ctx.saved_tensors
         return swiglu_bwd(dout.contiguous(), gate, up)
+
+
+class _SiluMulPacked(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h):
+        from hybrid_train.ops.triton.swiglu import swiglu_packed_fwd
+
+        h = h.contiguous()
+        ctx.save_for_backward(h)
+        return swiglu_packed_fwd(h)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        from hybrid_train.ops.triton.swiglu import swiglu_packed_bwd
+
+        (h,) = ctx.saved_tensors
+        return swiglu_packed_bwd(dout.contiguous(), h)
