@@ -1,9 +1,9 @@
 """silu(gate) * up, the SwiGLU MLP's elementwise middle.
 
 ``silu_mul`` (gate and up as two tensors: the dense MLP) and ``silu_mul_packed`` (side by side in one:
-the experts' one gate-and-up matmul) run the Triton kernels (hybrid_train/ops/triton/swiglu.py) in eager mode: one kernel each
-way instead of PyTorch's two forward and three backward, and only gate and up kept for backward (PyTorch
-also keeps the SiLU output: at 9B width and 4096 tokens 117 MB a block). While traced (torch.compile,
+the experts' one gate-and-up matmul) run the Triton kernels (hybrid_train/ops/triton/swiglu.py) in eager
+mode: one kernel each way instead of PyTorch's two forward and three backward, and only gate and up kept
+for backward (PyTorch also keeps the SiLU output: at 9B width and 4096 tokens 117 MB a block). While traced (torch.compile,
 fake tensors) it stays in PyTorch ops, which inductor fuses itself; on DTensors likewise. Under tensor
 parallelism the column-parallel gate and up projections hand it local tensors, so each rank runs the
 kernel on its own columns.
@@ -26,7 +26,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     the SiLU output first; inductor, like the kernel, does not)."""
     sharded = hasattr(gate, "to_local") or hasattr(up, "to_local")
     if (not sharded and not is_tracing((gate, up)) and gate.shape == up.shape and gate.dtype == up.dtype
-            and gate.dtype in KERNEL_DTYPES and use_triton(gate, up, op="swiglu")):
+            and gate.numel() and gate.dtype in KERNEL_DTYPES and use_triton(gate, up, op="swiglu")):
         return _SiluMul.apply(gate, up)
     return silu_mul_torch(gate, up)
 
@@ -39,8 +39,8 @@ def silu_mul_torch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def silu_mul_packed(h: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up of h = [gate | up] along its last dim, as ``silu_mul``; its gradient comes back
     packed as h is, with no copy to assemble it."""
-    if (not hasattr(h, "to_local") and not is_tracing((h,)) and h.shape[-1] % 2 == 0 and h.dtype in KERNEL_DTYPES
-            and use_triton(h, op="swiglu")):
+    if (not hasattr(h, "to_local") and not is_tracing((h,)) and h.shape[-1] % 2 == 0 and h.numel()
+            and h.dtype in KERNEL_DTYPES and use_triton(h, op="swiglu")):
         return _SiluMulPacked.apply(h)
     return silu_mul_packed_torch(h)
 
