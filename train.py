@@ -25,8 +25,8 @@ def main(cfg: DictConfig) -> None:
     try:
         train(job)
     except (ValueError, FileNotFoundError, DataExhausted, NonFiniteLossError) as err:
-        # Bad input found at run time (a data path, a checkpoint, a record) names its file, field or value;
-        # whatever was trained is already saved. The traceback stays one variable away, for a real bug.
+        # Bad input found at run time (a data path, a checkpoint, a record) names its file, field or value
+        # (data exhaustion saves the last whole step first). The traceback stays one variable away.
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         sys.exit(f"error: {err}\n(HYDRA_FULL_ERROR=1 shows the traceback)")

@@ -322,17 +322,19 @@ def test_swiglu_kernel_matches_float64(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_swiglu_kernel_matches_float64(dtype):
     """silu(gate) * up of h = [gate | up] (the experts' layout) on the kernel: float64's product, and its
-    gradient written packed as h is; rows of 2 * 37 straddle the kernel's blocks. Only h is kept."""
+    gradient written packed as h is; rows of 2 * (BLOCK + 37) take two column blocks, the second partial.
+    Only h is kept."""
     from hybrid_train.ops.swiglu import silu_mul_packed, silu_mul_packed_torch
     from hybrid_train.ops.triton.swiglu import BLOCK
 
     gen = torch.Generator().manual_seed(8)
-    h = torch.randn(2, BLOCK // 16 + 3, 2 * 37, generator=gen).to(dtype).requires_grad_(True)
-    dout = torch.randn(2, BLOCK // 16 + 3, 37, generator=gen).to(dtype)
+    width = BLOCK + 37
+    h = torch.randn(2, 3, 2 * width, generator=gen).to(dtype).requires_grad_(True)
+    dout = torch.randn(2, 3, width, generator=gen).to(dtype)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         out = silu_mul_packed(h)
-    assert type(out.grad_fn).__name__ == "_SiluMulPackedBackward" and out.dtype == dtype and out.shape[-1] == 37
+    assert type(out.grad_fn).__name__ == "_SiluMulPackedBackward" and out.dtype == dtype and out.shape[-1] == width
     assert len(saved) == 1 and saved[0].data_ptr() == h.data_ptr()
     (dh,) = torch.autograd.grad(out, h, dout)
     h64 = h.detach().double().requires_grad_(True)

@@ -83,7 +83,9 @@ def test_bad_input_found_at_run_time_is_one_error_with_the_traceback_on_request(
     """A data path that matches nothing is found once the run starts: the error names the source, the
     pattern and where it looked, without a traceback unless HYDRA_FULL_ERROR=1 asks for it."""
     args = ("train.max_steps=2", *TINY, f"data.root={tmp_path / 'nowhere'}", f"run.dir={tmp_path / 'run'}")
-    proc = train_py(*args)
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"} | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     first = proc.stderr.strip().splitlines()[-2]
     assert first.startswith("error: source ") and "matches no files" in first and "nowhere" in first, proc.stderr
