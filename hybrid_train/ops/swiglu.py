@@ -3,10 +3,10 @@
 ``silu_mul`` (gate and up as two tensors: the dense MLP) and ``silu_mul_packed`` (side by side in one:
 the experts' one gate-and-up matmul) run the Triton kernels (hybrid_train/ops/triton/swiglu.py) in eager
 mode: one kernel each way instead of PyTorch's two forward and three backward, and only gate and up kept
-for backward (PyTorch also keeps the SiLU output: at 9B width and 4096 tokens 117 MB a block). While traced (torch.compile,
-fake tensors) it stays in PyTorch ops, which inductor fuses itself; on DTensors likewise. Under tensor
-parallelism the column-parallel gate and up projections hand it local tensors, so each rank runs the
-kernel on its own columns.
+for backward (PyTorch also keeps the SiLU output: at 9B width and 4096 tokens 117 MB a block). While
+traced (torch.compile, fake tensors) it stays in PyTorch ops, which inductor fuses itself; on DTensors
+likewise. Under tensor parallelism the column-parallel gate and up projections hand it local tensors, so
+each rank runs the kernel on its own columns.
 """
 
 from __future__ import annotations

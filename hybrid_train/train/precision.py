@@ -30,6 +30,7 @@ import torch.nn as nn
 from hybrid_train.model.moe import CAST_BY_AUTOCAST
 from hybrid_train.ops.fp32_halves import join_fp32, split_fp32
 
+
 class BF16Weights:
     """Splits a model's autocast-cast fp32 parameters, in place, into bf16 parameters (the same Parameter
     objects, so an optimizer built on them keeps them) and int16 low halves (`low`); `unsplit` puts the
